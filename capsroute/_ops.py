@@ -1,0 +1,230 @@
+"""Registration of the capsroute ops with torch.library.
+
+In this order: load the compiled library (which defines the schemas and the CPU/CUDA
+kernels), register a fake kernel for every op (shapes only, with the checks the C++ side
+makes, so torch.compile can trace the ops), then register autograd so that each forward
+op's backward is itself an op.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the library: schemas and kernels)
+
+ops = torch.ops.capsroute
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate in (and keep the saved sums s in)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def has_cuda_kernels() -> bool:
+    """True when this build of capsroute carries CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("capsroute::route", "CUDA")
+
+
+# --- input checks, the twins of csrc/checks.h (same conditions, same messages) ----------
+
+
+def _check_float(op: str, name: str, t: Tensor) -> None:
+    torch._check_type(
+        t.dtype in _FLOATS,
+        lambda: f"{op}: expected {name} to be float32, float64, float16 or bfloat16, "
+        f"but got {t.dtype}",
+    )
+
+
+def _check_rank(op: str, name: str, t: Tensor, rank: int, layout: str) -> None:
+    torch._check_value(
+        t.dim() == rank,
+        lambda: f"{op}: expected {name} to be a {rank}-D tensor {layout}, but got a "
+        f"{t.dim()}-D tensor of shape {list(t.shape)}",
+    )
+
+
+def _check_size(op: str, name: str, t: Tensor, dim: int, expected, what: str) -> None:
+    torch._check_value(
+        t.shape[dim] == expected,
+        lambda: f"{op}: expected {name}.shape[{dim}] == {expected} ({what}), but got "
+        f"{name} of shape {list(t.shape)}",
+    )
+
+
+def _check_positive(op: str, name: str, t: Tensor, dims: Sequence[int], whats) -> None:
+    for dim, what in zip(dims, whats):
+        torch._check_value(
+            t.shape[dim] >= 1,
+            lambda: f"{op}: expected {name}.shape[{dim}] ({what}) to be at least 1, but "
+            f"got {name} of shape {list(t.shape)}",
+        )
+
+
+def _check_same(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    torch._check_type(
+        t.dtype == ref.dtype,
+        lambda: f"{op}: expected {name} to have the dtype of {ref_name} ({ref.dtype}), "
+        f"but got {t.dtype}",
+    )
+    torch._check(
+        t.device == ref.device,
+        lambda: f"{op}: expected {name} to be on the device of {ref_name} ({ref.device}), "
+        f"but got {t.device}",
+    )
+
+
+def _check_options(op: str, iterations: int, eps: float) -> None:
+    torch._check_value(
+        iterations >= 1, lambda: f"{op}: expected iterations >= 1, but got {iterations}"
+    )
+    torch._check_value(
+        math.isfinite(eps) and eps >= 0,
+        lambda: f"{op}: expected eps to be finite and >= 0, but got {eps}",
+    )
+
+
+def _check_bias(op: str, bias: Optional[Tensor], ref: Tensor, ref_name: str, N_out, D_out):
+    if bias is None:
+        return
+    _check_rank(op, "bias", bias, 2, "[N_out, D_out]")
+    _check_size(op, "bias", bias, 0, N_out, "N_out")
+    _check_size(op, "bias", bias, 1, D_out, "D_out")
+    _check_same(op, "bias", bias, ref_name, ref)
+
+
+def check_dynamic_routing(u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int,
+                          eps: float):
+    """Validate dynamic_routing's inputs; returns (B, N_in, N_out, D_in, D_out)."""
+    op = "capsroute.dynamic_routing"
+    _check_float(op, "u", u)
+    _check_rank(op, "u", u, 3, "[B, N_in, D_in]")
+    _check_rank(op, "weight", weight, 4, "[N_in, N_out, D_out, D_in]")
+    _check_same(op, "weight", weight, "u", u)
+    _check_positive(op, "u", u, (1, 2), ("N_in", "D_in"))
+    _check_size(op, "weight", weight, 0, u.shape[1], "N_in, from u.shape[1]")
+    _check_size(op, "weight", weight, 3, u.shape[2], "D_in, from u.shape[2]")
+    _check_positive(op, "weight", weight, (1, 2), ("N_out", "D_out"))
+    B, N_in, D_in = u.shape
+    N_out, D_out = weight.shape[1], weight.shape[2]
+    _check_bias(op, bias, u, "u", N_out, D_out)
+    _check_options(op, iterations, eps)
+    return B, N_in, N_out, D_in, D_out
+
+
+def check_route(u_hat: Tensor, bias: Optional[Tensor], iterations: int, eps: float):
+    """Validate route's inputs; returns (B, N_in, N_out, D_out)."""
+    op = "capsroute.route"
+    _check_float(op, "u_hat", u_hat)
+    _check_rank(op, "u_hat", u_hat, 4, "[B, N_in, N_out, D_out]")
+    _check_positive(op, "u_hat", u_hat, (1, 2, 3), ("N_in", "N_out", "D_out"))
+    B, N_in, N_out, D_out = u_hat.shape
+    _check_bias(op, bias, u_hat, "u_hat", N_out, D_out)
+    _check_options(op, iterations, eps)
+    return B, N_in, N_out, D_out
+
+
+# --- fake kernels --------------------------------------------------------------------
+
+
+def _forward_outputs(like: Tensor, B, N_in, N_out, D_out, iterations, return_coupling):
+    v = like.new_empty(B, N_out, D_out)
+    c = like.new_empty(B, N_in, N_out) if return_coupling else like.new_empty(0)
+    s = like.new_empty(iterations, B, N_out, D_out, dtype=acc_dtype(like.dtype))
+    return v, c, s
+
+
+@torch.library.register_fake("capsroute::dynamic_routing")
+def _dynamic_routing_fake(u, weight, bias, iterations, leaky, detach, eps, return_coupling):
+    B, N_in, N_out, _, D_out = check_dynamic_routing(u, weight, bias, iterations, eps)
+    return _forward_outputs(u, B, N_in, N_out, D_out, iterations, return_coupling)
+
+
+@torch.library.register_fake("capsroute::route")
+def _route_fake(u_hat, bias, iterations, leaky, detach, eps, return_coupling):
+    B, N_in, N_out, D_out = check_route(u_hat, bias, iterations, eps)
+    return _forward_outputs(u_hat, B, N_in, N_out, D_out, iterations, return_coupling)
+
+
+def _grad_bias_like(like: Tensor, has_bias: bool, N_out, D_out) -> Tensor:
+    return like.new_empty(N_out, D_out) if has_bias else like.new_empty(0)
+
+
+@torch.library.register_fake("capsroute::dynamic_routing_backward")
+def _dynamic_routing_backward_fake(grad_v, grad_c, u, weight, s, has_bias, iterations, leaky,
+                                   detach, eps):
+    _, _, N_out, _, D_out = check_dynamic_routing(u, weight, None, iterations, eps)
+    return torch.empty_like(u), torch.empty_like(weight), _grad_bias_like(u, has_bias, N_out, D_out)
+
+
+@torch.library.register_fake("capsroute::route_backward")
+def _route_backward_fake(grad_v, grad_c, u_hat, s, has_bias, iterations, leaky, detach, eps):
+    _, _, N_out, D_out = check_route(u_hat, None, iterations, eps)
+    return torch.empty_like(u_hat), _grad_bias_like(u_hat, has_bias, N_out, D_out)
+
+
+# --- autograd --------------------------------------------------------------------------
+# The forward saves its inputs and s [iterations, B, N_out, D_out]: no u_hat, no logits.
+
+
+def _setup_context(ctx, predictions: Sequence[Tensor], bias, iterations, leaky, detach, eps,
+                   return_coupling, output) -> None:
+    _, c, s = output
+    ctx.save_for_backward(*predictions, s)
+    ctx.options = (bias is not None, iterations, leaky, detach, eps)
+    # c^(r) is a constant with detach=True (DESIGN.md section 1), as in the reference.
+    ctx.coupling_has_grad = return_coupling and not detach
+    ctx.mark_non_differentiable(s)
+    if not ctx.coupling_has_grad:
+        ctx.mark_non_differentiable(c)
+
+
+def _incoming(ctx, grad_v: Optional[Tensor], grad_c: Optional[Tensor], like: Tensor):
+    """The gradients the kernels take: grad_v always (zeros when v was unused), grad_c only
+    when c was returned and is differentiable."""
+    if grad_v is None:
+        grad_v = like.new_zeros(ctx.v_shape)
+    return grad_v, (grad_c if ctx.coupling_has_grad else None)
+
+
+def _dynamic_routing_setup(ctx, inputs, output):
+    u, weight, bias, iterations, leaky, detach, eps, return_coupling = inputs
+    _setup_context(ctx, (u, weight), bias, iterations, leaky, detach, eps, return_coupling, output)
+    ctx.v_shape = output[0].shape
+
+
+def _dynamic_routing_backward(ctx, grad_v, grad_c, grad_s):
+    u, weight, s = ctx.saved_tensors
+    has_bias = ctx.options[0]
+    grad_v, grad_c = _incoming(ctx, grad_v, grad_c, u)
+    grad_u, grad_weight, grad_bias = ops.dynamic_routing_backward(
+        grad_v, grad_c, u, weight, s, *ctx.options
+    )
+    return grad_u, grad_weight, grad_bias if has_bias else None, None, None, None, None, None
+
+
+def _route_setup(ctx, inputs, output):
+    u_hat, bias, iterations, leaky, detach, eps, return_coupling = inputs
+    _setup_context(ctx, (u_hat,), bias, iterations, leaky, detach, eps, return_coupling, output)
+    ctx.v_shape = output[0].shape
+
+
+def _route_backward(ctx, grad_v, grad_c, grad_s):
+    u_hat, s = ctx.saved_tensors
+    has_bias = ctx.options[0]
+    grad_v, grad_c = _incoming(ctx, grad_v, grad_c, u_hat)
+    grad_u_hat, grad_bias = ops.route_backward(grad_v, grad_c, u_hat, s, *ctx.options)
+    return grad_u_hat, grad_bias if has_bias else None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "capsroute::dynamic_routing", _dynamic_routing_backward, setup_context=_dynamic_routing_setup
+)
+torch.library.register_autograd(
+    "capsroute::route", _route_backward, setup_context=_route_setup
+)

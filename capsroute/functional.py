@@ -1,0 +1,118 @@
+"""The public functional API: fused dynamic routing on CPU and CUDA.
+
+Shapes: B batch, N_in input capsules of D_in dims, N_out output capsules of D_out dims.
+The math is shared/DESIGN.md section 1; `capsroute.reference` is the same API in plain
+PyTorch and gives the same numbers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _ops, reference
+
+__all__ = ["dynamic_routing", "route", "squash"]
+
+RoutingOutput = Union[Tensor, Tuple[Tensor, Tensor]]
+
+
+def _options(iterations, eps) -> Tuple[int, float]:
+    # Python-level type checks; the values are checked by the op itself.
+    if isinstance(iterations, bool) or not isinstance(iterations, int):
+        raise TypeError(f"capsroute: expected iterations to be an int, but got "
+                        f"{type(iterations).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"capsroute: expected eps to be a float, but got {type(eps).__name__}")
+    return iterations, float(eps)
+
+
+def _prepare(*tensors: Optional[Tensor]):
+    """Apply autocast (the op is matmul-like: it runs in the autocast dtype and accumulates
+    in float32) and refuse CUDA tensors when this build has no CUDA kernels."""
+    first = tensors[0]
+    if isinstance(first, Tensor) and first.is_cuda and not _ops.has_cuda_kernels():
+        raise RuntimeError(
+            "capsroute was built without CUDA kernels, but got a CUDA tensor; reinstall "
+            "with a CUDA toolkit and a CUDA build of torch (see README.md, 'Install')"
+        )
+    device_type = first.device.type if isinstance(first, Tensor) else "cpu"
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        tensors = tuple(
+            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in tensors
+        )
+    return tensors
+
+
+def dynamic_routing(
+    u: Tensor,
+    weight: Tensor,
+    iterations: int = 3,
+    *,
+    bias: Optional[Tensor] = None,
+    leaky: bool = False,
+    detach: bool = False,
+    eps: float = 1e-8,
+    return_coupling: bool = False,
+) -> RoutingOutput:
+    """Dynamic routing from lower capsules, fused: predictions are never materialised.
+
+    Args:
+        u: lower capsules [B, N_in, D_in].
+        weight: transforms [N_in, N_out, D_out, D_in]; u_hat[b,i,j] = weight[i,j] @ u[b,i].
+        iterations: routing iterations r >= 1.
+        bias: optional [N_out, D_out], added to s in every iteration.
+        leaky: softmax over [logits, 0] with the extra entry dropped (leaky routing).
+        detach: stop-gradient through every iteration but the last.
+        eps: inside squash's sqrt(|s|^2 + eps); keeps the gradient finite at s = 0.
+        return_coupling: also return c [B, N_in, N_out] of the last iteration.
+
+    Returns:
+        v [B, N_out, D_out], or (v, c) with return_coupling=True.
+    """
+    iterations, eps = _options(iterations, eps)
+    u, weight, bias = _prepare(u, weight, bias)
+    v, c, _ = _ops.ops.dynamic_routing(u, weight, bias, iterations, leaky, detach, eps,
+                                       return_coupling)
+    return (v, c) if return_coupling else v
+
+
+def route(
+    u_hat: Tensor,
+    iterations: int = 3,
+    *,
+    bias: Optional[Tensor] = None,
+    leaky: bool = False,
+    detach: bool = False,
+    eps: float = 1e-8,
+    return_coupling: bool = False,
+) -> RoutingOutput:
+    """Dynamic routing from predictions a model already made.
+
+    Args:
+        u_hat: predictions [B, N_in, N_out, D_out].
+        (the rest as in `dynamic_routing`)
+
+    Returns:
+        v [B, N_out, D_out], or (v, c) with c [B, N_in, N_out] when return_coupling=True.
+    """
+    iterations, eps = _options(iterations, eps)
+    u_hat, bias = _prepare(u_hat, bias)
+    v, c, _ = _ops.ops.route(u_hat, bias, iterations, leaky, detach, eps, return_coupling)
+    return (v, c) if return_coupling else v
+
+
+def squash(s: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
+    """squash(s) = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) along ``dim``.
+
+    A composite of torch ops (differentiable, compilable); the routing ops apply the same
+    function inside their kernels.
+    """
+    _, eps = _options(1, eps)
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"capsroute.squash: expected eps to be finite and >= 0, but got {eps}")
+    return reference.squash(s, dim=dim, eps=eps)

@@ -1,0 +1,42 @@
+// The capsroute operator schemas, defined once. The CPU and CUDA implementations register
+// in their own TORCH_LIBRARY_IMPL blocks (csrc/cpu/, csrc/cuda/); fake kernels and autograd
+// are registered from Python (capsroute/_ops.py).
+//
+// Forward ops return (v, c, s):
+//   v [B, N_out, D_out]                    the output capsules of the last iteration
+//   c [B, N_in, N_out] or [0]              coupling coefficients of the last iteration,
+//                                          only when return_coupling (else an empty tensor)
+//   s [iterations, B, N_out, D_out]        pre-squash sums of every iteration, in the
+//                                          accumulation dtype (float32 for half types):
+//                                          all the backward needs besides the inputs.
+// Backward ops take the gradients of v (and of c, when it was returned) and give the
+// gradients of the inputs; grad_bias is an empty tensor when has_bias is false.
+#include <Python.h>
+#include <torch/library.h>
+
+// A tiny Python module so that `import capsroute._C` loads this library and runs the
+// registrations below; the ops themselves are reached through torch.ops.capsroute.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", /*doc=*/nullptr, /*size=*/-1, /*methods=*/nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(capsroute, m) {
+  m.def(
+      "dynamic_routing(Tensor u, Tensor weight, Tensor? bias, int iterations, bool leaky, "
+      "bool detach, float eps, bool return_coupling) -> (Tensor v, Tensor c, Tensor s)");
+  m.def(
+      "dynamic_routing_backward(Tensor grad_v, Tensor? grad_c, Tensor u, Tensor weight, "
+      "Tensor s, bool has_bias, int iterations, bool leaky, bool detach, float eps) "
+      "-> (Tensor grad_u, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "route(Tensor u_hat, Tensor? bias, int iterations, bool leaky, bool detach, "
+      "float eps, bool return_coupling) -> (Tensor v, Tensor c, Tensor s)");
+  m.def(
+      "route_backward(Tensor grad_v, Tensor? grad_c, Tensor u_hat, Tensor s, bool has_bias, "
+      "int iterations, bool leaky, bool detach, float eps) "
+      "-> (Tensor grad_u_hat, Tensor grad_bias)");
+}
