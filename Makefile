@@ -1,0 +1,43 @@
+# One-command entry points; each creates its own virtualenv in $(VENV) on first use.
+#   make test    build capsroute and run the test suite
+#   make bench   build capsroute and print the benchmark table (fused vs eager vs compile)
+#   make demo    build capsroute and train the CapsNet example on real digits
+VENV    ?= .venv
+PYTHON  ?= python3
+TORCH   ?= torch==2.14.1
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+
+# Build the CUDA kernels wherever a toolkit and a CUDA build of torch are present (no GPU
+# needed to compile them). torch's own guess of the toolkit's place can be wrong.
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+export FORCE_CUDA ?= 1
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+
+SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: test bench demo build clean
+
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install $(TORCH)
+	$(PIP) install -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) benchmarks/ratios.py
+
+clean:
+	rm -rf build capsroute/_C*.so *.egg-info
