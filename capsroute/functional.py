@@ -31,9 +31,10 @@ def _options(iterations, eps) -> Tuple[int, float]:
 
 def _prepare(*tensors: Optional[Tensor]):
     """Apply autocast (the op is matmul-like: it runs in the autocast dtype and accumulates
-    in float32) and refuse CUDA tensors when this build has no CUDA kernels."""
+    in float32; as for PyTorch's own ops, float64 inputs are left alone) and refuse CUDA
+    tensors, in any argument, when this build has no CUDA kernels."""
     first = tensors[0]
-    if isinstance(first, Tensor) and first.is_cuda and not _ops.has_cuda_kernels():
+    if any(isinstance(t, Tensor) and t.is_cuda for t in tensors) and not _ops.has_cuda_kernels():
         raise RuntimeError(
             "capsroute was built without CUDA kernels, but got a CUDA tensor; reinstall "
             "with a CUDA toolkit and a CUDA build of torch (see README.md, 'Install')"
@@ -42,7 +43,9 @@ def _prepare(*tensors: Optional[Tensor]):
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         tensors = tuple(
-            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            t.to(dtype)
+            if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            else t
             for t in tensors
         )
     return tensors
