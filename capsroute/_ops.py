@@ -129,6 +129,32 @@ def check_route(u_hat: Tensor, bias: Optional[Tensor], iterations: int, eps: flo
     return B, N_in, N_out, D_out
 
 
+def check_backward(op: str, B, N_in, N_out, D_out, grad_v: Tensor, grad_c: Optional[Tensor],
+                   s: Tensor, iterations: int) -> None:
+    """Validate a backward op's incoming gradients and saved sums (csrc/checks.h,
+    check_backward)."""
+    _check_rank(op, "grad_v", grad_v, 3, "[B, N_out, D_out]")
+    torch._check_value(
+        grad_v.shape[0] == B and grad_v.shape[1] == N_out and grad_v.shape[2] == D_out,
+        lambda: f"{op}: expected grad_v of shape [{B}, {N_out}, {D_out}], but got "
+        f"{list(grad_v.shape)}",
+    )
+    _check_rank(op, "s", s, 4, "[iterations, B, N_out, D_out]")
+    torch._check_value(
+        s.shape[0] == iterations and s.shape[1] == B and s.shape[2] == N_out
+        and s.shape[3] == D_out,
+        lambda: f"{op}: expected s of shape [{iterations}, {B}, {N_out}, {D_out}], but got "
+        f"{list(s.shape)}",
+    )
+    if grad_c is not None:
+        _check_rank(op, "grad_c", grad_c, 3, "[B, N_in, N_out]")
+        torch._check_value(
+            grad_c.shape[0] == B and grad_c.shape[1] == N_in and grad_c.shape[2] == N_out,
+            lambda: f"{op}: expected grad_c of shape [{B}, {N_in}, {N_out}], but got "
+            f"{list(grad_c.shape)}",
+        )
+
+
 # --- fake kernels --------------------------------------------------------------------
 
 
@@ -158,13 +184,17 @@ def _grad_bias_like(like: Tensor, has_bias: bool, N_out, D_out) -> Tensor:
 @torch.library.register_fake("capsroute::dynamic_routing_backward")
 def _dynamic_routing_backward_fake(grad_v, grad_c, u, weight, s, has_bias, iterations, leaky,
                                    detach, eps):
-    _, _, N_out, _, D_out = check_dynamic_routing(u, weight, None, iterations, eps)
+    B, N_in, N_out, _, D_out = check_dynamic_routing(u, weight, None, iterations, eps)
+    check_backward("capsroute.dynamic_routing_backward", B, N_in, N_out, D_out, grad_v, grad_c,
+                   s, iterations)
     return torch.empty_like(u), torch.empty_like(weight), _grad_bias_like(u, has_bias, N_out, D_out)
 
 
 @torch.library.register_fake("capsroute::route_backward")
 def _route_backward_fake(grad_v, grad_c, u_hat, s, has_bias, iterations, leaky, detach, eps):
-    _, _, N_out, D_out = check_route(u_hat, None, iterations, eps)
+    B, N_in, N_out, D_out = check_route(u_hat, None, iterations, eps)
+    check_backward("capsroute.route_backward", B, N_in, N_out, D_out, grad_v, grad_c, s,
+                   iterations)
     return torch.empty_like(u_hat), _grad_bias_like(u_hat, has_bias, N_out, D_out)
 
 
