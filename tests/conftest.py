@@ -204,18 +204,25 @@ try:
     from hypothesis import HealthCheck, settings
 
     # "ci" (the default): derandomised, so every run draws the same examples.
-    # HYPOTHESIS_PROFILE=dev: random draws, for hunting new failures locally.
+    # HYPOTHESIS_PROFILE=dev: random draws, for hunting new failures locally (with
+    # CAPSROUTE_HYPOTHESIS_SCALE=10, say, for ten times the examples). No example database:
+    # a failure prints the blob that reproduces it.
     settings.register_profile(
-        "ci", derandomize=True, deadline=None, print_blob=True,
+        "ci", derandomize=True, deadline=None, print_blob=True, database=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
     settings.register_profile(
-        "dev", derandomize=False, deadline=None, print_blob=True,
+        "dev", derandomize=False, deadline=None, print_blob=True, database=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # hypothesis is a dev requirement; only test_properties.py needs it
     pass
+
+
+def hypothesis_examples(n: int) -> int:
+    """max_examples for a property test: n, times CAPSROUTE_HYPOTHESIS_SCALE if set."""
+    return max(1, int(n * float(os.environ.get("CAPSROUTE_HYPOTHESIS_SCALE", "1"))))
 
 
 @pytest.fixture(autouse=True)
@@ -266,15 +273,11 @@ def run_case(op: str, shape: Shape, dtype, device, *, iterations: int, bias: boo
     v = out[0]
     assert isinstance(v, torch.Tensor) and v.shape == (B, N_out, D_out)
     assert v.dtype == dtype and v.device.type == device
-    errors = {}
-    tol, grad_tol = TOL[dtype], GRAD_TOL[dtype]
-    assert_close_rel(v, ref_out[0], tol, "v")
-    errors["v"] = rel_err(v, ref_out[0])
+    results = [("v", v, ref_out[0], TOL[dtype])]
     if return_coupling:
         c = out[1]
         assert c.shape == (B, N_in, N_out) and c.dtype == dtype and c.device.type == device
-        assert_close_rel(c, ref_out[1], tol, "c")
-        errors["c"] = rel_err(c, ref_out[1])
+        results.append(("c", c, ref_out[1], TOL[dtype]))
         # With detach=True c^(r) is a constant (DESIGN.md section 1), as in the reference;
         # without, it depends on the inputs from the second iteration on (c^(1) is uniform,
         # so either answer is right for iterations=1: its gradient is zero).
@@ -302,8 +305,39 @@ def run_case(op: str, shape: Shape, dtype, device, *, iterations: int, bias: boo
                                     [as_reference(g) for g in grads_out[:len(ref_diff_out)]])
     for (name, t, _), g, rg in zip(leaves, grads, ref_grads):
         assert g.shape == t.shape and g.dtype == t.dtype and g.device == t.device, name
-        assert_close_rel(g, rg, grad_tol, f"grad {name}")
-        errors[f"grad_{name}"] = rel_err(g, rg)
+        results.append((f"grad_{name}", g, rg, GRAD_TOL[dtype]))
+
+    def float32_reference():
+        """The same reference computation in float32, on the same inputs and incoming
+        gradients: its error measures how well-conditioned this case is."""
+        ins = [None if t is None else t.detach().to(torch.float32).requires_grad_()
+               for t in ref_inputs]
+        o = ref_fn(*ins[:-1], iterations, **dict(kwargs, bias=ins[-1]))
+        o = o if return_coupling else (o,)
+        diff = [o[0]] + ([o[1]] if len(ref_diff_out) > 1 else [])
+        gs = torch.autograd.grad(diff, [t for t in ins if t is not None],
+                                 [g.detach().cpu().float() for g in grads_out[:len(diff)]])
+        return list(o) + list(gs)
+
+    errors, f32 = {}, None
+    for k, (name, out_t, ref_t, tol) in enumerate(results):
+        assert torch.isfinite(ref_t).all(), f"{name}: the reference is not finite"
+        assert torch.isfinite(out_t).all(), f"{name}: output is not finite"
+        err = errors[name] = rel_err(out_t, ref_t)
+        if err <= tol or dtype == torch.float64:
+            assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+            continue
+        # An ill-conditioned case (a sharp softmax after many iterations, cancellation in
+        # its backward): allow what float32 arithmetic itself loses on it. Rounding in
+        # another order (the kernels form the logits from running sums of v) loses a
+        # different amount, seen up to ~7x the reference's own float32 error; a bug gives
+        # errors of order one.
+        if f32 is None:
+            f32 = float32_reference()
+        err32 = rel_err(f32[k], ref_t)
+        assert err <= tol + 16 * err32, (
+            f"{name}: relative error {err:.3e} > {tol:.1e} + 16 x {err32:.1e} (the error of "
+            f"the reference computed in float32)")
     return errors
 
 
@@ -312,5 +346,5 @@ __all__ = [
     "SMALL_SHAPES", "CANONICAL", "make_generator", "randn", "weight_scale",
     "prediction_scale", "RoutingInputs", "RouteInputs", "make_routing_inputs",
     "make_route_inputs", "as_reference", "rel_err", "assert_close_rel", "poison_allocator",
-    "dtype_id", "OPS", "run_case",
+    "dtype_id", "OPS", "run_case", "hypothesis_examples",
 ]
