@@ -1,0 +1,9 @@
+// The bfloat16 instantiation of the CUDA launch sequences (one file per dtype so that they
+// compile in parallel).
+#include "routing_launch.cuh"
+
+namespace capsroute {
+namespace cuda_launch {
+CAPSROUTE_INSTANTIATE_CUDA(at::BFloat16)
+}  // namespace cuda_launch
+}  // namespace capsroute

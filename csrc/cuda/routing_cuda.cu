@@ -1,0 +1,104 @@
+// The CUDA implementations of the capsroute ops: validation, device guard, allocation,
+// then the launch sequence of the input's dtype (csrc/cuda/routing_launch.cuh,
+// instantiated per dtype in csrc/cuda/instantiate_*.cu).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../op_utils.h"
+#include "routing_launch.h"
+
+namespace capsroute {
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_routing_cuda(
+    const at::Tensor& u_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
+    int64_t iterations, bool leaky, bool detach, double eps, bool return_coupling) {
+  const RoutingSizes n = check_dynamic_routing(u_in, weight_in, bias_in, iterations, eps);
+  (void)detach;  // the forward values do not depend on it
+  const c10::cuda::CUDAGuard guard(u_in.device());
+  const auto u = u_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const auto bias = contiguous(bias_in);
+  auto [v, c, s] = forward_outputs(u, n, iterations, return_coupling);
+  if (n.B == 0) return {v, c, s};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "dynamic_routing_cuda", [&] {
+    cuda_launch::dynamic_routing_forward<scalar_t>(u, weight, bias, n, iterations, leaky, eps, v, c, s);
+  });
+  return {v, c, s};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& u_hat_in,
+                                                          const c10::optional<at::Tensor>& bias_in,
+                                                          int64_t iterations, bool leaky,
+                                                          bool detach, double eps,
+                                                          bool return_coupling) {
+  const RoutingSizes n = check_route(u_hat_in, bias_in, iterations, eps);
+  (void)detach;
+  const c10::cuda::CUDAGuard guard(u_hat_in.device());
+  const auto u_hat = u_hat_in.contiguous();
+  const auto bias = contiguous(bias_in);
+  auto [v, c, s] = forward_outputs(u_hat, n, iterations, return_coupling);
+  if (n.B == 0) return {v, c, s};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_hat.scalar_type(), "route_cuda", [&] {
+    cuda_launch::route_forward<scalar_t>(u_hat, bias, n, iterations, leaky, eps, v, c, s);
+  });
+  return {v, c, s};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_routing_backward_cuda(
+    const at::Tensor& grad_v, const c10::optional<at::Tensor>& grad_c, const at::Tensor& u_in,
+    const at::Tensor& weight_in, const at::Tensor& s_in, bool has_bias, int64_t iterations,
+    bool leaky, bool detach, double eps) {
+  const RoutingSizes n = check_dynamic_routing(u_in, weight_in, c10::nullopt, iterations, eps);
+  const c10::cuda::CUDAGuard guard(u_in.device());
+  const auto in = backward_inputs("capsroute.dynamic_routing_backward", n, grad_v, grad_c, s_in,
+                                  iterations, u_in);
+  const auto u = u_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  auto grad_u = at::zeros_like(u);
+  auto grad_weight = at::zeros_like(weight);
+  auto grad_bias = has_bias ? at::zeros({n.N_out, n.D_out}, u.options()) : at::empty({0}, u.options());
+  if (n.B == 0) return {grad_u, grad_weight, grad_bias};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "dynamic_routing_backward_cuda", [&] {
+    cuda_launch::dynamic_routing_backward<scalar_t>(in, u, weight, n, iterations, leaky, detach, eps,
+                                                    has_bias, grad_u, grad_weight, grad_bias);
+  });
+  return {grad_u, grad_weight, grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor> route_backward_cuda(const at::Tensor& grad_v,
+                                                       const c10::optional<at::Tensor>& grad_c,
+                                                       const at::Tensor& u_hat_in,
+                                                       const at::Tensor& s_in, bool has_bias,
+                                                       int64_t iterations, bool leaky,
+                                                       bool detach, double eps) {
+  const RoutingSizes n = check_route(u_hat_in, c10::nullopt, iterations, eps);
+  const c10::cuda::CUDAGuard guard(u_hat_in.device());
+  const auto in = backward_inputs("capsroute.route_backward", n, grad_v, grad_c, s_in,
+                                  iterations, u_hat_in);
+  const auto u_hat = u_hat_in.contiguous();
+  auto grad_u_hat = at::zeros_like(u_hat);
+  auto grad_bias = has_bias ? at::zeros({n.N_out, n.D_out}, u_hat.options())
+                            : at::empty({0}, u_hat.options());
+  if (n.B == 0) return {grad_u_hat, grad_bias};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_hat.scalar_type(), "route_backward_cuda", [&] {
+    cuda_launch::route_backward<scalar_t>(in, u_hat, n, iterations, leaky, detach, eps, has_bias,
+                                          grad_u_hat, grad_bias);
+  });
+  return {grad_u_hat, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(capsroute, CUDA, m) {
+  m.impl("dynamic_routing", &dynamic_routing_cuda);
+  m.impl("dynamic_routing_backward", &dynamic_routing_backward_cuda);
+  m.impl("route", &route_cuda);
+  m.impl("route_backward", &route_backward_cuda);
+}
+
+}  // namespace capsroute

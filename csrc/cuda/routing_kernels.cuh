@@ -1,0 +1,789 @@
+// CUDA kernels of the capsroute ops. Device code only: no torch header, so this reads (and
+// compiles) as plain CUDA; csrc/cuda/routing_cuda.cu holds the launchers.
+//
+// Work decomposition (shared/PERFORMANCE.md). A warp owns a tile of 8 batch elements and
+// walks input capsules i; per (i, tile) it makes the predictions u_hat[b, i, j, :] for a
+// group of output capsules in registers, laid out like the accumulator of a 16x8 matrix
+// product: row tile = 16 output dims of one capsule, column = batch element, and lane
+// (g = lane / 4, t = lane % 4) holds dims {g, g + 8} of batch elements {2t, 2t + 1}. The
+// softmax over j is then local to the 8 lanes that share t (three xor-shuffles), the
+// weighted sum over i stays in registers, and nothing of size B x N_in x N_out x D_out is
+// ever written to memory. A group holds up to 16 row tiles (16 capsules of <= 16 dims, or 8
+// of <= 32); when N_out needs several groups, each warp owns one group and recomputes the
+// others' predictions for the softmax statistics (correct for any N_out, fastest for <= 16).
+//
+// Sums over input capsules are formed per warp, reduced across the warps of a block in warp
+// order, and across blocks by a separate kernel in block order: no float atomics, so results
+// are bit-identical from run to run.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "../routing_math.h"
+
+namespace capsroute {
+namespace cuda {
+
+constexpr int kTileB = 8;      // batch elements per warp tile
+constexpr int kTileD = 16;     // output dims per row tile
+constexpr int kGroupRows = 16; // row tiles a warp holds in registers
+constexpr int kWarps = 8;      // warps per block
+constexpr int kThreads = kWarps * 32;
+
+// --- scalar types ----------------------------------------------------------------------
+
+template <typename T>
+struct Scalar {  // float
+  using acc = float;
+  static __device__ __forceinline__ float load(const T* p) { return __ldg(p); }
+  static __device__ __forceinline__ T store(float x) { return x; }
+};
+template <>
+struct Scalar<double> {
+  using acc = double;
+  static __device__ __forceinline__ double load(const double* p) { return __ldg(p); }
+  static __device__ __forceinline__ double store(double x) { return x; }
+};
+template <>
+struct Scalar<__half> {
+  using acc = float;
+  static __device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
+  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Scalar<__nv_bfloat16> {
+  using acc = float;
+  static __device__ __forceinline__ float load(const __nv_bfloat16* p) {
+    return __bfloat162float(*p);
+  }
+  static __device__ __forceinline__ __nv_bfloat16 store(float x) {
+    return __float2bfloat16_rn(x);
+  }
+};
+
+// Eight consecutive elements (16-byte aligned), converted to the accumulation type.
+__device__ __forceinline__ void load8(const float* p, float (&x)[8]) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
+  x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+}
+__device__ __forceinline__ void load8(const double* p, double (&x)[8]) {
+#pragma unroll
+  for (int h = 0; h < 4; ++h) {
+    const double2 a = __ldg(reinterpret_cast<const double2*>(p) + h);
+    x[2 * h] = a.x;
+    x[2 * h + 1] = a.y;
+  }
+}
+template <typename H>  // __half, __nv_bfloat16: one 16-byte load
+__device__ __forceinline__ void load8(const H* p, float (&x)[8]) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const H* h = reinterpret_cast<const H*>(&raw);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) x[k] = Scalar<H>::load(h + k);
+}
+
+template <typename T>
+__device__ __forceinline__ T exp_(T x) {
+  return exp(x);
+}
+template <>
+__device__ __forceinline__ float exp_(float x) {
+  return expf(x);
+}
+
+// --- problem description --------------------------------------------------------------
+
+struct Dims {
+  int64_t B, N_in, N_out, D_in, D_out;
+  int64_t J;         // N_out * D_out
+  int n_groups;      // groups of output capsules (one per warp along grid.z)
+  int caps_per_group;
+  int i_per_warp;    // input capsules one warp walks
+  int n_chunks;      // blocks along N_in; chunk c covers kWarps * i_per_warp capsules
+  bool leaky;
+  bool rows8;        // D_in % 8 == 0 and u, W 16-byte aligned: rows load as 16-byte vectors
+};
+
+// Per-iteration state, all [B, N_out, D_out] in the accumulation type unless noted.
+template <typename acc_t>
+struct State {
+  const acc_t* V;        // v^(1) + ... + v^(t-1): logits are <u_hat, V>
+  const acc_t* gs;       // dL/ds^(t)                       (backward)
+  const acc_t* grad_c;   // dL/dc^(r) [B, N_in, N_out] or null (backward, t == r only)
+  bool first;            // t == 1: V = 0, coupling is uniform
+};
+
+// Which lane holds what: fragment slot q = 2 * (dim half) + (batch half).
+struct Lane {
+  int g, t;
+  __device__ Lane() : g((threadIdx.x & 31) >> 2), t(threadIdx.x & 3) {}
+  __device__ __forceinline__ int dim(int dt, int q) const { return dt * kTileD + g + ((q >> 1) << 3); }
+  __device__ __forceinline__ int col(int q) const { return 2 * t + (q & 1); }
+};
+
+template <typename T>
+__device__ __forceinline__ T sum_over_dims(T x) {
+  // The 8 lanes sharing t hold the 16 dims of one row tile (2 each).
+  x += __shfl_xor_sync(0xffffffffu, x, 4);
+  x += __shfl_xor_sync(0xffffffffu, x, 8);
+  x += __shfl_xor_sync(0xffffffffu, x, 16);
+  return x;
+}
+
+// Reads a [B, N_out, D_out] array at a lane's fragment positions of row tile (j, dt).
+template <typename acc_t>
+__device__ __forceinline__ void load_frag(const acc_t* a, const Dims& n, const Lane& L,
+                                          int64_t b0, int64_t j, int dt, acc_t (&f)[4]) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int64_t b = b0 + L.col(q);
+    const int d = L.dim(dt, q);
+    f[q] = (b < n.B && j < n.N_out && d < n.D_out) ? a[(b * n.N_out + j) * n.D_out + d] : acc_t(0);
+  }
+}
+
+// --- prediction sources ---------------------------------------------------------------
+
+// dynamic_routing: u_hat[b, i, j] = W[i, j] u[b, i], recomputed in registers.
+template <typename scalar_t>
+struct WeightSource {
+  static constexpr bool kComputed = true;
+  const scalar_t* __restrict__ u;  // [B, N_in, D_in]
+  const scalar_t* __restrict__ W;  // [N_in, N_out, D_out, D_in]
+};
+
+// route: u_hat given by the caller.
+template <typename scalar_t>
+struct GivenSource {
+  static constexpr bool kComputed = false;
+  const scalar_t* __restrict__ u_hat;  // [B, N_in, N_out, D_out]
+};
+
+// Predictions of group `grp` (capsules grp*GJ .. grp*GJ+GJ-1) for input capsule i and the
+// warp's batch tile: uh[r][q], row tile r = (capsule r / DT, dim tile r % DT).
+template <int DT, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void predict(const WeightSource<scalar_t>& src, const Dims& n,
+                                        const Lane& L, int64_t i, int64_t b0, int grp,
+                                        acc_t (&uh)[kGroupRows][4]) {
+  using S = Scalar<scalar_t>;
+  constexpr int GJ = kGroupRows / DT;
+#pragma unroll
+  for (int r = 0; r < kGroupRows; ++r)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) uh[r][q] = acc_t(0);
+  const int64_t bA = b0 + 2 * L.t, bB = bA + 1;
+  for (int64_t k0 = 0; k0 < n.D_in; k0 += 8) {
+    acc_t ua[8], ub[8];
+    if (n.rows8) {
+      const int64_t bAc = bA < n.B ? bA : 0, bBc = bB < n.B ? bB : 0;  // in bounds; zeroed below
+      load8(src.u + (bAc * n.N_in + i) * n.D_in + k0, ua);
+      load8(src.u + (bBc * n.N_in + i) * n.D_in + k0, ub);
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        if (bA >= n.B) ua[kk] = acc_t(0);
+        if (bB >= n.B) ub[kk] = acc_t(0);
+      }
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        const int64_t k = k0 + kk;
+        ua[kk] = (k < n.D_in && bA < n.B) ? S::load(src.u + (bA * n.N_in + i) * n.D_in + k) : acc_t(0);
+        ub[kk] = (k < n.D_in && bB < n.B) ? S::load(src.u + (bB * n.N_in + i) * n.D_in + k) : acc_t(0);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kGroupRows; ++r) {
+      const int64_t j = int64_t(grp) * GJ + r / DT;
+      if (j < n.N_out) {  // warp-uniform
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // dims g and g + 8
+          const int d = L.dim(r % DT, 2 * h);
+          acc_t w[8];
+          const scalar_t* wp = src.W + ((i * n.N_out + j) * n.D_out + (d < n.D_out ? d : 0)) * n.D_in + k0;
+          if (n.rows8) {
+            load8(wp, w);
+          } else {
+#pragma unroll
+            for (int kk = 0; kk < 8; ++kk) w[kk] = k0 + kk < n.D_in ? S::load(wp + kk) : acc_t(0);
+          }
+          if (d >= n.D_out) continue;
+#pragma unroll
+          for (int kk = 0; kk < 8; ++kk) {
+            uh[r][2 * h] += w[kk] * ua[kk];
+            uh[r][2 * h + 1] += w[kk] * ub[kk];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <int DT, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void predict(const GivenSource<scalar_t>& src, const Dims& n,
+                                        const Lane& L, int64_t i, int64_t b0, int grp,
+                                        acc_t (&uh)[kGroupRows][4]) {
+  using S = Scalar<scalar_t>;
+  constexpr int GJ = kGroupRows / DT;
+#pragma unroll
+  for (int r = 0; r < kGroupRows; ++r) {
+    const int64_t j = int64_t(grp) * GJ + r / DT;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t b = b0 + L.col(q);
+      const int d = L.dim(r % DT, q);
+      uh[r][q] = (j < n.N_out && b < n.B && d < n.D_out)
+                     ? S::load(src.u_hat + ((b * n.N_in + i) * n.N_out + j) * n.D_out + d)
+                     : acc_t(0);
+    }
+  }
+}
+
+// <u_hat[b, i, j], x[b, j]> for the group's capsules and the lane's two batch elements,
+// summed over all dims (every lane of the 8 that share t gets the full sum).
+template <int DT, typename acc_t>
+__device__ __forceinline__ void dots(const acc_t (&uh)[kGroupRows][4], const acc_t* x,
+                                     const Dims& n, const Lane& L, int64_t b0, int grp,
+                                     acc_t (&out)[kGroupRows / DT][2]) {
+  constexpr int GJ = kGroupRows / DT;
+#pragma unroll
+  for (int jl = 0; jl < GJ; ++jl) {
+    const int64_t j = int64_t(grp) * GJ + jl;
+    out[jl][0] = out[jl][1] = acc_t(0);
+    if (j >= n.N_out) continue;  // warp-uniform
+    acc_t p0 = 0, p1 = 0;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      acc_t f[4];
+      load_frag(x, n, L, b0, j, dt, f);
+      const int r = jl * DT + dt;
+      p0 += uh[r][0] * f[0] + uh[r][2] * f[2];
+      p1 += uh[r][1] * f[1] + uh[r][3] * f[3];
+    }
+    out[jl][0] = sum_over_dims(p0);
+    out[jl][1] = sum_over_dims(p1);
+  }
+}
+
+// Online softmax statistics over capsules: running max m and sum l of exp(logit - m).
+template <typename acc_t>
+struct SoftmaxStats {
+  acc_t m[2], l[2];
+  __device__ void init(bool leaky) {
+    // Leaky routing: an extra logit 0 joins the softmax (its coefficient is dropped).
+    for (int h = 0; h < 2; ++h) {
+      m[h] = leaky ? acc_t(0) : -INFINITY;
+      l[h] = leaky ? acc_t(1) : acc_t(0);
+    }
+  }
+  template <int GJ>
+  __device__ void add(const acc_t (&a)[GJ][2], int64_t j0, int64_t N_out) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      acc_t mx = m[h];
+#pragma unroll
+      for (int jl = 0; jl < GJ; ++jl)
+        if (j0 + jl < N_out) mx = fmax(mx, a[jl][h]);
+      acc_t sum = l[h] * exp_(m[h] - mx);
+      if (l[h] == acc_t(0)) sum = acc_t(0);  // m = -inf: nothing accumulated yet
+#pragma unroll
+      for (int jl = 0; jl < GJ; ++jl)
+        if (j0 + jl < N_out) sum += exp_(a[jl][h] - mx);
+      m[h] = mx;
+      l[h] = sum;
+    }
+  }
+};
+
+// The coupling coefficients c[b, i, j] of the warp's group, for the lane's two batch
+// elements, at iteration t; leaves the group's predictions in uh. With several groups the
+// other groups' predictions are recomputed for the softmax statistics (own group last, so
+// that uh ends up holding it).
+// `uh_ready`: uh already holds the group's predictions for (i, b0) (one group only).
+template <int DT, typename Src, typename acc_t>
+__device__ __forceinline__ void coupling(const Src& src, const Dims& n, const Lane& L,
+                                         const State<acc_t>& st, int64_t i, int64_t b0,
+                                         int grp, acc_t (&uh)[kGroupRows][4],
+                                         acc_t (&c)[kGroupRows / DT][2],
+                                         bool uh_ready = false) {
+  constexpr int GJ = kGroupRows / DT;
+  uh_ready = uh_ready && n.n_groups == 1;
+  if (st.first) {
+    if (!uh_ready) predict<DT>(src, n, L, i, b0, grp, uh);
+    const acc_t uniform = acc_t(1) / acc_t(n.N_out + (n.leaky ? 1 : 0));
+#pragma unroll
+    for (int jl = 0; jl < GJ; ++jl) c[jl][0] = c[jl][1] = uniform;
+    return;
+  }
+  SoftmaxStats<acc_t> s;
+  s.init(n.leaky);
+  for (int k = 1; k <= n.n_groups; ++k) {
+    const int other = (grp + k) % n.n_groups;  // ends with other == grp
+    if (!uh_ready) predict<DT>(src, n, L, i, b0, other, uh);
+    dots<DT>(uh, st.V, n, L, b0, other, c);
+    s.add(c, int64_t(other) * GJ, n.N_out);
+  }
+#pragma unroll
+  for (int jl = 0; jl < GJ; ++jl)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      c[jl][h] = int64_t(grp) * GJ + jl < n.N_out ? exp_(c[jl][h] - s.m[h]) / s.l[h] : acc_t(0);
+}
+
+// Back through the softmax for the warp's group: g <- c * (g - sum_k c_k g_k), the sum over
+// ALL capsules k (other groups recomputed). On entry g holds <gs, u_hat> (+ grad_c).
+template <int DT, typename Src, typename acc_t>
+__device__ __forceinline__ void coupling_grad(const Src& src, const Dims& n, const Lane& L,
+                                              const State<acc_t>& st, int64_t i, int64_t b0,
+                                              int grp, const acc_t (&c)[kGroupRows / DT][2],
+                                              acc_t (&g)[kGroupRows / DT][2],
+                                              acc_t (&uh)[kGroupRows][4]);
+
+// dL/dc (before the softmax backward) for the group: <gs[b, j], u_hat[b, i, j]> + grad_c.
+template <int DT, typename acc_t>
+__device__ __forceinline__ void coupling_dots(const acc_t (&uh)[kGroupRows][4], const Dims& n,
+                                              const Lane& L, const State<acc_t>& st,
+                                              int64_t i, int64_t b0, int grp,
+                                              acc_t (&g)[kGroupRows / DT][2]) {
+  constexpr int GJ = kGroupRows / DT;
+  dots<DT>(uh, st.gs, n, L, b0, grp, g);
+  if (st.grad_c != nullptr) {
+#pragma unroll
+    for (int jl = 0; jl < GJ; ++jl)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t b = b0 + 2 * L.t + h, j = int64_t(grp) * GJ + jl;
+        if (b < n.B && j < n.N_out) g[jl][h] += st.grad_c[(b * n.N_in + i) * n.N_out + j];
+      }
+  }
+}
+
+template <int DT, typename Src, typename acc_t>
+__device__ __forceinline__ void coupling_grad(const Src& src, const Dims& n, const Lane& L,
+                                              const State<acc_t>& st, int64_t i, int64_t b0,
+                                              int grp, const acc_t (&c)[kGroupRows / DT][2],
+                                              acc_t (&g)[kGroupRows / DT][2],
+                                              acc_t (&uh)[kGroupRows][4]) {
+  constexpr int GJ = kGroupRows / DT;
+  acc_t cg[2] = {0, 0};
+  if (n.n_groups == 1) {
+#pragma unroll
+    for (int jl = 0; jl < GJ; ++jl)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) cg[h] += c[jl][h] * g[jl][h];
+  } else {
+    // sum_k c_k g_k over every group: recompute each group's c and g (own group last, so
+    // uh, and the caller's c and g, are the own group's again at the end).
+    acc_t co[GJ][2], go[GJ][2];
+    for (int k = 1; k <= n.n_groups; ++k) {
+      const int other = (grp + k) % n.n_groups;
+      coupling<DT>(src, n, L, st, i, b0, other, uh, co);
+      coupling_dots<DT>(uh, n, L, st, i, b0, other, go);
+#pragma unroll
+      for (int jl = 0; jl < GJ; ++jl)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) cg[h] += co[jl][h] * go[jl][h];
+    }
+  }
+#pragma unroll
+  for (int jl = 0; jl < GJ; ++jl)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) g[jl][h] = c[jl][h] * (g[jl][h] - cg[h]);
+}
+
+// acc[r][q] += w[capsule of r][batch half of q] * x[r][q]
+template <int DT, typename acc_t>
+__device__ __forceinline__ void scaled_add(acc_t (&acc)[kGroupRows][4],
+                                           const acc_t (&w)[kGroupRows / DT][2],
+                                           const acc_t (&x)[kGroupRows][4]) {
+#pragma unroll
+  for (int r = 0; r < kGroupRows; ++r)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[r][q] += w[r / DT][q & 1] * x[r][q];
+}
+
+// Block-level reduction of the warps' accumulators (in warp order) and the write of the
+// block's partial sum over its input capsules: partial[chunk][b][j][d].
+template <int DT, typename acc_t>
+__device__ __forceinline__ void write_block_partial(const acc_t (&acc)[kGroupRows][4],
+                                                    acc_t* smem, const Dims& n,
+                                                    int64_t b0, int grp, acc_t* partial) {
+  constexpr int GJ = kGroupRows / DT;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rows = min(kGroupRows, int((n.N_out - int64_t(grp) * GJ)) * DT);
+  const int per_warp = rows * 128;  // 32 lanes x 4 slots per row tile
+#pragma unroll
+  for (int r = 0; r < kGroupRows; ++r)
+    if (r < rows)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) smem[warp * per_warp + (r * 4 + q) * 32 + lane] = acc[r][q];
+  __syncthreads();
+  for (int e = threadIdx.x; e < per_warp; e += kThreads) {
+    acc_t sum = 0;
+    for (int w = 0; w < kWarps; ++w) sum += smem[w * per_warp + e];
+    const int r = e / 128, q = (e / 32) % 4, ln = e % 32;
+    const int g = ln >> 2, t = ln & 3;
+    const int64_t b = b0 + 2 * t + (q & 1);
+    const int d = (r % DT) * kTileD + g + ((q >> 1) << 3);
+    const int64_t j = int64_t(grp) * GJ + r / DT;
+    if (b < n.B && d < n.D_out)
+      partial[(int64_t(blockIdx.x) * n.B + b) * n.J + j * n.D_out + d] = sum;
+  }
+}
+
+// --- kernels ---------------------------------------------------------------------------
+
+enum class Pass { kForward, kGradient };
+
+// One pass over the input capsules for iteration t. grid = (n_chunks, B / 8, n_groups).
+//   kForward:  partial[chunk] = sum_i c_ij u_hat_ij;  c written when c_out != null.
+//   kGradient: partial[chunk] = sum_i gbeta_ij u_hat_ij (the logit-gradient term G).
+template <Pass kPass, int DT, typename Src, typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
+                    typename Scalar<scalar_t>::acc* __restrict__ partial,
+                    scalar_t* __restrict__ c_out) {
+  using acc_t = typename Scalar<scalar_t>::acc;
+  constexpr int GJ = kGroupRows / DT;
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  const Lane L;
+  const int warp = threadIdx.x >> 5;
+  const int64_t b0 = int64_t(blockIdx.y) * kTileB;
+  const int grp = blockIdx.z;
+  const int64_t i_begin = (int64_t(blockIdx.x) * kWarps + warp) * n.i_per_warp;
+  const int64_t i_end = min(i_begin + n.i_per_warp, n.N_in);
+
+  acc_t acc[kGroupRows][4], uh[kGroupRows][4], c[GJ][2];
+#pragma unroll
+  for (int r = 0; r < kGroupRows; ++r)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[r][q] = acc_t(0);
+
+  for (int64_t i = i_begin; i < i_end; ++i) {
+    coupling<DT>(src, n, L, st, i, b0, grp, uh, c);
+    if constexpr (kPass == Pass::kForward) {
+      if (c_out != nullptr && L.g == 0) {
+#pragma unroll
+        for (int jl = 0; jl < GJ; ++jl)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int64_t b = b0 + 2 * L.t + h, j = int64_t(grp) * GJ + jl;
+            if (b < n.B && j < n.N_out)
+              c_out[(b * n.N_in + i) * n.N_out + j] = Scalar<scalar_t>::store(c[jl][h]);
+          }
+      }
+      scaled_add<DT>(acc, c, uh);
+    } else {
+      acc_t g[GJ][2];
+      coupling_dots<DT>(uh, n, L, st, i, b0, grp, g);
+      coupling_grad<DT>(src, n, L, st, i, b0, grp, c, g, uh);
+      scaled_add<DT>(acc, g, uh);
+    }
+  }
+  write_block_partial<DT>(acc, smem, n, b0, grp, partial);
+}
+
+
+// --- per-(b, j) kernels: one warp per output capsule, lane = dim (D_out <= 32) ---------
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+struct CapsuleLane {
+  int64_t b, j, e;  // e: offset of (b, j, d) in a [B, N_out, D_out] array
+  bool valid;       // lane < D_out
+  bool active;      // the warp has a capsule
+  __device__ CapsuleLane(const Dims& n) {
+    const int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+    const int d = threadIdx.x & 31;
+    active = w < n.B * n.N_out;
+    b = w / n.N_out;
+    j = w % n.N_out;
+    valid = active && d < n.D_out;
+    e = (b * n.N_out + j) * n.D_out + d;
+  }
+};
+
+// Forward, after a pass: s = bias + sum of the blocks' partials (in block order);
+// v = squash(s); V += v; v written on the last iteration.
+template <typename scalar_t>
+__global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>::acc* partial,
+                                        const scalar_t* __restrict__ bias, double eps,
+                                        typename Scalar<scalar_t>::acc* V,
+                                        typename Scalar<scalar_t>::acc* s_out,
+                                        scalar_t* __restrict__ v_out) {
+  using acc_t = typename Scalar<scalar_t>::acc;
+  const CapsuleLane c(n);
+  if (!c.active) return;  // whole warps only
+  acc_t s = 0;
+  if (c.valid) {
+    if (bias != nullptr) s = Scalar<scalar_t>::load(bias + c.j * n.D_out + (threadIdx.x & 31));
+    for (int ch = 0; ch < n.n_chunks; ++ch) s += partial[ch * n.B * n.J + c.e];
+  }
+  const acc_t f = squash_scale(warp_sum(s * s), acc_t(eps));
+  if (!c.valid) return;
+  s_out[c.e] = s;
+  V[c.e] += f * s;
+  if (v_out != nullptr) v_out[c.e] = Scalar<scalar_t>::store(f * s);
+}
+
+// Backward sweep step for iteration t: G += sum of the partials of the pass for t + 1 (if
+// any), then gs^(t) = J_squash(s^(t))^T (G + [t == r] grad_v).
+template <typename acc_t>
+__global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials,
+                                  const acc_t* s_t, const acc_t* grad_v, double eps, acc_t* G,
+                                  acc_t* gs_t) {
+  const CapsuleLane c(n);
+  if (!c.active) return;
+  acc_t s = 0, gv = 0;
+  if (c.valid) {
+    acc_t g = G[c.e];
+    for (int ch = 0; ch < n_partials; ++ch) g += partial[ch * n.B * n.J + c.e];
+    G[c.e] = g;
+    s = s_t[c.e];
+    gv = g + (grad_v != nullptr ? grad_v[c.e] : acc_t(0));
+  }
+  acc_t a, bb;
+  squash_vjp_coeffs(warp_sum(s * s), warp_sum(s * gv), acc_t(eps), &a, &bb);
+  if (c.valid) gs_t[c.e] = a * gv + bb * s;
+}
+
+// V_prev[t] = v^(1) + ... + v^(t) for t = 0 .. r-1 (V_prev[0] = 0), v = squash(s).
+template <typename acc_t>
+__global__ void running_sums_kernel(Dims n, int iterations, const acc_t* s, double eps,
+                                    acc_t* V_prev) {
+  const CapsuleLane c(n);
+  if (!c.active) return;
+  const int64_t stride = n.B * n.J;
+  acc_t V = 0;
+  if (c.valid) V_prev[c.e] = V;
+  for (int t = 1; t < iterations; ++t) {
+    const acc_t st = c.valid ? s[(t - 1) * stride + c.e] : acc_t(0);
+    V += squash_scale(warp_sum(st * st), acc_t(eps)) * st;
+    if (c.valid) V_prev[t * stride + c.e] = V;
+  }
+}
+
+// --- the last backward pass ------------------------------------------------------------
+//
+// Local per (b, i): g_uh = sum_t c^(t) gs^(t) + gbeta^(t) V^(t-1), handed to a sink: route
+// writes grad_u_hat; dynamic_routing contracts it into grad_u (over j, d) and grad_W (over
+// b). A warp owns one input capsule, one group of output capsules and one chunk of 8 input
+// dims, and walks every batch tile in order, so grad_W[i] is summed over b in registers in a
+// fixed order. grid = (ceil(N_in / final_warps), n_groups, ceil(D_in / 8)).
+
+// Warps per block of the last pass; its static shared memory (the g_uh tiles) stays under
+// 48 KB in double too.
+template <typename acc_t>
+constexpr int final_warps() {
+  return sizeof(acc_t) == 8 ? 2 : 4;
+}
+
+template <typename acc_t>
+struct Sweep {
+  const acc_t* V_prev;   // [r, B, N_out, D_out]: V^(t-1) at t-1
+  const acc_t* gs;       // [r, B, N_out, D_out]: dL/ds^(t) at t-1
+  const acc_t* grad_c;   // [B, N_in, N_out] or null
+  int t_min, iterations;
+  bool detach;
+};
+
+// g_uh of the warp's group for (i, b0); leaves the predictions in uh.
+template <int DT, typename Src, typename acc_t>
+__device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, const Lane& L,
+                                                const Sweep<acc_t>& sw, int64_t i, int64_t b0,
+                                                int grp, acc_t (&uh)[kGroupRows][4],
+                                                acc_t (&g_uh)[kGroupRows][4]) {
+  constexpr int GJ = kGroupRows / DT;
+  const int64_t stride = n.B * n.J;
+#pragma unroll
+  for (int r = 0; r < kGroupRows; ++r)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) g_uh[r][q] = acc_t(0);
+  for (int t = sw.t_min; t <= sw.iterations; ++t) {
+    const State<acc_t> st{sw.V_prev + (t - 1) * stride, sw.gs + (t - 1) * stride,
+                          t == sw.iterations ? sw.grad_c : nullptr, t == 1};
+    acc_t c[GJ][2];
+    coupling<DT>(src, n, L, st, i, b0, grp, uh, c, /*uh_ready=*/t > sw.t_min);
+#pragma unroll
+    for (int r = 0; r < kGroupRows; ++r) {
+      acc_t f[4];
+      load_frag(st.gs, n, L, b0, int64_t(grp) * GJ + r / DT, r % DT, f);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) g_uh[r][q] += c[r / DT][q & 1] * f[q];
+    }
+    if (t == 1 || sw.detach) continue;  // V^(0) = 0; with detach c^(r) is a constant
+    acc_t g[GJ][2];
+    coupling_dots<DT>(uh, n, L, st, i, b0, grp, g);
+    coupling_grad<DT>(src, n, L, st, i, b0, grp, c, g, uh);
+#pragma unroll
+    for (int r = 0; r < kGroupRows; ++r) {
+      acc_t f[4];
+      load_frag(st.V, n, L, b0, int64_t(grp) * GJ + r / DT, r % DT, f);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) g_uh[r][q] += g[r / DT][q & 1] * f[q];
+    }
+  }
+}
+
+// route: grad_u_hat = g_uh.
+template <int DT, typename scalar_t>
+__global__ void __launch_bounds__(128)
+route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
+                  scalar_t* __restrict__ grad_u_hat) {
+  using acc_t = typename Scalar<scalar_t>::acc;
+  constexpr int GJ = kGroupRows / DT;
+  const Lane L;
+  const int64_t i = int64_t(blockIdx.x) * final_warps<acc_t>() + (threadIdx.x >> 5);
+  const int grp = blockIdx.y;
+  if (i >= n.N_in) return;
+  acc_t uh[kGroupRows][4], g_uh[kGroupRows][4];
+  for (int64_t b0 = 0; b0 < n.B; b0 += kTileB) {
+    prediction_grad<DT>(src, n, L, sw, i, b0, grp, uh, g_uh);
+#pragma unroll
+    for (int r = 0; r < kGroupRows; ++r) {
+      const int64_t j = int64_t(grp) * GJ + r / DT;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t b = b0 + L.col(q);
+        const int d = L.dim(r % DT, q);
+        if (j < n.N_out && b < n.B && d < n.D_out)
+          grad_u_hat[((b * n.N_in + i) * n.N_out + j) * n.D_out + d] =
+              Scalar<scalar_t>::store(g_uh[r][q]);
+      }
+    }
+  }
+}
+
+// dynamic_routing: grad_u[b, i, k] = sum_(j,d) W[i,j,d,k] g_uh[b,i,j,d] for the warp's 8 input
+// dims k (written to grad_u_part[grp], summed over groups by the launcher when there are
+// several), and grad_W[i, j, d, k] = sum_b g_uh[b,i,j,d] u[b,i,k] for the group's (j, d).
+// The g_uh tile goes through shared memory so that each lane can own whole rows of
+// grad_W[i] (up to 8 of the group's 256 (j, d) rows, 8 dims each) in registers.
+template <int DT, typename scalar_t>
+__global__ void __launch_bounds__(128)
+weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
+                   typename Scalar<scalar_t>::acc* __restrict__ grad_u_part,
+                   scalar_t* __restrict__ grad_W) {
+  using acc_t = typename Scalar<scalar_t>::acc;
+  using S = Scalar<scalar_t>;
+  constexpr int GJ = kGroupRows / DT;
+  constexpr int kRowsPerGroup = kGroupRows * kTileD;  // (j, d) rows of a group: 256
+  constexpr int kRowsPerLane = kRowsPerGroup / 32;
+  constexpr int kW = final_warps<acc_t>();
+  __shared__ acc_t tile_g[kW][kTileB][kRowsPerGroup + 1];
+  __shared__ acc_t tile_u[kW][kTileB][8];
+  const Lane L;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t i = int64_t(blockIdx.x) * kW + warp;
+  const int grp = blockIdx.y;
+  const int64_t k0 = int64_t(blockIdx.z) * 8;
+  if (i >= n.N_in) return;  // whole warps: no block barrier below
+
+  acc_t gW[kRowsPerLane][8];
+#pragma unroll
+  for (int m = 0; m < kRowsPerLane; ++m)
+#pragma unroll
+    for (int k = 0; k < 8; ++k) gW[m][k] = acc_t(0);
+
+  acc_t uh[kGroupRows][4], g_uh[kGroupRows][4];
+  for (int64_t b0 = 0; b0 < n.B; b0 += kTileB) {
+    prediction_grad<DT>(src, n, L, sw, i, b0, grp, uh, g_uh);
+
+    // grad_u over this group's (j, d): each lane sums its fragment, then the 8 lanes that
+    // share t add up the 16 dims.
+    acc_t gu[2][8];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int k = 0; k < 8; ++k) gu[h][k] = acc_t(0);
+#pragma unroll
+    for (int r = 0; r < kGroupRows; ++r) {
+      const int64_t j = int64_t(grp) * GJ + r / DT;
+      if (j >= n.N_out) break;
+#pragma unroll
+      for (int dh = 0; dh < 2; ++dh) {
+        const int d = L.dim(r % DT, 2 * dh);
+        if (d >= n.D_out) continue;
+        const scalar_t* w = src.W + ((i * n.N_out + j) * n.D_out + d) * n.D_in + k0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          if (k0 + k >= n.D_in) break;
+          const acc_t wk = S::load(w + k);
+          gu[0][k] += wk * g_uh[r][2 * dh];
+          gu[1][k] += wk * g_uh[r][2 * dh + 1];
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int k = 0; k < 8; ++k) gu[h][k] = sum_over_dims(gu[h][k]);
+    if (L.g == 0) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t b = b0 + 2 * L.t + h;
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+          if (b < n.B && k0 + k < n.D_in)
+            grad_u_part[((int64_t(grp) * n.B + b) * n.N_in + i) * n.D_in + k0 + k] = gu[h][k];
+      }
+    }
+
+    // Stage the tile: g_uh[b][(j, d)] and u[b][k], then grad_W rows (lane + 32 m).
+#pragma unroll
+    for (int r = 0; r < kGroupRows; ++r)
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        tile_g[warp][L.col(q)][r * kTileD + (L.dim(0, q))] = g_uh[r][q];
+    if (L.g == 0) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t b = b0 + 2 * L.t + h;
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+          tile_u[warp][2 * L.t + h][k] =
+              (b < n.B && k0 + k < n.D_in) ? S::load(src.u + (b * n.N_in + i) * n.D_in + k0 + k) : acc_t(0);
+      }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int bb = 0; bb < kTileB; ++bb) {
+      acc_t ub[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) ub[k] = tile_u[warp][bb][k];
+#pragma unroll
+      for (int m = 0; m < kRowsPerLane; ++m) {
+        const acc_t gv = tile_g[warp][bb][lane + 32 * m];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) gW[m][k] += gv * ub[k];
+      }
+    }
+    __syncwarp();
+  }
+
+  // Row (r, dd) of the group: capsule grp * GJ + r / DT, dim (r % DT) * 16 + dd.
+#pragma unroll
+  for (int m = 0; m < kRowsPerLane; ++m) {
+    const int row = lane + 32 * m, r = row / kTileD, dd = row % kTileD;
+    const int64_t j = int64_t(grp) * GJ + r / DT;
+    const int d = (r % DT) * kTileD + dd;
+    if (j >= n.N_out || d >= n.D_out) continue;
+    scalar_t* out = grad_W + ((i * n.N_out + j) * n.D_out + d) * n.D_in + k0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      if (k0 + k < n.D_in) out[k] = S::store(gW[m][k]);
+  }
+}
+
+}  // namespace cuda
+}  // namespace capsroute

@@ -1,0 +1,304 @@
+// Host-side launch sequences of the CUDA kernels, templated on the element type and
+// instantiated once per dtype (csrc/cuda/instantiate_*.cu) so that the heavy kernels of
+// different dtypes compile in parallel. The op entry points are in routing_cuda.cu.
+//
+// Forward, per iteration t: one pass over the input capsules (routing_pass_kernel) writes a
+// partial sum per block of capsules, and finish_iteration_kernel adds them in block order,
+// squashes and updates the running sum V. Backward: the sweep t = r .. t_min alternates a
+// pass that forms the logit-gradient term G with a per-capsule step that maps it through
+// squash; a last pass (route_grad_kernel / weight_grad_kernel) forms the input gradients.
+// All temporaries are O(B * N_out * D_out) (per-block partial sums included), so memory
+// does not grow with N_in * N_out * D_out.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "../checks.h"
+#include "../op_utils.h"
+#include "routing_kernels.cuh"
+#include "routing_launch.h"
+
+namespace capsroute {
+namespace cuda_launch {
+
+using cuda::Dims;
+
+template <typename T>
+struct DeviceType {
+  using type = T;
+};
+template <>
+struct DeviceType<at::Half> {
+  using type = __half;
+};
+template <>
+struct DeviceType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename scalar_t>
+using dev_t = typename DeviceType<scalar_t>::type;
+
+template <typename scalar_t>
+dev_t<scalar_t>* dptr(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? reinterpret_cast<dev_t<scalar_t>*>(t.data_ptr<scalar_t>())
+                                      : nullptr;
+}
+
+template <typename acc_t>
+acc_t* aptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<acc_t>() : nullptr;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Row tiles of 16 dims per output capsule: the kernels are compiled for D_out <= 32.
+inline int dim_tiles(const char* op, int64_t D_out) {
+  TORCH_CHECK_VALUE(D_out <= 2 * cuda::kTileD, op,
+                    ": the CUDA kernels support output capsules of at most 32 dims, but got "
+                    "D_out = ", D_out);
+  return D_out <= cuda::kTileD ? 1 : 2;
+}
+
+inline Dims make_dims(const char* op, const RoutingSizes& n, bool leaky) {
+  Dims d{};
+  d.B = n.B;
+  d.N_in = n.N_in;
+  d.N_out = n.N_out;
+  d.D_in = n.D_in;
+  d.D_out = n.D_out;
+  d.J = n.N_out * n.D_out;
+  d.leaky = leaky;
+  d.caps_per_group = cuda::kGroupRows / dim_tiles(op, n.D_out);
+  d.n_groups = static_cast<int>(ceil_div(n.N_out, d.caps_per_group));
+  const int64_t b_tiles = ceil_div(n.B, cuda::kTileB);
+  TORCH_CHECK_VALUE(b_tiles <= 65535, op, ": the CUDA kernels support B <= ",
+                    65535 * cuda::kTileB, ", but got B = ", n.B);
+  // About four blocks per multiprocessor: enough to fill the GPU, few partial sums.
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int64_t want = ceil_div(4 * sms, b_tiles * d.n_groups);
+  const int64_t chunks = std::clamp<int64_t>(want, 1, ceil_div(n.N_in, cuda::kWarps));
+  d.i_per_warp = static_cast<int>(ceil_div(n.N_in, chunks * cuda::kWarps));
+  d.n_chunks = static_cast<int>(ceil_div(n.N_in, int64_t(cuda::kWarps) * d.i_per_warp));
+  return d;
+}
+
+// One warp per (b, j) output capsule.
+inline dim3 capsule_grid(const Dims& d) { return dim3(static_cast<unsigned>(ceil_div(d.B * d.N_out, 8))); }
+
+// One pass over the input capsules (see routing_pass_kernel).
+template <cuda::Pass kPass, int DT, typename Src, typename T, typename acc_t>
+void launch_pass(const Src& src, const Dims& d, const cuda::State<acc_t>& st, acc_t* partial,
+                 T* c_out, cudaStream_t stream) {
+  const int rows = static_cast<int>(std::min<int64_t>(cuda::kGroupRows, d.N_out * DT));
+  const size_t smem = size_t(cuda::kWarps) * rows * 128 * sizeof(acc_t);
+  auto kernel = cuda::routing_pass_kernel<kPass, DT, Src, T>;
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  const dim3 grid(d.n_chunks, static_cast<unsigned>(ceil_div(d.B, cuda::kTileB)), d.n_groups);
+  kernel<<<grid, cuda::kThreads, smem, stream>>>(src, d, st, partial, c_out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int DT, typename Src, typename T>
+void forward(const Src& src, const Dims& d, int64_t iterations, double eps, const T* bias,
+             T* v, T* c, typename cuda::Scalar<T>::acc* s, const at::TensorOptions& acc_opts) {
+  using acc_t = typename cuda::Scalar<T>::acc;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto V = at::zeros({d.B, d.J}, acc_opts);
+  auto partial = at::empty({d.n_chunks, d.B, d.J}, acc_opts);
+  for (int64_t t = 1; t <= iterations; ++t) {
+    const bool last = t == iterations;
+    launch_pass<cuda::Pass::kForward, DT>(src, d, cuda::State<acc_t>{aptr<acc_t>(V), nullptr, nullptr, t == 1},
+                                          aptr<acc_t>(partial), last ? c : nullptr, stream);
+    cuda::finish_iteration_kernel<T><<<capsule_grid(d), 256, 0, stream>>>(
+        d, aptr<acc_t>(partial), bias, eps, aptr<acc_t>(V), s + (t - 1) * d.B * d.J,
+        last ? v : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// The backward sweep up to the last pass: V_prev and gs for every iteration (see
+// sweep_step_kernel). Returns {V_prev, gs}.
+template <int DT, typename Src, typename T>
+std::pair<at::Tensor, at::Tensor> sweep(const Src& src, const Dims& d, int64_t iterations,
+                                        int64_t t_min, double eps, const at::Tensor& grad_v,
+                                        const at::Tensor& grad_c, const at::Tensor& s) {
+  using acc_t = typename cuda::Scalar<T>::acc;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t stride = d.B * d.J;
+  auto V_prev = at::empty({iterations, d.B, d.J}, s.options());
+  cuda::running_sums_kernel<acc_t><<<capsule_grid(d), 256, 0, stream>>>(
+      d, static_cast<int>(iterations), aptr<acc_t>(s), eps, aptr<acc_t>(V_prev));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto gs = at::zeros({iterations, d.B, d.J}, s.options());
+  auto G = at::zeros({d.B, d.J}, s.options());
+  auto partial = at::empty({t_min < iterations ? d.n_chunks : 0, d.B, d.J}, s.options());
+  const acc_t* s_ = aptr<acc_t>(s);
+  acc_t* gs_ = aptr<acc_t>(gs);
+  cuda::sweep_step_kernel<acc_t><<<capsule_grid(d), 256, 0, stream>>>(
+      d, nullptr, 0, s_ + (iterations - 1) * stride, aptr<acc_t>(grad_v), eps, aptr<acc_t>(G),
+      gs_ + (iterations - 1) * stride);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (int64_t t = iterations; t > t_min; --t) {
+    const cuda::State<acc_t> st{aptr<acc_t>(V_prev) + (t - 1) * stride, gs_ + (t - 1) * stride,
+                                t == iterations ? aptr<acc_t>(grad_c) : nullptr, false};
+    launch_pass<cuda::Pass::kGradient, DT>(src, d, st, aptr<acc_t>(partial),
+                                           static_cast<T*>(nullptr), stream);
+    cuda::sweep_step_kernel<acc_t><<<capsule_grid(d), 256, 0, stream>>>(
+        d, aptr<acc_t>(partial), d.n_chunks, s_ + (t - 2) * stride, nullptr, eps,
+        aptr<acc_t>(G), gs_ + (t - 2) * stride);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {V_prev, gs};
+}
+
+// ---------------------------------------------------------------------------------------
+// Op entry points.
+
+
+// Rows of u and W load as 16-byte vectors when D_in is a multiple of 8 and both are aligned.
+template <typename T>
+bool rows8(const cuda::WeightSource<T>& src, int64_t D_in) {
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return D_in % 8 == 0 && aligned(src.u) && aligned(src.W);
+}
+template <typename T>
+bool rows8(const cuda::GivenSource<T>&, int64_t) {
+  return false;
+}
+
+template <typename F>
+void dispatch_dim_tiles(const char* op, int64_t D_out, F&& f) {
+  if (dim_tiles(op, D_out) == 1)
+    f(std::integral_constant<int, 1>{});
+  else
+    f(std::integral_constant<int, 2>{});
+}
+
+inline at::Tensor grad_bias_of(const at::Tensor& gs, int64_t t_min, int64_t iterations,
+                               const RoutingSizes& n, at::ScalarType dtype) {
+  // The sum over the iterations that carry gradient and over the batch.
+  return gs.narrow(0, t_min - 1, iterations - t_min + 1)
+      .sum(at::IntArrayRef{0, 1})
+      .view({n.N_out, n.D_out})
+      .to(dtype);
+}
+
+template <typename scalar_t, typename Src>
+void forward_op(const char* op, const Src& src, const RoutingSizes& n, int64_t iterations,
+                bool leaky, double eps, const c10::optional<at::Tensor>& bias, at::Tensor& v,
+                at::Tensor& c, at::Tensor& s) {
+  using T = dev_t<scalar_t>;
+  using acc_t = typename cuda::Scalar<T>::acc;
+  Dims d = make_dims(op, n, leaky);
+  d.rows8 = rows8(src, n.D_in);
+  dispatch_dim_tiles(op, n.D_out, [&](auto dt) {
+    forward<decltype(dt)::value>(src, d, iterations, eps,
+                                 bias.has_value() ? dptr<scalar_t>(*bias) : nullptr,
+                                 dptr<scalar_t>(v), dptr<scalar_t>(c), s.data_ptr<acc_t>(),
+                                 s.options());
+  });
+}
+
+// v, c (possibly empty) and s are allocated by the caller; B > 0.
+template <typename scalar_t>
+void dynamic_routing_forward(const at::Tensor& u, const at::Tensor& weight,
+                             const c10::optional<at::Tensor>& bias, const RoutingSizes& n,
+                             int64_t iterations, bool leaky, double eps, at::Tensor& v,
+                             at::Tensor& c, at::Tensor& s) {
+  const cuda::WeightSource<dev_t<scalar_t>> src{dptr<scalar_t>(u), dptr<scalar_t>(weight)};
+  forward_op<scalar_t>("capsroute.dynamic_routing", src, n, iterations, leaky, eps, bias, v, c, s);
+}
+
+template <typename scalar_t>
+void route_forward(const at::Tensor& u_hat, const c10::optional<at::Tensor>& bias,
+                   const RoutingSizes& n, int64_t iterations, bool leaky, double eps,
+                   at::Tensor& v, at::Tensor& c, at::Tensor& s) {
+  const cuda::GivenSource<dev_t<scalar_t>> src{dptr<scalar_t>(u_hat)};
+  forward_op<scalar_t>("capsroute.route", src, n, iterations, leaky, eps, bias, v, c, s);
+}
+
+// Gradient outputs are allocated by the caller; B > 0.
+template <typename scalar_t>
+void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
+                              const at::Tensor& weight, const RoutingSizes& n,
+                              int64_t iterations, bool leaky, bool detach, double eps,
+                              bool has_bias, at::Tensor& grad_u, at::Tensor& grad_weight,
+                              at::Tensor& grad_bias) {
+  const char* op = "capsroute.dynamic_routing_backward";
+  using T = dev_t<scalar_t>;
+  using acc_t = typename cuda::Scalar<T>::acc;
+  const int64_t t_min = detach ? iterations : 1;
+  const cuda::WeightSource<T> src{dptr<scalar_t>(u), dptr<scalar_t>(weight)};
+  Dims d = make_dims(op, n, leaky);
+  d.rows8 = rows8(src, n.D_in);
+  dispatch_dim_tiles(op, n.D_out, [&](auto dt) {
+    constexpr int DT = decltype(dt)::value;
+    auto [V_prev, gs] = sweep<DT, decltype(src), T>(src, d, iterations, t_min, eps, in.grad_v,
+                                                    in.grad_c, in.s);
+    if (has_bias) grad_bias = grad_bias_of(gs, t_min, iterations, n, u.scalar_type());
+    auto grad_u_part = at::empty({d.n_groups, n.B, n.N_in, n.D_in}, in.s.options());
+    constexpr int kW = cuda::final_warps<acc_t>();
+    const dim3 grid(static_cast<unsigned>(ceil_div(n.N_in, kW)), d.n_groups,
+                    static_cast<unsigned>(ceil_div(n.D_in, 8)));
+    const cuda::Sweep<acc_t> sw{aptr<acc_t>(V_prev), aptr<acc_t>(gs), aptr<acc_t>(in.grad_c),
+                                static_cast<int>(t_min), static_cast<int>(iterations), detach};
+    cuda::weight_grad_kernel<DT, T><<<grid, kW * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        src, d, sw, aptr<acc_t>(grad_u_part), dptr<scalar_t>(grad_weight));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // With several groups of output capsules their contributions to grad_u are added here,
+    // in group order.
+    grad_u.copy_(d.n_groups == 1 ? grad_u_part[0] : grad_u_part.sum(0));
+  });
+}
+
+template <typename scalar_t>
+void route_backward(const BackwardInputs& in, const at::Tensor& u_hat, const RoutingSizes& n,
+                    int64_t iterations, bool leaky, bool detach, double eps, bool has_bias,
+                    at::Tensor& grad_u_hat, at::Tensor& grad_bias) {
+  const char* op = "capsroute.route_backward";
+  using T = dev_t<scalar_t>;
+  using acc_t = typename cuda::Scalar<T>::acc;
+  const Dims d = make_dims(op, n, leaky);
+  const int64_t t_min = detach ? iterations : 1;
+  const cuda::GivenSource<T> src{dptr<scalar_t>(u_hat)};
+  dispatch_dim_tiles(op, n.D_out, [&](auto dt) {
+    constexpr int DT = decltype(dt)::value;
+    auto [V_prev, gs] = sweep<DT, decltype(src), T>(src, d, iterations, t_min, eps, in.grad_v,
+                                                    in.grad_c, in.s);
+    if (has_bias) grad_bias = grad_bias_of(gs, t_min, iterations, n, u_hat.scalar_type());
+    constexpr int kW = cuda::final_warps<acc_t>();
+    const dim3 grid(static_cast<unsigned>(ceil_div(n.N_in, kW)), d.n_groups);
+    const cuda::Sweep<acc_t> sw{aptr<acc_t>(V_prev), aptr<acc_t>(gs), aptr<acc_t>(in.grad_c),
+                                static_cast<int>(t_min), static_cast<int>(iterations), detach};
+    cuda::route_grad_kernel<DT, T><<<grid, kW * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        src, d, sw, dptr<scalar_t>(grad_u_hat));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// One explicit instantiation per dtype, in csrc/cuda/instantiate_*.cu.
+#define CAPSROUTE_INSTANTIATE_CUDA(scalar_t)                                                   \
+  template void dynamic_routing_forward<scalar_t>(                                             \
+      const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,                  \
+      const RoutingSizes&, int64_t, bool, double, at::Tensor&, at::Tensor&, at::Tensor&);      \
+  template void route_forward<scalar_t>(const at::Tensor&, const c10::optional<at::Tensor>&,   \
+                                        const RoutingSizes&, int64_t, bool, double,            \
+                                        at::Tensor&, at::Tensor&, at::Tensor&);                \
+  template void dynamic_routing_backward<scalar_t>(                                            \
+      const BackwardInputs&, const at::Tensor&, const at::Tensor&, const RoutingSizes&,        \
+      int64_t, bool, bool, double, bool, at::Tensor&, at::Tensor&, at::Tensor&);               \
+  template void route_backward<scalar_t>(const BackwardInputs&, const at::Tensor&,             \
+                                         const RoutingSizes&, int64_t, bool, bool, double,     \
+                                         bool, at::Tensor&, at::Tensor&);
+
+}  // namespace cuda_launch
+}  // namespace capsroute

@@ -1,0 +1,128 @@
+"""Quick CUDA check used during kernel development on a lent GPU: float64 agreement with
+the reference for every option (values and gradients), float32 error at the canonical shape,
+run-to-run determinism, and a first timing against eager and torch.compile.
+
+    python scripts/cuda_check.py [--quick]
+"""
+import argparse
+import itertools
+import sys
+import time
+
+import torch
+
+import capsroute
+from capsroute import reference as ref
+
+p = argparse.ArgumentParser()
+p.add_argument("--quick", action="store_true")
+p.add_argument("--no-time", action="store_true")
+args = p.parse_args()
+dev = "cuda"
+torch.manual_seed(0)
+
+
+def rel(a, b):
+    if a is None or b is None:  # an input that gets no gradient on one side
+        other = b if a is None else a
+        return 0.0 if other is None else float(other.abs().max() > 0)
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def run(fn, u, W, bias, r, leaky, detach, route):
+    kw = dict(bias=bias, leaky=leaky, detach=detach, return_coupling=True)
+    if route:
+        # the same leaf for both sides, so that the gradients compare
+        uh = run.u_hat = run.u_hat if fn == "ref" else ref.predictions(u, W).detach().requires_grad_()
+        v, c = (capsroute.route if fn == "fused" else ref.route)(uh, r, **kw)
+        ins = [uh]
+    else:
+        v, c = (capsroute.dynamic_routing if fn == "fused" else ref.dynamic_routing)(u, W, r, **kw)
+        ins = [u, W]
+    if bias is not None:
+        ins.append(bias)
+    return v, c, ins
+
+
+worst = 0.0
+shapes = [(3, 7, 5, 3, 11), (2, 37, 10, 8, 16), (5, 9, 20, 4, 16), (4, 6, 3, 5, 24), (2, 5, 64, 8, 16),
+          (9, 13, 1, 1, 1)]
+if args.quick:
+    shapes = shapes[:2]
+fails = []
+for (B, Ni, No, Di, Do) in shapes:
+    for leaky, detach, use_bias, r, route in itertools.product([False, True], [False, True], [False, True], [1, 2, 3], [False, True]):
+        g = torch.Generator(device="cpu").manual_seed(B * 1000 + Ni)
+        u = torch.randn(B, Ni, Di, dtype=torch.float64, generator=g).to(dev).requires_grad_()
+        W = (torch.randn(Ni, No, Do, Di, dtype=torch.float64, generator=g) * 0.5).to(dev).requires_grad_()
+        bias = (torch.randn(No, Do, dtype=torch.float64, generator=g)).to(dev).requires_grad_() if use_bias else None
+        v, c, ins = run("fused", u, W, bias, r, leaky, detach, route)
+        v2, c2, ins2 = run("ref", u, W, bias, r, leaky, detach, route)
+        gv = torch.randn_like(v)
+        gc = torch.randn_like(c)
+        l1 = (v * gv).sum() + (c * gc).sum()
+        l2 = (v2 * gv).sum() + (c2 * gc).sum()
+        gr1 = torch.autograd.grad(l1, ins, allow_unused=True)
+        gr2 = torch.autograd.grad(l2, ins, allow_unused=True)
+        errs = [rel(v, v2), rel(c, c2)] + [rel(a, b) for a, b in zip(gr1, gr2)]
+        e = max(errs)
+        worst = max(worst, e)
+        if not e < 1e-9:
+            fails.append(((B, Ni, No, Di, Do), leaky, detach, use_bias, r, route, ["%.1e" % x for x in errs]))
+print(f"float64 vs reference: worst relative error {worst:.2e}; {len(fails)} failing cases")
+for f in fails[:15]:
+    print("  FAIL", f)
+
+# dtypes at the canonical shape
+B, Ni, No, Di, Do = 128, 1152, 10, 8, 16
+u = torch.randn(B, Ni, Di, device=dev)
+W = torch.randn(Ni, No, Do, Di, device=dev) / Di ** 0.5
+v64 = ref.dynamic_routing(u.double(), W.double())
+for dt in [torch.float32, torch.bfloat16, torch.float16]:
+    ud, Wd = u.to(dt), W.to(dt)
+    v = capsroute.dynamic_routing(ud, Wd)
+    vr = ref.dynamic_routing(ud.double(), Wd.double())
+    print(f"{dt}: rel err vs float64 reference of the same inputs {rel(v, vr):.2e}")
+# gradients float32 canonical
+uu = u.clone().requires_grad_(); WW = W.clone().requires_grad_()
+v = capsroute.dynamic_routing(uu, WW); gv = torch.randn_like(v)
+g1 = torch.autograd.grad((v * gv).sum(), [uu, WW])
+u64 = u.double().requires_grad_(); W64 = W.double().requires_grad_()
+v2 = ref.dynamic_routing(u64, W64)
+g2 = torch.autograd.grad((v2 * gv.double()).sum(), [u64, W64])
+print(f"float32 canonical: v {rel(v, v2):.2e}, grad_u {rel(g1[0], g2[0]):.2e}, grad_W {rel(g1[1], g2[1]):.2e}")
+# determinism
+outs = []
+for _ in range(3):
+    uu.grad = None; WW.grad = None
+    v = capsroute.dynamic_routing(uu, WW)
+    (v * gv).sum().backward()
+    outs.append((v.clone(), uu.grad.clone(), WW.grad.clone()))
+same = all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0]))
+print("bit-identical across runs:", same)
+sys.stdout.flush()
+
+if args.no_time:
+    sys.exit(0)
+from triton.testing import do_bench
+
+def fwd(f):
+    return lambda: f(u, W)
+
+def fb(f):
+    def g():
+        v = f(uu, WW)
+        torch.autograd.grad(v.sum(), [uu, WW])
+    return g
+
+comp = torch.compile(ref.dynamic_routing)
+rows = []
+for name, f in [("fused", capsroute.dynamic_routing), ("eager", ref.dynamic_routing), ("compile", comp)]:
+    tf = do_bench(fwd(f), warmup=50, rep=300, return_mode="median")
+    tb = do_bench(fb(f), warmup=50, rep=300, return_mode="median")
+    rows.append((name, tf, tb))
+print(f"{'B=128 canonical':16s} {'fwd us':>10s} {'fwd+bwd us':>12s}")
+for name, tf, tb in rows:
+    print(f"{name:16s} {tf*1e3:10.1f} {tb*1e3:12.1f}")
+print(f"ratios: fwd eager/fused {rows[1][1]/rows[0][1]:.1f}x compile/fused {rows[2][1]/rows[0][1]:.1f}x; "
+      f"fwd+bwd eager/fused {rows[1][2]/rows[0][2]:.1f}x compile/fused {rows[2][2]/rows[0][2]:.1f}x")
