@@ -130,23 +130,23 @@ def write_figures(model: CapsNet, x_test: torch.Tensor, y_test: torch.Tensor,
     paths = []
 
     # 1. For the first test digit of each class: c[i, j] averaged over the 32 primary-capsule
-    #    types, as a G x G map per output capsule j. Where the strokes are, the routing sends
-    #    the votes to the predicted class; background capsules stay near uniform (1/K).
+    #    types, as a G x G map per output capsule j, minus the uniform 1/K of the first
+    #    iteration: where the strokes are, routing moves the votes towards the predicted class.
     first = [int(torch.nonzero(y_test == k)[0]) for k in range(K) if (y_test == k).any()]
     xs = x_test[first].to(device)
     out = model(xs, return_coupling=True)
-    c = out.coupling.float().view(len(first), T, G, G, K).mean(1).cpu()     # [n, G, G, K]
+    c = out.coupling.float().view(len(first), T, G, G, K).mean(1).cpu() - 1.0 / K
     pred = out.lengths.argmax(1).cpu()
-    fig, axes = plt.subplots(len(first), K + 1, figsize=(1.3 * (K + 1), 1.3 * len(first)),
+    fig, axes = plt.subplots(len(first), K + 1, figsize=(1.3 * (K + 1) + 0.8, 1.3 * len(first)),
                              squeeze=False)
-    vmax = float(c.max())
+    lim = float(c.abs().max()) or 1.0
     for r in range(len(first)):
         axes[r, 0].imshow(xs[r, 0].cpu(), cmap="gray_r")
         axes[r, 0].set_ylabel(f"label {int(y_test[first[r]])}\npred {int(pred[r])}",
                               fontsize=8)
         for j in range(K):
             ax = axes[r, j + 1]
-            ax.imshow(c[r, :, :, j], cmap="viridis", vmin=1.0 / (K + 1), vmax=vmax)
+            im = ax.imshow(c[r, :, :, j], cmap="RdBu_r", vmin=-lim, vmax=lim)
             if j == int(pred[r]):
                 for side in ax.spines.values():
                     side.set_edgecolor("red")
@@ -156,15 +156,17 @@ def write_figures(model: CapsNet, x_test: torch.Tensor, y_test: torch.Tensor,
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("Coupling coefficients c[i, j] of test digits, averaged over the "
-                 f"{T} primary-capsule types ({G}x{G} grid); red: predicted class", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"Coupling coefficients of test digits: c[i, j] - 1/{K}, averaged over the {T} "
+                 f"primary-capsule types at each of the {G}x{G} positions (red: predicted)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.93, 0.97))
+    fig.colorbar(im, cax=fig.add_axes((0.94, 0.2, 0.012, 0.6)), label=f"c - 1/{K}")
     paths.append(out_dir / "coupling.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
     # 2. Over the whole test set: the share of primary-capsule activity (|u_i|-weighted c)
-    #    that each output capsule receives, per true class.
+    #    that each output capsule receives, per true class, minus the uniform 1/K.
     share = torch.zeros(K, K)
     count = torch.zeros(K)
     for start in range(0, len(x_test), 100):
@@ -176,20 +178,21 @@ def write_figures(model: CapsNet, x_test: torch.Tensor, y_test: torch.Tensor,
         yb = y_test[start:start + 100]
         share.index_add_(0, yb, frac.cpu())
         count += torch.bincount(yb, minlength=K).float()
-    share /= count.clamp(min=1).unsqueeze(1)
-    fig, ax = plt.subplots(figsize=(5.2, 4.4))
-    im = ax.imshow(share, cmap="viridis")
+    excess = (share / count.clamp(min=1).unsqueeze(1) - 1.0 / K) * 1000
+    lim = float(excess.abs().max()) or 1.0
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    im = ax.imshow(excess, cmap="RdBu_r", vmin=-lim, vmax=lim)
     ax.set_xlabel("output (digit) capsule j")
-    ax.set_ylabel("true class of the test digit")
+    ax.set_ylabel("true class of the test digits")
     ax.set_xticks(range(K))
     ax.set_yticks(range(K))
     for a in range(K):
         for b in range(K):
-            ax.text(b, a, f"{share[a, b]:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if share[a, b] < share.max() / 2 else "black")
-    fig.colorbar(im, ax=ax)
-    ax.set_title("Share of primary-capsule activity routed to each class\n"
-                 "(sum_i |u_i| c_ij / sum_i |u_i|, mean over test digits)", fontsize=9)
+            ax.text(b, a, f"{excess[a, b]:+.2g}", ha="center", va="center", fontsize=6)
+    fig.colorbar(im, ax=ax, label=f"(share - 1/{K}) x 1000")
+    ax.set_title("Share of primary-capsule activity routed to each class, minus 1/10\n"
+                 "(sum_i |u_i| c_ij / sum_i |u_i|, mean over the test digits; x 1000)",
+                 fontsize=9)
     fig.tight_layout()
     paths.append(out_dir / "coupling_matrix.png")
     fig.savefig(paths[-1], dpi=110)
