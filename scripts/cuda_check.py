@@ -17,6 +17,7 @@ from capsroute import reference as ref
 p = argparse.ArgumentParser()
 p.add_argument("--quick", action="store_true")
 p.add_argument("--no-time", action="store_true")
+p.add_argument("--tiny", action="store_true", help="one small shape, forward+backward only (for compute-sanitizer)")
 args = p.parse_args()
 dev = "cuda"
 torch.manual_seed(0)
@@ -49,9 +50,14 @@ shapes = [(3, 7, 5, 3, 11), (2, 37, 10, 8, 16), (5, 9, 20, 4, 16), (4, 6, 3, 5, 
           (9, 13, 1, 1, 1)]
 if args.quick:
     shapes = shapes[:2]
+if args.tiny:
+    shapes = [(9, 13, 3, 8, 16), (4, 5, 20, 3, 24)]
 fails = []
 for (B, Ni, No, Di, Do) in shapes:
-    for leaky, detach, use_bias, r, route in itertools.product([False, True], [False, True], [False, True], [1, 2, 3], [False, True]):
+    options = itertools.product([False, True], [False, True], [False, True], [1, 2, 3], [False, True])
+    if args.tiny:
+        options = [(True, False, True, 3, False), (False, True, False, 2, True), (False, False, True, 3, True)]
+    for leaky, detach, use_bias, r, route in options:
         g = torch.Generator(device="cpu").manual_seed(B * 1000 + Ni)
         u = torch.randn(B, Ni, Di, dtype=torch.float64, generator=g).to(dev).requires_grad_()
         W = (torch.randn(Ni, No, Do, Di, dtype=torch.float64, generator=g) * 0.5).to(dev).requires_grad_()
@@ -72,6 +78,8 @@ for (B, Ni, No, Di, Do) in shapes:
 print(f"float64 vs reference: worst relative error {worst:.2e}; {len(fails)} failing cases")
 for f in fails[:15]:
     print("  FAIL", f)
+if args.tiny:
+    sys.exit(0)
 
 # dtypes at the canonical shape
 B, Ni, No, Di, Do = 128, 1152, 10, 8, 16
