@@ -48,3 +48,25 @@ clean:
 DEMO_ARGS ?=
 demo: build
 	$(PY) examples/train_capsnet.py $(DEMO_ARGS)
+
+# make sanitize: the CPU kernels built with AddressSanitizer and UndefinedBehaviorSanitizer in
+# their own folder ($(SAN_DIR); the installed build is untouched), then the CPU tests against
+# that build. Python is not instrumented, so libasan is preloaded, and libstdc++ with it so
+# that ASan can intercept C++ throws (the ops' input checks); Python leaks by design.
+# UBSan stops at the first error. Any report makes the run fail.
+SAN_DIR   ?= build/sanitize
+SAN_TESTS ?= tests
+SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -g
+SAN_ENV    = PYTHONPATH=$(abspath $(SAN_DIR)) CAPSROUTE_TEST_DEVICES=cpu \
+             LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+             ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+
+.PHONY: sanitize
+sanitize: $(VENV)/.deps
+	CAPSROUTE_CPU_ONLY=1 CFLAGS="$(SAN_FLAGS)" LDFLAGS="-fsanitize=address,undefined" \
+	  $(PY) setup.py build_ext --force --build-lib $(SAN_DIR) --build-temp $(SAN_DIR)/temp
+	ln -sf $(abspath capsroute)/*.py $(SAN_DIR)/capsroute/
+	# the tests must import the sanitized build, not the installed one
+	cd / && $(SAN_ENV) $(abspath $(PY)) -c "import capsroute._C as c, sys; \
+	  print('sanitized build:', c.__file__); sys.exit(not c.__file__.startswith('$(abspath $(SAN_DIR))/'))"
+	$(SAN_ENV) $(abspath $(VENV))/bin/pytest -q -p no:cacheprovider $(SAN_TESTS)

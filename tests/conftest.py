@@ -24,7 +24,11 @@ from capsroute import reference
 
 # --- what the tests run over ------------------------------------------------------------
 
+# CAPSROUTE_TEST_DEVICES=cpu (a comma-separated list) restricts the devices, e.g. to test a
+# CPU-only (or sanitizer) build on a machine with a GPU.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+if os.environ.get("CAPSROUTE_TEST_DEVICES"):
+    DEVICES = [d for d in os.environ["CAPSROUTE_TEST_DEVICES"].split(",") if d in DEVICES]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 FULL_DTYPES = [torch.float32, torch.float64]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
