@@ -35,7 +35,8 @@ def run(op, shape, dtype, iterations, bias, leaky, detach, coupling, strided, ge
     B, N_in, N_out, D_in, D_out = shape
     if op == "dynamic_routing":
         u = torch.randn(B, N_in, D_in, generator=gen)
-        w = torch.randn(N_in, N_out, D_out, D_in, generator=gen) * N_out / (D_out * N_in * D_in) ** 0.5
+        scale = N_out / (D_out * N_in * D_in) ** 0.5
+        w = torch.randn(N_in, N_out, D_out, D_in, generator=gen) * scale
         xs = [u, w]
     else:
         xs = [torch.randn(B, N_in, N_out, D_out, generator=gen) * N_out / (D_out * N_in) ** 0.5]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import capsroute
-from conftest import (DEVICES, DTYPES, OPS, TOL, Shape, assert_close_rel, dtype_id,
+from conftest import (DEVICES, DTYPES, OPS, Shape, assert_close_rel, dtype_id,
                       make_generator, make_route_inputs, make_routing_inputs, randn)
 
 # N_in past the CPU kernel's 32 chunks, an odd batch: every parallel loop has several pieces.

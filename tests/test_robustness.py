@@ -7,9 +7,9 @@ import torch
 
 import capsroute
 from capsroute import reference
-from conftest import (DEVICES, DTYPES, FULL_DTYPES, OPS, TOL, GRAD_TOL, Shape, as_reference,
+from conftest import (DEVICES, DTYPES, GRAD_TOL, OPS, TOL, Shape, as_reference,
                       assert_close_rel, dtype_id, make_generator, make_route_inputs,
-                      make_routing_inputs, randn, rel_err)
+                      make_routing_inputs, randn)
 
 SHAPE = Shape(4, 7, 5, 3, 11)
 
