@@ -162,7 +162,7 @@ def write_figures(model: CapsNet, x_test: torch.Tensor, y_test: torch.Tensor,
     fig.tight_layout(rect=(0, 0, 0.93, 0.97))
     fig.colorbar(im, cax=fig.add_axes((0.94, 0.2, 0.012, 0.6)), label=f"c - 1/{K}")
     paths.append(out_dir / "coupling.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     # 2. Over the whole test set: the share of primary-capsule activity (|u_i|-weighted c)
@@ -188,7 +188,8 @@ def write_figures(model: CapsNet, x_test: torch.Tensor, y_test: torch.Tensor,
     ax.set_yticks(range(K))
     for a in range(K):
         for b in range(K):
-            ax.text(b, a, f"{excess[a, b]:+.2g}", ha="center", va="center", fontsize=6)
+            ax.text(b, a, f"{excess[a, b]:+.2g}", ha="center", va="center", fontsize=6,
+                    color="white" if abs(excess[a, b]) > 0.6 * lim else "black")
     fig.colorbar(im, ax=ax, label=f"(share - 1/{K}) x 1000")
     ax.set_title("Share of primary-capsule activity routed to each class, minus 1/10\n"
                  "(sum_i |u_i| c_ij / sum_i |u_i|, mean over the test digits; x 1000)",
