@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -58,6 +59,23 @@ struct Simd<double> {
 template <typename T>
 using Vec = typename Simd<T>::vec;
 
+// Buffers start on a cache line, so that no row of L lanes straddles two lines (a split
+// store also cannot be forwarded to the load that reads it back, which the running sums in
+// the loops do all the time).
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, size_t) { ::operator delete(p, kAlign); }
+  friend bool operator==(const CacheLineAllocator&, const CacheLineAllocator&) { return true; }
+};
+template <typename T>
+using Buffer = std::vector<T, CacheLineAllocator<T>>;
+
 // Batch elements per block.
 template <typename T>
 constexpr int kLanes = sizeof(Vec<T>) / sizeof(T);
@@ -90,10 +108,17 @@ inline V in_register(V v) {
   return v;
 }
 
+// Batch blocks predicted together: each W entry, once broadcast, feeds kPair FMAs, which
+// halves the broadcast loads that bound the prediction tiles.
+constexpr int64_t kPair = 2;
+
 // Rows per register tile in the small matrix products. 4 measured faster than 6 or 8 for
 // the predictions on Zen 3 (each row costs a broadcast load; the loads, not the FMAs, bound
 // the tile).
-constexpr int64_t kRows = 4;
+#ifndef KROWS
+#define KROWS 4
+#endif
+constexpr int64_t kRows = KROWS;
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -189,18 +214,26 @@ inline Vec<double> exp_nonpositive(Vec<double> x) {
 // Routing steps on one batch block. Rows are j (N_out of them) or jd = j * D_out + d (J of
 // them); every row holds L lanes.
 
-// out[j] = <x[j, :], y[j, :]> over d, per lane.
+// out[j] = <x[j, :], y[j, :]> over d, per lane. Four partial sums in a fixed order: one
+// running sum would make each row a chain of dependent adds, whose latency, not the adds,
+// bounds the loop.
 template <typename acc_t>
 inline void row_dots(int64_t N_out, int64_t D_out, const acc_t* __restrict__ x,
                      const acc_t* __restrict__ y, acc_t* __restrict__ out) {
   constexpr int L = kLanes<acc_t>;
   for (int64_t j = 0; j < N_out; ++j) {
-    Vec<acc_t> acc{};
-    for (int64_t d = 0; d < D_out; ++d) {
-      const int64_t o = (j * D_out + d) * L;
-      acc += load(x + o) * load(y + o);
+    const acc_t* xj = x + j * D_out * L;
+    const acc_t* yj = y + j * D_out * L;
+    Vec<acc_t> a0{}, a1{}, a2{}, a3{};
+    int64_t d = 0;
+    for (; d + 4 <= D_out; d += 4) {
+      a0 += load(xj + d * L) * load(yj + d * L);
+      a1 += load(xj + (d + 1) * L) * load(yj + (d + 1) * L);
+      a2 += load(xj + (d + 2) * L) * load(yj + (d + 2) * L);
+      a3 += load(xj + (d + 3) * L) * load(yj + (d + 3) * L);
     }
-    store(out + j * L, acc);
+    for (; d < D_out; ++d) a0 += load(xj + d * L) * load(yj + d * L);
+    store(out + j * L, (a0 + a1) + (a2 + a3));
   }
 }
 
@@ -238,20 +271,6 @@ inline void softmax_lanes(int64_t N_out, bool leaky, acc_t* __restrict__ c) {
   for (int64_t j = 0; j < N_out; ++j) store(c + j * L, load(c + j * L) * inv);
 }
 
-// c[j] = softmax_j <u_hat[j], V[j]> (leaky: an extra zero logit). `first` marks iteration
-// 1, where V = 0 and the coefficients are uniform.
-template <typename acc_t>
-inline void coupling(const Problem& p, const acc_t* uh, const acc_t* V, bool first, acc_t* c) {
-  constexpr int L = kLanes<acc_t>;
-  if (first) {
-    const acc_t uniform = acc_t(1) / acc_t(p.n.N_out + (p.leaky ? 1 : 0));
-    std::fill(c, c + p.n.N_out * L, uniform);
-    return;
-  }
-  row_dots(p.n.N_out, p.n.D_out, uh, V, c);
-  softmax_lanes(p.n.N_out, p.leaky, c);
-}
-
 // Back through the softmax: g_j = c_j (g_j - sum_k c_k g_k), k over real outputs (the same
 // formula holds for the leaky softmax, whose extra logit is a constant).
 template <typename acc_t>
@@ -264,9 +283,13 @@ inline void softmax_backward(int64_t N_out, const acc_t* __restrict__ c, acc_t* 
 }
 
 // ---------------------------------------------------------------------------------------
-// Prediction sources. The routing loops call, per input capsule i of a pass:
-//   prepare(i), then predict(blk, uh) for each batch block, writing u_hat[b, i] as [J][L];
-// and in the last backward pass also begin_grad(), add_grad(blk, g_uh) per block with
+// Prediction sources. The routing loops call prepare(i) for an input capsule i, then
+// predict(blk, nb, tile) for nb <= kPair consecutive batch blocks blk, blk + 1, ...: the
+// source makes u_hat[b, i] ([J][L] per block, batch in lanes) kRows rows at a time and
+// hands each group of rows, still in registers, to tile(e0, b, rows) (rows e0 .. e0 +
+// kRows - 1 of block blk + b; those past J are padding). The caller's tile keeps the rows
+// or folds them straight into the dot products and sums it needs. In the
+// last backward pass the loops also call begin_grad(), add_grad(blk, g_uh) per block with
 // g_uh = dL/du_hat[b, i] as [J][L], and end_grad(). A source is copied per thread, and the
 // copy owns its scratch buffers.
 
@@ -280,14 +303,17 @@ struct GivenPredictions {
   int64_t i = 0;
 
   void prepare(int64_t i_) { i = i_; }
-  void predict(int64_t blk, acc_t* __restrict__ uh) const {
-    const int64_t b0 = blk * L, nb = std::min<int64_t>(L, B - b0);
-    for (int64_t l = 0; l < L; ++l) {
-      if (l < nb) {
-        const scalar_t* src = u_hat + ((b0 + l) * N_in + i) * J;
-        for (int64_t e = 0; e < J; ++e) uh[e * L + l] = static_cast<acc_t>(src[e]);
-      } else {
-        for (int64_t e = 0; e < J; ++e) uh[e * L + l] = acc_t(0);
+  template <typename Tile>
+  void predict(int64_t blk, int64_t nb, Tile&& tile) const {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t b0 = (blk + b) * L, lanes = std::min<int64_t>(L, B - b0);
+      const scalar_t* src = u_hat + (b0 * N_in + i) * J;
+      for (int64_t e0 = 0; e0 < J; e0 += kRows) {
+        Vec<acc_t> rows[kRows] = {};
+        for (int q = 0; q < kRows && e0 + q < J; ++q)
+          for (int64_t l = 0; l < lanes; ++l)
+            rows[q][l] = static_cast<acc_t>(src[l * N_in * J + e0 + q]);
+        tile(e0, b, rows);
       }
     }
   }
@@ -302,24 +328,62 @@ struct GivenPredictions {
   void end_grad() {}
 };
 
-// dynamic_routing(): u_hat[b, i] = W[i] u[b, i], recomputed on demand. The register tiles
-// below read W[i] as [J_pad][D_pad] in the accumulation type, so that they never need a
-// remainder loop (padded rows and columns give zeros that are never stored): W itself where
-// it already has that form (float32 with J and D_in multiples of the tile sizes, as in the
-// canonical shapes), else a per-thread copy of W[i].
+// The operands of dynamic_routing's predictions in the layout the register tiles read, made
+// once per call: u with the batch in lanes, [N_in][blocks][D_in][L], and W as
+// [N_in][J_pad][D_pad] in the accumulation type, zero-padded so that the tiles never need a
+// remainder loop (padded rows and columns give zeros that are never stored). W is used in
+// place where it already has that form (float32 with J and D_in multiples of the tile
+// sizes, as in the canonical shapes).
+template <typename scalar_t, typename acc_t>
+struct WeightOperands {
+  static constexpr int L = kLanes<acc_t>;
+  Buffer<acc_t> u_blocked, w_padded;
+  const acc_t* w = nullptr;
+
+  WeightOperands(const scalar_t* u, const scalar_t* W, int64_t B, int64_t N_in, int64_t J,
+                 int64_t D_in) {
+    const int64_t blocks = (B + L - 1) / L, Jp = round_up(J, kRows), Dp = round_up(D_in, L);
+    u_blocked.assign(N_in * blocks * D_in * L, acc_t(0));
+    at::parallel_for(0, N_in, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        acc_t* dst = u_blocked.data() + i * blocks * D_in * L;
+        for (int64_t b = 0; b < B; ++b) {
+          const scalar_t* src = u + (b * N_in + i) * D_in;
+          acc_t* d = dst + (b / L) * D_in * L + b % L;
+          for (int64_t k = 0; k < D_in; ++k) d[k * L] = static_cast<acc_t>(src[k]);
+        }
+      }
+    });
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (Jp == J && Dp == D_in) {
+        w = W;
+        return;
+      }
+    }
+    w_padded.assign(N_in * Jp * Dp, acc_t(0));
+    at::parallel_for(0, N_in, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t e = 0; e < J; ++e)
+          for (int64_t k = 0; k < D_in; ++k)
+            w_padded[(i * Jp + e) * Dp + k] = static_cast<acc_t>(W[(i * J + e) * D_in + k]);
+    });
+    w = w_padded.data();
+  }
+};
+
+// dynamic_routing(): u_hat[b, i] = W[i] u[b, i], recomputed on demand from WeightOperands.
 template <typename scalar_t, typename acc_t>
 struct WeightPredictions {
   static constexpr int L = kLanes<acc_t>;
-  const acc_t* u;     // [N_in][blocks][D_in][L]: u with batch in lanes, from block_u()
-  const scalar_t* W;  // [N_in, J, D_in]
+  const acc_t* u;     // [N_in][blocks][D_in][L]
+  const acc_t* w;     // [N_in][J_pad][D_pad]
   scalar_t* grad_u;   // [B, N_in, D_in], backward only
   scalar_t* grad_W;   // [N_in, J, D_in], backward only
   int64_t B, N_in, J, D_in;
   int64_t i = 0;
-  const acc_t* wi = nullptr;  // W[i] as [J_pad][D_pad]
-  std::vector<acc_t> w;       // the copy behind wi, where one is needed
-  std::vector<acc_t> urow;  // u[:, i] as rows, [B][D_pad] (backward)
-  std::vector<acc_t> g;     // g_uh of every batch block of capsule i, [blocks][J_pad][L]
+  const acc_t* wi = nullptr;  // W[i], [J_pad][D_pad]
+  Buffer<acc_t> urow;    // u[:, i] as rows, [B][D_pad] (backward)
+  Buffer<acc_t> g;       // g_uh of every batch block of capsule i, [blocks][J_pad][L]
 
   int64_t blocks() const { return (B + L - 1) / L; }
   int64_t J_pad() const { return round_up(J, kRows); }
@@ -327,34 +391,37 @@ struct WeightPredictions {
 
   void prepare(int64_t i_) {
     i = i_;
-    const int64_t Dp = D_pad();
-    const scalar_t* Wi = W + i * J * D_in;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (Dp == D_in && J_pad() == J) {
-        wi = Wi;
-        return;
-      }
-    }
-    if (w.empty()) w.assign(J_pad() * Dp, acc_t(0));
-    for (int64_t e = 0; e < J; ++e)
-      for (int64_t k = 0; k < D_in; ++k) w[e * Dp + k] = static_cast<acc_t>(Wi[e * D_in + k]);
-    wi = w.data();
+    wi = w + i * J_pad() * D_pad();
   }
   const acc_t* ub() const { return u + i * blocks() * D_in * L; }
 
-  // uh[e] = sum_k W[i, e, k] u[b, i, k]: a tile of kRows rows x L lanes stays in registers
-  // while k runs; each W entry is broadcast against the lane vector u[., i, k].
-  void predict(int64_t blk, acc_t* __restrict__ uh) const {
+  template <typename Tile>
+  void predict(int64_t blk, int64_t nb, Tile&& tile) const {
+    static_assert(kPair == 2);
+    if (nb == 2)
+      predict_tiles<2>(blk, tile);
+    else
+      predict_tiles<1>(blk, tile);
+  }
+  // u_hat[b, i, e] = sum_k W[i, e, k] u[b, i, k]: kRows rows x NB blocks of L lanes stay in
+  // registers while k runs; each W entry is broadcast once and multiplied by the lane
+  // vectors u[., i, k] of the NB blocks.
+  template <int NB, typename Tile>
+  void predict_tiles(int64_t blk, Tile& tile) const {
     const int64_t Dp = D_pad(), Jp = J_pad();
     const acc_t* __restrict__ x = ub() + blk * D_in * L;
     const acc_t* __restrict__ w_i = wi;
     for (int64_t e0 = 0; e0 < Jp; e0 += kRows) {
-      Vec<acc_t> acc[kRows] = {};
+      Vec<acc_t> rows[NB][kRows] = {};
       for (int64_t k = 0; k < D_in; ++k) {
-        const Vec<acc_t> xk = in_register(load(x + k * L));
-        for (int q = 0; q < kRows; ++q) acc[q] += w_i[(e0 + q) * Dp + k] * xk;
+        Vec<acc_t> xk[NB];
+        for (int b = 0; b < NB; ++b) xk[b] = in_register(load(x + (b * D_in + k) * L));
+        for (int q = 0; q < kRows; ++q) {
+          const acc_t w_qk = w_i[(e0 + q) * Dp + k];
+          for (int b = 0; b < NB; ++b) rows[b][q] += w_qk * xk[b];
+        }
       }
-      for (int q = 0; q < kRows; ++q) store(uh + (e0 + q) * L, acc[q]);
+      for (int b = 0; b < NB; ++b) tile(e0, b, rows[b]);
     }
   }
 
@@ -410,37 +477,59 @@ struct WeightPredictions {
   }
 };
 
-// u [B, N_in, D_in] -> [N_in][blocks][D_in][L] in the accumulation type, zero in the
-// padding lanes: the operand of every prediction, gathered once per call instead of once
-// per pass.
-template <typename scalar_t, typename acc_t>
-std::vector<acc_t> block_u(const scalar_t* u, int64_t B, int64_t N_in, int64_t D_in) {
-  constexpr int L = kLanes<acc_t>;
-  const int64_t blocks = (B + L - 1) / L;
-  std::vector<acc_t> out(N_in * blocks * D_in * L, acc_t(0));
-  at::parallel_for(0, N_in, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t b = 0; b < B; ++b) {
-      const scalar_t* ub = u + (b * N_in + i0) * D_in;
-      acc_t* dst = out.data() + ((i0 * blocks + b / L) * D_in) * L + b % L;
-      for (int64_t i = 0; i < i1 - i0; ++i)
-        for (int64_t k = 0; k < D_in; ++k)
-          dst[(i * blocks * D_in + k) * L] = static_cast<acc_t>(ub[i * D_in + k]);
-    }
-  });
-  return out;
-}
-
-// Per-thread scratch of the routing loops, sized once per parallel task.
+// Per-thread scratch of the routing loops, sized once per parallel task, for a pair of
+// batch blocks: predictions ([kPair][J_pad][L]) and the gradient of one block's
+// predictions ([J_pad][L]); per block and iteration the logits or coupling coefficients c
+// and their gradient g ([kPair][iterations][N_out][L]).
 template <typename acc_t>
 struct Scratch {
   static constexpr int L = kLanes<acc_t>;
-  std::vector<acc_t> uh, g_uh, c, g;
+  const int64_t uh_size, c_size, iterations;
+  Buffer<acc_t> uh_, g_uh, c_, g_;
   explicit Scratch(const Problem& p)
-      : uh(round_up(p.J, kRows) * L, acc_t(0)),
-        g_uh(round_up(p.J, kRows) * L, acc_t(0)),
-        c(p.n.N_out * L),
-        g(p.n.N_out * L) {}
+      : uh_size(round_up(p.J, kRows) * L),
+        c_size(p.n.N_out * L),
+        iterations(p.iterations),
+        uh_(kPair * uh_size, acc_t(0)),
+        g_uh(uh_size, acc_t(0)),
+        c_(kPair * iterations * c_size),
+        g_(kPair * iterations * c_size) {}
+  acc_t* uh(int64_t b) { return uh_.data() + b * uh_size; }
+  acc_t* c(int64_t b, int64_t t = 1) { return c_.data() + (b * iterations + t - 1) * c_size; }
+  acc_t* g(int64_t b, int64_t t = 1) { return g_.data() + (b * iterations + t - 1) * c_size; }
 };
+
+// What the routing loops do with a group of prediction rows (see the prediction sources).
+// Rows e0 .. e0 + kRows - 1 of u_hat for one batch block.
+template <typename acc_t>
+using Rows = Vec<acc_t>[kRows];
+
+// Keep the rows in uh ([J_pad][L]).
+template <typename acc_t>
+inline void keep_rows(int64_t e0, const Rows<acc_t>& rows, acc_t* __restrict__ uh) {
+  constexpr int L = kLanes<acc_t>;
+  for (int q = 0; q < kRows; ++q) store(uh + (e0 + q) * L, rows[q]);
+}
+
+// y[e] += a * rows[e] for the real rows (a: one coefficient for every row).
+template <typename acc_t>
+inline void add_rows(int64_t e0, const Rows<acc_t>& rows, int64_t J, acc_t a, acc_t* __restrict__ y) {
+  constexpr int L = kLanes<acc_t>;
+  for (int q = 0; q < kRows && e0 + q < J; ++q)
+    store(y + (e0 + q) * L, load(y + (e0 + q) * L) + a * rows[q]);
+}
+
+// The coupling coefficients from the logits in c (softmax over j), or the uniform ones of
+// iteration 1.
+template <typename acc_t>
+inline void coupling_from_logits(const Problem& p, bool first, acc_t* c) {
+  constexpr int L = kLanes<acc_t>;
+  if (first) {
+    std::fill(c, c + p.n.N_out * L, acc_t(1) / acc_t(p.n.N_out + (p.leaky ? 1 : 0)));
+    return;
+  }
+  softmax_lanes(p.n.N_out, p.leaky, c);
+}
 
 // V_prev[t] = v^(1) + ... + v^(t) for t = 0 .. iterations-1 (V_prev[0] = 0), v = squash(s),
 // blocked; s is [iterations, B, J].
@@ -489,9 +578,10 @@ void routing_forward(const Problem& p, const Source& proto, const scalar_t* bias
   const acc_t eps = static_cast<acc_t>(p.eps);
   const Chunks chunks(N_in);
   const Blocked<acc_t> lay(B, J);
-  std::vector<acc_t> V(lay.size(), acc_t(0));               // running sum of v
-  std::vector<acc_t> s(lay.size());                         // s of this iteration
-  std::vector<acc_t> partial(chunks.count * lay.size());    // per-chunk sums over i
+  Buffer<acc_t> V(lay.size(), acc_t(0));               // running sum of v
+  Buffer<acc_t> s(lay.size());                         // s of this iteration
+  Buffer<acc_t> partial(chunks.count * lay.size());    // per-chunk sums over i
+  const acc_t uniform = acc_t(1) / acc_t(N_out + (p.leaky ? 1 : 0));  // c of iteration 1
 
   for (int64_t t = 1; t <= p.iterations; ++t) {
     const bool first = t == 1, last = t == p.iterations;
@@ -501,17 +591,33 @@ void routing_forward(const Problem& p, const Source& proto, const scalar_t* bias
       for (int64_t ch = c0; ch < c1; ++ch) {
         acc_t* part = partial.data() + ch * lay.size();
         std::fill(part, part + lay.size(), acc_t(0));
-        for (int64_t i = chunks.begin(ch); i < chunks.end(ch); ++i) {
-          src.prepare(i);
-          for (int64_t blk = 0; blk < lay.blocks; ++blk) {
-            src.predict(blk, w.uh.data());
-            coupling(p, w.uh.data(), V.data() + lay.block(blk), first, w.c.data());
-            if (last && c_out != nullptr)
-              for (int64_t l = 0; l < lay.active(blk); ++l)
-                for (int64_t j = 0; j < N_out; ++j)
-                  c_out[((blk * L + l) * N_in + i) * N_out + j] =
-                      static_cast<scalar_t>(w.c[j * L + l]);
-            scale_add(N_out, D_out, w.c.data(), w.uh.data(), part + lay.block(blk));
+        // Block-major: the running sums and partial sums of the blocks stay in L1 while W
+        // streams through.
+        for (int64_t blk = 0; blk < lay.blocks; blk += kPair) {
+          const int64_t nb = std::min(kPair, lay.blocks - blk);
+          for (int64_t i = chunks.begin(ch); i < chunks.end(ch); ++i) {
+            src.prepare(i);
+            if (first) {
+              // Uniform coefficients: the rows go straight into the sums.
+              src.predict(blk, nb, [&](int64_t e0, int64_t b, const Rows<acc_t>& rows) {
+                add_rows(e0, rows, J, uniform, part + lay.block(blk + b));
+              });
+            } else {
+              src.predict(blk, nb, [&](int64_t e0, int64_t b, const Rows<acc_t>& rows) {
+                keep_rows(e0, rows, w.uh(b));
+              });
+              for (int64_t b = 0; b < nb; ++b)
+                row_dots(N_out, D_out, w.uh(b), V.data() + lay.block(blk + b), w.c(b));
+            }
+            for (int64_t b = 0; b < nb; ++b) {
+              coupling_from_logits(p, first, w.c(b));
+              if (!first) scale_add(N_out, D_out, w.c(b), w.uh(b), part + lay.block(blk + b));
+              if (last && c_out != nullptr)
+                for (int64_t l = 0; l < lay.active(blk + b); ++l)
+                  for (int64_t j = 0; j < N_out; ++j)
+                    c_out[(((blk + b) * L + l) * N_in + i) * N_out + j] =
+                        static_cast<scalar_t>(w.c(b)[j * L + l]);
+            }
           }
         }
       }
@@ -558,13 +664,15 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
   const Chunks chunks(N_in);
   const Blocked<acc_t> lay(B, J);
 
-  std::vector<acc_t> V_prev(r * lay.size());
+  Buffer<acc_t> V_prev(r * lay.size());
   running_sums(p, lay, s_all, V_prev.data());
-  std::vector<acc_t> gs(r * lay.size(), acc_t(0));
-  std::vector<acc_t> G(lay.size(), acc_t(0));
-  std::vector<acc_t> partial(chunks.count * lay.size());
+  Buffer<acc_t> gs(r * lay.size(), acc_t(0));
+  Buffer<acc_t> G(lay.size(), acc_t(0));
+  Buffer<acc_t> partial(chunks.count * lay.size());
   // With detach only the last iteration carries gradient, and c^(r) is a constant.
   const int64_t t_min = detach ? r : 1;
+  auto V_at = [&](int64_t t, int64_t blk) { return V_prev.data() + (t - 1) * lay.size() + lay.block(blk); };
+  auto gs_at = [&](int64_t t, int64_t blk) { return gs.data() + (t - 1) * lay.size() + lay.block(blk); };
 
   // grad_c[b, i, :] added to the gradient of c^(r) of one batch block.
   auto add_grad_c = [&](int64_t i, int64_t blk, acc_t* g) {
@@ -597,22 +705,28 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
       }
     if (t == t_min) break;  // no earlier iteration left that G would feed
     // G += sum_i gbeta^(t)_ij u_hat_ij, per chunk then in chunk order.
-    const acc_t* Vt = V_prev.data() + (t - 1) * lay.size();
     at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
       Source src = proto;
       Scratch<acc_t> w(p);
       for (int64_t ch = c0; ch < c1; ++ch) {
         acc_t* part = partial.data() + ch * lay.size();
         std::fill(part, part + lay.size(), acc_t(0));
-        for (int64_t i = chunks.begin(ch); i < chunks.end(ch); ++i) {
-          src.prepare(i);
-          for (int64_t blk = 0; blk < lay.blocks; ++blk) {
-            src.predict(blk, w.uh.data());
-            coupling(p, w.uh.data(), Vt + lay.block(blk), false, w.c.data());
-            row_dots(N_out, D_out, gst + lay.block(blk), w.uh.data(), w.g.data());
-            if (t == r && grad_c != nullptr) add_grad_c(i, blk, w.g.data());
-            softmax_backward(N_out, w.c.data(), w.g.data());
-            scale_add(N_out, D_out, w.g.data(), w.uh.data(), part + lay.block(blk));
+        for (int64_t blk = 0; blk < lay.blocks; blk += kPair) {
+          const int64_t nb = std::min(kPair, lay.blocks - blk);
+          for (int64_t i = chunks.begin(ch); i < chunks.end(ch); ++i) {
+            src.prepare(i);
+            // c^(t) from the logits <u_hat, V^(t-1)>, and gc = <gs^(t), u_hat>.
+            src.predict(blk, nb, [&](int64_t e0, int64_t b, const Rows<acc_t>& rows) {
+              keep_rows(e0, rows, w.uh(b));
+            });
+            for (int64_t b = 0; b < nb; ++b) {
+              row_dots(N_out, D_out, w.uh(b), V_at(t, blk + b), w.c(b));
+              row_dots(N_out, D_out, w.uh(b), gs_at(t, blk + b), w.g(b));
+              softmax_lanes(N_out, p.leaky, w.c(b));
+              if (t == r && grad_c != nullptr) add_grad_c(i, blk + b, w.g(b));
+              softmax_backward(N_out, w.c(b), w.g(b));
+              scale_add(N_out, D_out, w.g(b), w.uh(b), part + lay.block(blk + b));
+            }
           }
         }
       }
@@ -629,7 +743,10 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
     }
   }
 
-  // g_uh_ij = sum_t c^(t)_ij gs^(t)_j + gbeta^(t)_ij V^(t-1)_j, local per (b, i).
+  // g_uh_ij = sum_t c^(t)_ij gs^(t)_j + gbeta^(t)_ij V^(t-1)_j, local per (b, i). One
+  // prediction serves every iteration: the logits of each c^(t) (t >= 2) and, where c^(t)
+  // carries gradient, gc^(t) = <gs^(t), u_hat>.
+  const int64_t t_dots = std::max<int64_t>(t_min, 2);
   at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
     Source src = proto;
     Scratch<acc_t> w(p);
@@ -637,21 +754,27 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
       for (int64_t i = chunks.begin(ch); i < chunks.end(ch); ++i) {
         src.prepare(i);
         src.begin_grad();
-        for (int64_t blk = 0; blk < lay.blocks; ++blk) {
-          src.predict(blk, w.uh.data());
-          std::fill(w.g_uh.begin(), w.g_uh.begin() + J * L, acc_t(0));
-          for (int64_t t = t_min; t <= r; ++t) {
-            const acc_t* Vt = V_prev.data() + (t - 1) * lay.size() + lay.block(blk);
-            const acc_t* gst = gs.data() + (t - 1) * lay.size() + lay.block(blk);
-            coupling(p, w.uh.data(), Vt, t == 1, w.c.data());
-            scale_add(N_out, D_out, w.c.data(), gst, w.g_uh.data());
-            if (t == 1 || detach) continue;  // V^(0) = 0; with detach c^(r) is constant
-            row_dots(N_out, D_out, gst, w.uh.data(), w.g.data());
-            if (t == r && grad_c != nullptr) add_grad_c(i, blk, w.g.data());
-            softmax_backward(N_out, w.c.data(), w.g.data());
-            scale_add(N_out, D_out, w.g.data(), Vt, w.g_uh.data());
+        for (int64_t blk = 0; blk < lay.blocks; blk += kPair) {
+          const int64_t nb = std::min(kPair, lay.blocks - blk);
+          src.predict(blk, nb, [&](int64_t e0, int64_t b, const Rows<acc_t>& rows) {
+            keep_rows(e0, rows, w.uh(b));
+          });
+          for (int64_t b = 0; b < nb; ++b) {
+            for (int64_t t = t_dots; t <= r; ++t) {
+              row_dots(N_out, D_out, w.uh(b), V_at(t, blk + b), w.c(b, t));
+              if (!detach) row_dots(N_out, D_out, w.uh(b), gs_at(t, blk + b), w.g(b, t));
+            }
+            std::fill(w.g_uh.begin(), w.g_uh.begin() + J * L, acc_t(0));
+            for (int64_t t = t_min; t <= r; ++t) {
+              coupling_from_logits(p, t == 1, w.c(b, t));
+              scale_add(N_out, D_out, w.c(b, t), gs_at(t, blk + b), w.g_uh.data());
+              if (t == 1 || detach) continue;  // V^(0) = 0; with detach c^(r) is constant
+              if (t == r && grad_c != nullptr) add_grad_c(i, blk + b, w.g(b, t));
+              softmax_backward(N_out, w.c(b, t), w.g(b, t));
+              scale_add(N_out, D_out, w.g(b, t), V_at(t, blk + b), w.g_uh.data());
+            }
+            src.add_grad(blk + b, w.g_uh.data());
           }
-          src.add_grad(blk, w.g_uh.data());
         }
         src.end_grad();
       }
@@ -701,9 +824,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_routing_cpu(
   const Problem p = make_problem(n, iterations, leaky, eps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "dynamic_routing_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto ub = block_u<scalar_t, acc_t>(u.data_ptr<scalar_t>(), n.B, n.N_in, n.D_in);
-    WeightPredictions<scalar_t, acc_t> src{ub.data(), weight.data_ptr<scalar_t>(), nullptr,
-                                           nullptr, n.B, n.N_in, p.J, n.D_in};
+    const WeightOperands<scalar_t, acc_t> ops(u.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                              n.B, n.N_in, p.J, n.D_in);
+    WeightPredictions<scalar_t, acc_t> src{ops.u_blocked.data(), ops.w, nullptr, nullptr,
+                                           n.B, n.N_in, p.J, n.D_in};
     routing_forward<scalar_t, acc_t>(p, src, data_or_null<scalar_t>(bias), v.data_ptr<scalar_t>(),
                                      return_coupling ? c.data_ptr<scalar_t>() : nullptr,
                                      s.data_ptr<acc_t>());
@@ -772,8 +896,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_routing_backward_cpu(
   const Problem p = make_problem(n, iterations, leaky, eps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "dynamic_routing_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto ub = block_u<scalar_t, acc_t>(u.data_ptr<scalar_t>(), n.B, n.N_in, n.D_in);
-    WeightPredictions<scalar_t, acc_t> src{ub.data(), weight.data_ptr<scalar_t>(),
+    const WeightOperands<scalar_t, acc_t> ops(u.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                              n.B, n.N_in, p.J, n.D_in);
+    WeightPredictions<scalar_t, acc_t> src{ops.u_blocked.data(), ops.w,
                                            grad_u.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(),
                                            n.B, n.N_in, p.J, n.D_in};
     routing_backward<scalar_t, acc_t>(p, src, detach, in.grad_v.data_ptr<acc_t>(),
