@@ -108,6 +108,18 @@ inline V in_register(V v) {
   return v;
 }
 
+// dst[0 .. n) = v[0 .. n) (n <= L) in the output type: one vector store where it can be.
+template <typename scalar_t, typename acc_t>
+inline void store_first(scalar_t* dst, Vec<acc_t> v, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (n == kLanes<acc_t>) {
+      store(dst, v);
+      return;
+    }
+  }
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<scalar_t>(v[k]);
+}
+
 // Batch blocks predicted together: each W entry, once broadcast, feeds kPair FMAs, which
 // halves the broadcast loads that bound the prediction tiles.
 constexpr int64_t kPair = 2;
@@ -115,10 +127,7 @@ constexpr int64_t kPair = 2;
 // Rows per register tile in the small matrix products. 4 measured faster than 6 or 8 for
 // the predictions on Zen 3 (each row costs a broadcast load; the loads, not the FMAs, bound
 // the tile).
-#ifndef KROWS
-#define KROWS 4
-#endif
-constexpr int64_t kRows = KROWS;
+constexpr int64_t kRows = 4;
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -251,6 +260,21 @@ inline void scale_add(int64_t N_out, int64_t D_out, const acc_t* __restrict__ a,
   }
 }
 
+// y[j, d] += a[j] * x[j, d] + b[j] * z[j, d], per lane: two scale_adds in one sweep of y.
+template <typename acc_t>
+inline void scale_add2(int64_t N_out, int64_t D_out, const acc_t* __restrict__ a,
+                       const acc_t* __restrict__ x, const acc_t* __restrict__ b,
+                       const acc_t* __restrict__ z, acc_t* __restrict__ y) {
+  constexpr int L = kLanes<acc_t>;
+  for (int64_t j = 0; j < N_out; ++j) {
+    const Vec<acc_t> aj = load(a + j * L), bj = load(b + j * L);
+    for (int64_t d = 0; d < D_out; ++d) {
+      const int64_t o = (j * D_out + d) * L;
+      store(y + o, load(y + o) + aj * load(x + o) + bj * load(z + o));
+    }
+  }
+}
+
 // c[j] = softmax over j of the logits in c (leaky: an extra zero logit), per lane.
 template <typename acc_t>
 inline void softmax_lanes(int64_t N_out, bool leaky, acc_t* __restrict__ c) {
@@ -288,10 +312,10 @@ inline void softmax_backward(int64_t N_out, const acc_t* __restrict__ c, acc_t* 
 // source makes u_hat[b, i] ([J][L] per block, batch in lanes) kRows rows at a time and
 // hands each group of rows, still in registers, to tile(e0, b, rows) (rows e0 .. e0 +
 // kRows - 1 of block blk + b; those past J are padding). The caller's tile keeps the rows
-// or folds them straight into the dot products and sums it needs. In the
-// last backward pass the loops also call begin_grad(), add_grad(blk, g_uh) per block with
-// g_uh = dL/du_hat[b, i] as [J][L], and end_grad(). A source is copied per thread, and the
-// copy owns its scratch buffers.
+// or adds them straight into the sums it needs. In the last backward pass the loops also
+// call begin_grad(), then per block build g_uh = dL/du_hat[b, i] ([J][L]) in the place
+// grad_rows(blk) gives and call add_grad(blk), and finally end_grad(). A source is copied
+// per thread, and the copy owns its scratch buffers.
 
 // route(): predictions read from the u_hat tensor the caller gave.
 template <typename scalar_t, typename acc_t>
@@ -317,12 +341,17 @@ struct GivenPredictions {
       }
     }
   }
-  void begin_grad() {}
-  void add_grad(int64_t blk, const acc_t* __restrict__ g_uh) {
+  Buffer<acc_t> g;  // g_uh of one block
+
+  void begin_grad() {
+    if (g.empty()) g.assign(J * L, acc_t(0));
+  }
+  acc_t* grad_rows(int64_t /*blk*/) { return g.data(); }
+  void add_grad(int64_t blk) {
     const int64_t b0 = blk * L, nb = std::min<int64_t>(L, B - b0);
     for (int64_t l = 0; l < nb; ++l) {
       scalar_t* dst = grad_u_hat + ((b0 + l) * N_in + i) * J;
-      for (int64_t e = 0; e < J; ++e) dst[e] = static_cast<scalar_t>(g_uh[e * L + l]);
+      for (int64_t e = 0; e < J; ++e) dst[e] = static_cast<scalar_t>(g[e * L + l]);
     }
   }
   void end_grad() {}
@@ -436,12 +465,16 @@ struct WeightPredictions {
       for (int64_t k = 0; k < D_in; ++k) urow[b * Dp + k] = x[((b / L) * D_in + k) * L + b % L];
   }
 
+  // g_uh of every block is kept until end_grad.
+  acc_t* grad_rows(int64_t blk) { return g.data() + blk * J_pad() * L; }
+
   // grad_u[b, i] = W[i]^T g_uh[b]. Here the lanes run over k (D_pad is a multiple of L):
   // one accumulator per batch element of the block, each W row loaded once per block.
-  void add_grad(int64_t blk, const acc_t* __restrict__ g_uh) {
-    const int64_t Dp = D_pad(), Jp = J_pad();
+  void add_grad(int64_t blk) {
+    const int64_t Dp = D_pad();
     const int64_t b0 = blk * L, nb = std::min<int64_t>(L, B - b0);
     const acc_t* __restrict__ w_i = wi;
+    const acc_t* __restrict__ g_uh = grad_rows(blk);
     for (int64_t k0 = 0; k0 < Dp; k0 += L) {
       Vec<acc_t> acc[L] = {};  // [batch lane], lanes over k
       for (int64_t e = 0; e < J; ++e) {
@@ -449,49 +482,58 @@ struct WeightPredictions {
         for (int l = 0; l < L; ++l) acc[l] += g_uh[e * L + l] * we;
       }
       for (int64_t l = 0; l < nb; ++l)
-        for (int64_t kk = 0; kk < L && k0 + kk < D_in; ++kk)
-          grad_u[((b0 + l) * N_in + i) * D_in + k0 + kk] = static_cast<scalar_t>(acc[l][kk]);
+        store_first<scalar_t, acc_t>(grad_u + ((b0 + l) * N_in + i) * D_in + k0, acc[l], std::min<int64_t>(L, D_in - k0));
     }
-    std::copy(g_uh, g_uh + J * L, g.data() + blk * Jp * L);
   }
 
-  // grad_W[i, e, k] = sum_b g_uh[b, e] u[b, i, k], b in order: lanes over k again, a tile of
-  // kRows rows of W in registers while b runs.
+  // grad_W[i, e, k] = sum_b g_uh[b, e] u[b, i, k]: lanes over k again, a tile of kRows rows
+  // of W in registers while b runs, the even and the odd b in two sets of accumulators
+  // (one set would make each accumulator a chain of B dependent FMAs); the order of the
+  // sum is fixed: (even b in order) + (odd b in order).
   void end_grad() {
     const int64_t Dp = D_pad(), Jp = J_pad();
     scalar_t* gw = grad_W + i * J * D_in;
     const acc_t* __restrict__ gi = g.data();
     const acc_t* __restrict__ x = urow.data();
+    auto g_of = [&](int64_t b, int64_t e0) { return gi + ((b / L) * Jp + e0) * L + b % L; };
     for (int64_t e0 = 0; e0 < Jp; e0 += kRows)
       for (int64_t k0 = 0; k0 < Dp; k0 += L) {
-        Vec<acc_t> acc[kRows] = {};  // [row], lanes over k
-        for (int64_t b = 0; b < B; ++b) {
-          const acc_t* gb = gi + ((b / L) * Jp + e0) * L + b % L;
-          const Vec<acc_t> xb = in_register(load(x + b * Dp + k0));
-          for (int q = 0; q < kRows; ++q) acc[q] += gb[q * L] * xb;
+        Vec<acc_t> even[kRows] = {}, odd[kRows] = {};  // [row], lanes over k
+        int64_t b = 0;
+        for (; b + 1 < B; b += 2) {
+          const acc_t* g0 = g_of(b, e0);
+          const acc_t* g1 = g_of(b + 1, e0);
+          const Vec<acc_t> x0 = in_register(load(x + b * Dp + k0));
+          const Vec<acc_t> x1 = in_register(load(x + (b + 1) * Dp + k0));
+          for (int q = 0; q < kRows; ++q) {
+            even[q] += g0[q * L] * x0;
+            odd[q] += g1[q * L] * x1;
+          }
+        }
+        if (b < B) {
+          const acc_t* g0 = g_of(b, e0);
+          const Vec<acc_t> x0 = load(x + b * Dp + k0);
+          for (int q = 0; q < kRows; ++q) even[q] += g0[q * L] * x0;
         }
         for (int64_t q = 0; q < kRows && e0 + q < J; ++q)
-          for (int64_t kk = 0; kk < L && k0 + kk < D_in; ++kk)
-            gw[(e0 + q) * D_in + k0 + kk] = static_cast<scalar_t>(acc[q][kk]);
+          store_first<scalar_t, acc_t>(gw + (e0 + q) * D_in + k0, even[q] + odd[q], std::min<int64_t>(L, D_in - k0));
       }
   }
 };
 
 // Per-thread scratch of the routing loops, sized once per parallel task, for a pair of
-// batch blocks: predictions ([kPair][J_pad][L]) and the gradient of one block's
-// predictions ([J_pad][L]); per block and iteration the logits or coupling coefficients c
-// and their gradient g ([kPair][iterations][N_out][L]).
+// batch blocks: predictions ([kPair][J_pad][L]); per block and iteration the logits or
+// coupling coefficients c and their gradient g ([kPair][iterations][N_out][L]).
 template <typename acc_t>
 struct Scratch {
   static constexpr int L = kLanes<acc_t>;
   const int64_t uh_size, c_size, iterations;
-  Buffer<acc_t> uh_, g_uh, c_, g_;
+  Buffer<acc_t> uh_, c_, g_;
   explicit Scratch(const Problem& p)
       : uh_size(round_up(p.J, kRows) * L),
         c_size(p.n.N_out * L),
         iterations(p.iterations),
         uh_(kPair * uh_size, acc_t(0)),
-        g_uh(uh_size, acc_t(0)),
         c_(kPair * iterations * c_size),
         g_(kPair * iterations * c_size) {}
   acc_t* uh(int64_t b) { return uh_.data() + b * uh_size; }
@@ -764,16 +806,20 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
               row_dots(N_out, D_out, w.uh(b), V_at(t, blk + b), w.c(b, t));
               if (!detach) row_dots(N_out, D_out, w.uh(b), gs_at(t, blk + b), w.g(b, t));
             }
-            std::fill(w.g_uh.begin(), w.g_uh.begin() + J * L, acc_t(0));
+            acc_t* g_uh = src.grad_rows(blk + b);
+            std::fill(g_uh, g_uh + J * L, acc_t(0));
             for (int64_t t = t_min; t <= r; ++t) {
               coupling_from_logits(p, t == 1, w.c(b, t));
-              scale_add(N_out, D_out, w.c(b, t), gs_at(t, blk + b), w.g_uh.data());
-              if (t == 1 || detach) continue;  // V^(0) = 0; with detach c^(r) is constant
+              // V^(0) = 0; with detach c^(r) is a constant
+              if (t == 1 || detach) {
+                scale_add(N_out, D_out, w.c(b, t), gs_at(t, blk + b), g_uh);
+                continue;
+              }
               if (t == r && grad_c != nullptr) add_grad_c(i, blk + b, w.g(b, t));
               softmax_backward(N_out, w.c(b, t), w.g(b, t));
-              scale_add(N_out, D_out, w.g(b, t), V_at(t, blk + b), w.g_uh.data());
+              scale_add2(N_out, D_out, w.c(b, t), gs_at(t, blk + b), w.g(b, t), V_at(t, blk + b), g_uh);
             }
-            src.add_grad(blk + b, w.g_uh.data());
+            src.add_grad(blk + b);
           }
         }
         src.end_grad();
