@@ -1,20 +1,20 @@
 // CPU kernels of the capsroute ops.
 //
 // Work is split over a FIXED partition of the input capsules into chunks (it depends on
-// N_in only, never on the thread count). Inside a chunk, each input capsule i is routed for
-// the whole batch, a block of L batch elements at a time, with the batch elements in the
-// SIMD lanes: every array the inner loops touch is laid out [row][L] with L a compile-time
-// constant (one AVX2 register), so each `for (l < L)` loop is one vector instruction and
-// the softmax, the dot products and the updates of a batch block need no shuffles or
+// N_in only, never on the thread count). Inside a chunk, the input capsules are routed a
+// block of L batch elements at a time, with the batch elements in the SIMD lanes: every
+// per-batch array the loops touch is laid out [row][L], a row being one register (L = 8
+// for float, 4 for double on AVX2), so the logits, the softmax, the updates and the
+// backward's softmax gradient of a block are straight vector code, without shuffles or
 // horizontal sums. The last block is padded with zero lanes that are never written out.
 //
-// The predictions u_hat[b, i] ([N_out, D_out]) of one block are made in a thread-local
-// buffer and dropped: for dynamic_routing they are recomputed from W[i] and u[b, i] in
-// every pass, so u_hat, the logits and the coupling coefficients never exist for the whole
-// batch. The logits come from the running sums V = v^(1) + ... + v^(t-1) (DESIGN.md
-// section 1). Sums over input capsules are formed per chunk and then added in chunk order,
-// and grad_weight sums over b in order, so results are bit-identical for any number of
-// threads.
+// The predictions u_hat[b, i] ([N_out, D_out]) of a block are made in registers and kept,
+// at most, in a thread-local buffer: for dynamic_routing they are recomputed from W[i] and
+// u[b, i] in every pass, so u_hat, the logits and the coupling coefficients never exist
+// for the whole batch. The logits come from the running sums V = v^(1) + ... + v^(t-1)
+// (DESIGN.md section 1). Sums over input capsules are formed per chunk and then added in
+// chunk order, and grad_weight sums over b in a fixed order, so results are bit-identical
+// for any number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -341,8 +341,8 @@ struct GivenPredictions {
       }
     }
   }
-  Buffer<acc_t> g;  // g_uh of one block
 
+  Buffer<acc_t> g;  // g_uh of one block
   void begin_grad() {
     if (g.empty()) g.assign(J * L, acc_t(0));
   }
@@ -411,8 +411,8 @@ struct WeightPredictions {
   int64_t B, N_in, J, D_in;
   int64_t i = 0;
   const acc_t* wi = nullptr;  // W[i], [J_pad][D_pad]
-  Buffer<acc_t> urow;    // u[:, i] as rows, [B][D_pad] (backward)
-  Buffer<acc_t> g;       // g_uh of every batch block of capsule i, [blocks][J_pad][L]
+  Buffer<acc_t> urow;         // u[:, i] as rows, [B][D_pad] (backward)
+  Buffer<acc_t> g;            // g_uh of every batch block of capsule i, [blocks][J_pad][L]
 
   int64_t blocks() const { return (B + L - 1) / L; }
   int64_t J_pad() const { return round_up(J, kRows); }
@@ -482,7 +482,8 @@ struct WeightPredictions {
         for (int l = 0; l < L; ++l) acc[l] += g_uh[e * L + l] * we;
       }
       for (int64_t l = 0; l < nb; ++l)
-        store_first<scalar_t, acc_t>(grad_u + ((b0 + l) * N_in + i) * D_in + k0, acc[l], std::min<int64_t>(L, D_in - k0));
+        store_first<scalar_t, acc_t>(grad_u + ((b0 + l) * N_in + i) * D_in + k0, acc[l],
+                                     std::min<int64_t>(L, D_in - k0));
     }
   }
 
@@ -516,7 +517,8 @@ struct WeightPredictions {
           for (int q = 0; q < kRows; ++q) even[q] += g0[q * L] * x0;
         }
         for (int64_t q = 0; q < kRows && e0 + q < J; ++q)
-          store_first<scalar_t, acc_t>(gw + (e0 + q) * D_in + k0, even[q] + odd[q], std::min<int64_t>(L, D_in - k0));
+          store_first<scalar_t, acc_t>(gw + (e0 + q) * D_in + k0, even[q] + odd[q],
+                                       std::min<int64_t>(L, D_in - k0));
       }
   }
 };
@@ -555,7 +557,8 @@ inline void keep_rows(int64_t e0, const Rows<acc_t>& rows, acc_t* __restrict__ u
 
 // y[e] += a * rows[e] for the real rows (a: one coefficient for every row).
 template <typename acc_t>
-inline void add_rows(int64_t e0, const Rows<acc_t>& rows, int64_t J, acc_t a, acc_t* __restrict__ y) {
+inline void add_rows(int64_t e0, const Rows<acc_t>& rows, int64_t J, acc_t a,
+                     acc_t* __restrict__ y) {
   constexpr int L = kLanes<acc_t>;
   for (int q = 0; q < kRows && e0 + q < J; ++q)
     store(y + (e0 + q) * L, load(y + (e0 + q) * L) + a * rows[q]);
@@ -713,8 +716,13 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
   Buffer<acc_t> partial(chunks.count * lay.size());
   // With detach only the last iteration carries gradient, and c^(r) is a constant.
   const int64_t t_min = detach ? r : 1;
-  auto V_at = [&](int64_t t, int64_t blk) { return V_prev.data() + (t - 1) * lay.size() + lay.block(blk); };
-  auto gs_at = [&](int64_t t, int64_t blk) { return gs.data() + (t - 1) * lay.size() + lay.block(blk); };
+  // V^(t-1) and gs^(t) of a batch block.
+  auto V_at = [&](int64_t t, int64_t blk) {
+    return V_prev.data() + (t - 1) * lay.size() + lay.block(blk);
+  };
+  auto gs_at = [&](int64_t t, int64_t blk) {
+    return gs.data() + (t - 1) * lay.size() + lay.block(blk);
+  };
 
   // grad_c[b, i, :] added to the gradient of c^(r) of one batch block.
   auto add_grad_c = [&](int64_t i, int64_t blk, acc_t* g) {
@@ -817,7 +825,8 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
               }
               if (t == r && grad_c != nullptr) add_grad_c(i, blk + b, w.g(b, t));
               softmax_backward(N_out, w.c(b, t), w.g(b, t));
-              scale_add2(N_out, D_out, w.c(b, t), gs_at(t, blk + b), w.g(b, t), V_at(t, blk + b), g_uh);
+              scale_add2(N_out, D_out, w.c(b, t), gs_at(t, blk + b), w.g(b, t),
+                         V_at(t, blk + b), g_uh);
             }
             src.add_grad(blk + b);
           }
