@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -137,6 +138,18 @@ struct Chunks {
   int64_t begin(int64_t c) const { return c * N_in / count; }
   int64_t end(int64_t c) const { return (c + 1) * N_in / count; }
 };
+
+// Runs worker(claim) on each thread, where claim() hands out the chunks 0, 1, ... one at a
+// time (count and past when none is left). Chunks go to whichever thread comes free, so a
+// thread that the OS holds up does not hold the pass up (a fixed split into one range per
+// thread waits for the slowest range). Results do not depend on it: each chunk writes only
+// its own partial sums, which are added in chunk order afterwards.
+template <typename Worker>
+void for_each_chunk(const Chunks& chunks, const Worker& worker) {
+  std::atomic<int64_t> next{0};
+  auto claim = [&] { return next.fetch_add(1, std::memory_order_relaxed); };
+  at::parallel_for(0, chunks.count, 1, [&](int64_t, int64_t) { worker(claim); });
+}
 
 // Problem sizes and options as the kernels use them.
 struct Problem {
@@ -630,10 +643,10 @@ void routing_forward(const Problem& p, const Source& proto, const scalar_t* bias
 
   for (int64_t t = 1; t <= p.iterations; ++t) {
     const bool first = t == 1, last = t == p.iterations;
-    at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+    for_each_chunk(chunks, [&](auto&& claim) {
       Source src = proto;
       Scratch<acc_t> w(p);
-      for (int64_t ch = c0; ch < c1; ++ch) {
+      for (int64_t ch = claim(); ch < chunks.count; ch = claim()) {
         acc_t* part = partial.data() + ch * lay.size();
         std::fill(part, part + lay.size(), acc_t(0));
         // Block-major: the running sums and partial sums of the blocks stay in L1 while W
@@ -755,10 +768,10 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
       }
     if (t == t_min) break;  // no earlier iteration left that G would feed
     // G += sum_i gbeta^(t)_ij u_hat_ij, per chunk then in chunk order.
-    at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+    for_each_chunk(chunks, [&](auto&& claim) {
       Source src = proto;
       Scratch<acc_t> w(p);
-      for (int64_t ch = c0; ch < c1; ++ch) {
+      for (int64_t ch = claim(); ch < chunks.count; ch = claim()) {
         acc_t* part = partial.data() + ch * lay.size();
         std::fill(part, part + lay.size(), acc_t(0));
         for (int64_t blk = 0; blk < lay.blocks; blk += kPair) {
@@ -797,10 +810,10 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
   // prediction serves every iteration: the logits of each c^(t) (t >= 2) and, where c^(t)
   // carries gradient, gc^(t) = <gs^(t), u_hat>.
   const int64_t t_dots = std::max<int64_t>(t_min, 2);
-  at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+  for_each_chunk(chunks, [&](auto&& claim) {
     Source src = proto;
     Scratch<acc_t> w(p);
-    for (int64_t ch = c0; ch < c1; ++ch) {
+    for (int64_t ch = claim(); ch < chunks.count; ch = claim()) {
       for (int64_t i = chunks.begin(ch); i < chunks.end(ch); ++i) {
         src.prepare(i);
         src.begin_grad();
