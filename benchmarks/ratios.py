@@ -1,0 +1,437 @@
+"""Time the fused op against the reference, side by side in one process, and print one table.
+
+For each configuration: the forward (under no_grad) and the forward+backward of
+`capsroute.dynamic_routing`, of the eager reference `capsroute.reference.dynamic_routing`,
+and of `torch.compile(reference.dynamic_routing)` (also mode="max-autotune" with
+--max-autotune). The table leads with the ratios (how many times faster the fused op is),
+then the absolute times, then memory: the bytes the autograd graph saves for the backward
+(measured with torch.autograd.graph.saved_tensors_hooks, distinct storages beyond the
+inputs) and, on CUDA, the peak memory a forward+backward allocates beyond its inputs.
+
+    python benchmarks/ratios.py                       # the preset of the detected device
+    python benchmarks/ratios.py --suite cpu           # B=32 float32, the canonical CPU row
+    python benchmarks/ratios.py --suite gpu           # B=32/128/512 fp32, B=128 bf16, a scale shape
+    python benchmarks/ratios.py --device cpu --batch 64 --dtype float64 --no-compile
+    python benchmarks/ratios.py --json results.json   # also dump the rows
+
+Timing: fresh random inputs (never zeros), warm-up calls first, then the median of repeats.
+On CPU the three implementations are timed in interleaved rounds with time.perf_counter,
+so that a noisy machine slows all of them alike; on CUDA with triton.testing.do_bench
+(median) when triton is installed, else CUDA events, synchronising inside the timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import capsroute
+from capsroute import reference
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+SHORT = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass
+class Config:
+    B: int
+    N_in: int = 1152
+    D_in: int = 8
+    N_out: int = 10
+    D_out: int = 16
+    iterations: int = 3
+    dtype: str = "float32"
+
+    def label(self) -> str:
+        shape = f"B={self.B}"
+        if (self.N_in, self.D_in, self.N_out, self.D_out) != (1152, 8, 10, 16):
+            shape += f" N_in={self.N_in} D_in={self.D_in} N_out={self.N_out} D_out={self.D_out}"
+        if self.iterations != 3:
+            shape += f" r={self.iterations}"
+        return f"{shape} {SHORT[DTYPES[self.dtype]]}"
+
+
+SUITES = {
+    "cpu": [Config(B=32)],
+    "gpu": [
+        Config(B=32),
+        Config(B=128),
+        Config(B=512),
+        Config(B=128, dtype="bfloat16"),
+        Config(B=128, N_in=32768, N_out=64, D_in=8, D_out=16),
+    ],
+}
+
+
+@dataclass
+class Row:
+    config: str
+    device: str
+    times_ms: Dict[str, Optional[float]] = field(default_factory=dict)  # "fwd/fused" -> ms
+    saved_mib: Dict[str, Optional[float]] = field(default_factory=dict)
+    peak_mib: Dict[str, Optional[float]] = field(default_factory=dict)
+    max_abs_diff: Optional[float] = None  # fused vs eager forward, a sanity check
+    notes: List[str] = field(default_factory=list)
+
+
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    msg = str(err)
+    return "out of memory" in msg or "can't allocate memory" in msg or "CUDA error: out of memory" in msg
+
+
+def free_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def make_inputs(cfg: Config, device: torch.device, seed: int):
+    """Fresh random inputs of a realistic scale (v neither saturated nor vanishing)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dtype = DTYPES[cfg.dtype]
+    u = torch.randn(cfg.B, cfg.N_in, cfg.D_in, generator=g)
+    W = torch.randn(cfg.N_in, cfg.N_out, cfg.D_out, cfg.D_in, generator=g) / (cfg.D_in * cfg.N_in) ** 0.5
+    gv = torch.randn(cfg.B, cfg.N_out, cfg.D_out, generator=g)
+    return [t.to(device=device, dtype=dtype) for t in (u, W, gv)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_fn(impl: Callable, u, W, iterations: int, device) -> Callable[[], None]:
+    def run():
+        with torch.no_grad():
+            impl(u, W, iterations)
+        sync(device)
+
+    return run
+
+
+def fwd_bwd_fn(impl: Callable, u, W, gv, iterations: int, device) -> Callable[[], None]:
+    u = u.detach().requires_grad_()
+    W = W.detach().requires_grad_()
+
+    def run():
+        v = impl(u, W, iterations)
+        torch.autograd.grad(v, (u, W), gv)
+        sync(device)
+
+    return run
+
+
+def time_cpu(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int) -> Dict[str, float]:
+    """Median milliseconds of each fn, timed in interleaved rounds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def time_cuda(fn: Callable[[], None], repeats: int, warmup: int) -> float:
+    try:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    except ImportError:
+        pass
+    for _ in range(warmup):
+        fn()
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for s, e in zip(start, end):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(start, end))
+
+
+def saved_bytes(impl: Callable, u, W, iterations: int) -> int:
+    """Bytes of the distinct storages the autograd graph keeps for the backward, beyond
+    the inputs (which the caller holds anyway)."""
+    u = u.detach().requires_grad_()
+    W = W.detach().requires_grad_()
+    inputs = {u.untyped_storage().data_ptr(), W.untyped_storage().data_ptr()}
+    storages: Dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in inputs:
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        v = impl(u, W, iterations)
+    del v
+    return sum(storages.values())
+
+
+def peak_extra_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    """Peak CUDA memory of one call beyond what was allocated before it (the inputs)."""
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def run_config(cfg: Config, device: torch.device, args) -> Row:
+    row = Row(config=cfg.label(), device=device.type)
+    u, W, gv = make_inputs(cfg, device, seed=cfg.B + cfg.N_in)
+    impls: Dict[str, Callable] = {"fused": capsroute.dynamic_routing, "eager": reference.dynamic_routing}
+    if not args.no_compile:
+        torch._dynamo.reset()  # a fresh cache per configuration: no stale or limited recompiles
+        impls["compile"] = torch.compile(reference.dynamic_routing)
+        if args.max_autotune:
+            impls["compile-ma"] = torch.compile(reference.dynamic_routing, mode="max-autotune")
+
+    # Sanity: the fused op must agree with the reference before its speed means anything.
+    try:
+        with torch.no_grad():
+            diff = (capsroute.dynamic_routing(u, W, cfg.iterations).float()
+                    - reference.dynamic_routing(u, W, cfg.iterations).float()).abs().max()
+        row.max_abs_diff = diff.item()
+    except Exception as err:  # the reference may not fit in memory
+        if not is_oom(err):
+            raise
+        row.notes.append("reference OOM in the sanity check")
+    free_memory(device)
+
+    for pass_name in ("fwd", "fwd+bwd"):
+        fns = {}
+        for name, impl in impls.items():
+            if pass_name == "fwd":
+                fns[name] = forward_fn(impl, u, W, cfg.iterations, device)
+            else:
+                fns[name] = fwd_bwd_fn(impl, u, W, gv, cfg.iterations, device)
+        # Drop implementations that cannot run at this size (OOM), and warm the rest up
+        # (this is also where torch.compile compiles).
+        runnable = {}
+        for name, fn in fns.items():
+            try:
+                fn()
+                runnable[name] = fn
+            except Exception as err:
+                if not is_oom(err):
+                    raise
+                row.times_ms[f"{pass_name}/{name}"] = None
+                row.notes.append(f"{name} {pass_name}: OOM")
+            free_memory(device)
+        if device.type == "cpu":
+            row.times_ms.update(
+                {f"{pass_name}/{k}": v for k, v in time_cpu(runnable, args.repeats, args.warmup).items()}
+            )
+        else:
+            for name, fn in runnable.items():
+                try:
+                    row.times_ms[f"{pass_name}/{name}"] = time_cuda(fn, args.repeats, args.warmup)
+                except Exception as err:
+                    if not is_oom(err):
+                        raise
+                    row.times_ms[f"{pass_name}/{name}"] = None
+                free_memory(device)
+
+    for name, impl in impls.items():
+        try:
+            row.saved_mib[name] = saved_bytes(impl, u, W, cfg.iterations) / 2**20
+        except Exception as err:
+            if not is_oom(err):
+                raise
+            row.saved_mib[name] = None
+        free_memory(device)
+        if device.type == "cuda":
+            try:
+                fn = fwd_bwd_fn(impl, u, W, gv, cfg.iterations, device)
+                row.peak_mib[name] = peak_extra_bytes(fn, device) / 2**20
+            except Exception as err:
+                if not is_oom(err):
+                    raise
+                row.peak_mib[name] = None
+            free_memory(device)
+    return row
+
+
+def fmt_ms(x: Optional[float]) -> str:
+    if x is None:
+        return "OOM"
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.0f}"
+
+
+def fmt_ratio(num: Optional[float], den: Optional[float]) -> str:
+    if num is None:
+        return "OOM"
+    if den is None:
+        return "-"
+    return f"{num / den:.1f}x"
+
+
+def fmt_mib(x: Optional[float]) -> str:
+    if x is None:
+        return "OOM"
+    return f"{x:.2f}" if x < 10 else f"{x:.0f}"
+
+
+def print_table(rows: List[Row], baselines: List[str]) -> None:
+    header = ["config", "pass"] + [f"vs {b}" for b in baselines] + ["fused ms"] + [f"{b} ms" for b in baselines]
+    lines = []
+    for row in rows:
+        for pass_name in ("fwd", "fwd+bwd"):
+            fused = row.times_ms.get(f"{pass_name}/fused")
+            cells = [row.config if pass_name == "fwd" else "", pass_name]
+            cells += [fmt_ratio(row.times_ms.get(f"{pass_name}/{b}"), fused) for b in baselines]
+            cells += [fmt_ms(fused)] + [fmt_ms(row.times_ms.get(f"{pass_name}/{b}")) for b in baselines]
+            lines.append(cells)
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
+
+    def show(cells):
+        return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    print(show(header))
+    print("  ".join("-" * w for w in widths))
+    for cells in lines:
+        print(show(cells))
+
+    # Memory, per configuration.
+    names = ["fused"] + baselines
+    mem_header = ["config"] + [f"saved MiB {n}" for n in names]
+    has_peak = any(row.peak_mib for row in rows)
+    if has_peak:
+        mem_header += [f"peak MiB {n}" for n in names]
+    mem_lines = []
+    for row in rows:
+        cells = [row.config] + [fmt_mib(row.saved_mib.get(n)) for n in names]
+        if has_peak:
+            cells += [fmt_mib(row.peak_mib.get(n)) for n in names]
+        mem_lines.append(cells)
+    widths = [max(len(str(c)) for c in col) for col in zip(mem_header, *mem_lines)]
+    print()
+    print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(mem_header, widths))))
+    print("  ".join("-" * w for w in widths))
+    for cells in mem_lines:
+        print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
+    for row in rows:
+        for note in row.notes:
+            print(f"note: {row.config}: {note}")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--suite", choices=sorted(SUITES), default=None,
+                   help="a preset of configurations (default: the preset of the device, "
+                        "unless shape options are given)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--in-caps", type=int, default=1152, help="N_in")
+    p.add_argument("--in-dim", type=int, default=8, help="D_in")
+    p.add_argument("--out-caps", type=int, default=10, help="N_out")
+    p.add_argument("--out-dim", type=int, default=16, help="D_out")
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    p.add_argument("--max-autotune", action="store_true",
+                   help='also time torch.compile(reference, mode="max-autotune")')
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats (default: 15 on CPU, 50 on CUDA without triton)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no GPU", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.repeats is None:
+        args.repeats = 15 if device.type == "cpu" else 50
+
+    custom_shape = args.batch is not None or (
+        (args.in_caps, args.in_dim, args.out_caps, args.out_dim, args.iterations, args.dtype)
+        != (1152, 8, 10, 16, 3, "float32"))
+    if args.suite is not None:
+        configs = SUITES[args.suite]
+    elif custom_shape:
+        configs = [Config(B=args.batch or (32 if device.type == "cpu" else 128), N_in=args.in_caps,
+                          D_in=args.in_dim, N_out=args.out_caps, D_out=args.out_dim,
+                          iterations=args.iterations, dtype=args.dtype)]
+    else:
+        configs = SUITES["cpu" if device.type == "cpu" else "gpu"]
+
+    baselines = ["eager"] + ([] if args.no_compile else ["compile"] + (["compile-ma"] if args.max_autotune else []))
+    print(f"capsroute {capsroute.__version__} | torch {torch.__version__} | {device_name(device)}")
+    print(f"ratios = baseline time / fused time (higher: fused faster); times are medians of "
+          f"{args.repeats if device.type == 'cpu' else 'do_bench/event'} repeats")
+    rows = []
+    for cfg in configs:
+        t0 = time.perf_counter()
+        rows.append(run_config(cfg, device, args))
+        print(f"  ({cfg.label()}: {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    print()
+    print_table(rows, baselines)
+    bad = [r for r in rows if r.max_abs_diff is not None and r.max_abs_diff > 1e-2]
+    for r in bad:
+        print(f"WARNING: {r.config}: fused and reference forward differ by {r.max_abs_diff:.3g}")
+    if args.json:
+        meta = {
+            "capsroute": capsroute.__version__,
+            "torch": torch.__version__,
+            "device": device_name(device),
+            "host": platform.node(),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "repeats": args.repeats,
+        }
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=2)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
