@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../op_utils.h"
 #include "../routing_math.h"
 
 namespace capsroute {
@@ -853,10 +854,6 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
 // ---------------------------------------------------------------------------------------
 // Op entry points: validate, make contiguous, allocate, dispatch on dtype.
 
-at::ScalarType acc_type_of(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 Problem make_problem(const RoutingSizes& n, int64_t iterations, bool leaky, double eps) {
   return Problem{n, n.N_out * n.D_out, iterations, leaky, eps};
 }
@@ -866,18 +863,6 @@ const scalar_t* data_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<scalar_t>() : nullptr;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_outputs(const at::Tensor& like,
-                                                               const RoutingSizes& n,
-                                                               int64_t iterations,
-                                                               bool return_coupling) {
-  auto v = at::empty({n.B, n.N_out, n.D_out}, like.options());
-  auto c = return_coupling ? at::empty({n.B, n.N_in, n.N_out}, like.options())
-                           : at::empty({0}, like.options());
-  auto s = at::empty({iterations, n.B, n.N_out, n.D_out},
-                     like.options().dtype(acc_type_of(like.scalar_type())));
-  return {v, c, s};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_routing_cpu(
     const at::Tensor& u_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
     int64_t iterations, bool leaky, bool detach, double eps, bool return_coupling) {
@@ -885,8 +870,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_routing_cpu(
   (void)detach;  // the forward values do not depend on it
   const auto u = u_in.contiguous();
   const auto weight = weight_in.contiguous();
-  c10::optional<at::Tensor> bias;
-  if (bias_in.has_value()) bias = bias_in->contiguous();
+  const auto bias = contiguous(bias_in);
   auto [v, c, s] = forward_outputs(u, n, iterations, return_coupling);
   if (n.B == 0) return {v, c, s};
   const Problem p = make_problem(n, iterations, leaky, eps);
@@ -911,8 +895,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& u_hat
   const RoutingSizes n = check_route(u_hat_in, bias_in, iterations, eps);
   (void)detach;
   const auto u_hat = u_hat_in.contiguous();
-  c10::optional<at::Tensor> bias;
-  if (bias_in.has_value()) bias = bias_in->contiguous();
+  const auto bias = contiguous(bias_in);
   auto [v, c, s] = forward_outputs(u_hat, n, iterations, return_coupling);
   if (n.B == 0) return {v, c, s};
   const Problem p = make_problem(n, iterations, leaky, eps);
@@ -926,23 +909,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& u_hat
   return {v, c, s};
 }
 
-// The incoming gradients and the saved sums, as contiguous accumulation-type tensors.
-struct BackwardInputs {
-  at::Tensor grad_v, grad_c, s;
-};
-
-BackwardInputs backward_inputs(const char* op, const RoutingSizes& n, const at::Tensor& grad_v,
-                               const c10::optional<at::Tensor>& grad_c, const at::Tensor& s,
-                               int64_t iterations, at::ScalarType dtype) {
-  check_backward(op, n, grad_v, grad_c, s, iterations);
-  const auto acc = acc_type_of(dtype);
-  BackwardInputs in;
-  in.grad_v = grad_v.to(acc).contiguous();
-  if (grad_c.has_value()) in.grad_c = grad_c->to(acc).contiguous();
-  in.s = s.to(acc).contiguous();
-  return in;
-}
-
 template <typename acc_t>
 const acc_t* data_if_defined(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<acc_t>() : nullptr;
@@ -954,7 +920,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_routing_backward_cpu(
     bool leaky, bool detach, double eps) {
   const RoutingSizes n = check_dynamic_routing(u_in, weight_in, c10::nullopt, iterations, eps);
   const auto in = backward_inputs("capsroute.dynamic_routing_backward", n, grad_v, grad_c, s_in,
-                                  iterations, u_in.scalar_type());
+                                  iterations, u_in);
   const auto u = u_in.contiguous();
   const auto weight = weight_in.contiguous();
   auto grad_u = at::empty_like(u);
@@ -984,7 +950,7 @@ std::tuple<at::Tensor, at::Tensor> route_backward_cpu(const at::Tensor& grad_v,
                                                       double eps) {
   const RoutingSizes n = check_route(u_hat_in, c10::nullopt, iterations, eps);
   const auto in = backward_inputs("capsroute.route_backward", n, grad_v, grad_c, s_in, iterations,
-                                  u_hat_in.scalar_type());
+                                  u_hat_in);
   const auto u_hat = u_hat_in.contiguous();
   auto grad_u_hat = at::empty_like(u_hat);
   auto grad_bias = has_bias ? at::zeros({n.N_out, n.D_out}, u_hat.options())
