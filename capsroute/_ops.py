@@ -27,7 +27,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def has_cuda_kernels() -> bool:
     """True when this build of capsroute carries CUDA kernels."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("capsroute::route", "CUDA")
+    return HAS_CUDA_KERNELS
+
+
+# Read once at import: the dispatcher query is not traceable by torch.compile, a constant is.
+HAS_CUDA_KERNELS: bool = torch._C._dispatch_has_kernel_for_dispatch_key("capsroute::route", "CUDA")
 
 
 # --- input checks, the twins of csrc/checks.h (same conditions, same messages) ----------

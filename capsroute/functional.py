@@ -34,7 +34,7 @@ def _prepare(*tensors: Optional[Tensor]):
     in float32; as for PyTorch's own ops, float64 inputs are left alone) and refuse CUDA
     tensors, in any argument, when this build has no CUDA kernels."""
     first = tensors[0]
-    if any(isinstance(t, Tensor) and t.is_cuda for t in tensors) and not _ops.has_cuda_kernels():
+    if any(isinstance(t, Tensor) and t.is_cuda for t in tensors) and not _ops.HAS_CUDA_KERNELS:
         raise RuntimeError(
             "capsroute was built without CUDA kernels, but got a CUDA tensor; reinstall "
             "with a CUDA toolkit and a CUDA build of torch (see README.md, 'Install')"
