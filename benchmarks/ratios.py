@@ -15,9 +15,11 @@ inputs) and, on CUDA, the peak memory a forward+backward allocates beyond its in
     python benchmarks/ratios.py --json results.json   # also dump the rows
 
 Timing: fresh random inputs (never zeros), warm-up calls first, then the median of repeats.
-On CPU the three implementations are timed in interleaved rounds with time.perf_counter,
-so that a noisy machine slows all of them alike; on CUDA with triton.testing.do_bench
-(median) when triton is installed, else CUDA events, synchronising inside the timing.
+On CPU with time.perf_counter, the implementations taking turns in rounds (each turn: one
+untimed call, then three timed calls back to back), so that a noisy machine slows all of
+them alike while each timed call finds the caches as the same implementation left them.
+On CUDA with triton.testing.do_bench (median) when triton is installed, else CUDA events,
+synchronising inside the timing.
 """
 from __future__ import annotations
 
@@ -138,17 +140,24 @@ def fwd_bwd_fn(impl: Callable, u, W, gv, iterations: int, device) -> Callable[[]
     return run
 
 
-def time_cpu(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int) -> Dict[str, float]:
-    """Median milliseconds of each fn, timed in interleaved rounds."""
+def time_cpu(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int,
+             per_round: int = 3) -> Dict[str, float]:
+    """Median milliseconds of each fn over `repeats` timed calls. The implementations take
+    turns in rounds (so that a machine that slows down or speeds up affects them alike);
+    in its turn each one makes an untimed call, then `per_round` timed calls back to back,
+    so that every timed call finds the caches and threads as the implementation's own
+    previous call left them, not as the other implementations did."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
+    while any(len(v) < repeats for v in samples.values()):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
             fn()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(min(per_round, repeats - len(samples[name]))):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
