@@ -40,6 +40,14 @@ def _extension():
     # was built; set CAPSROUTE_PORTABLE=1 to build a binary for other machines.
     if not _flag("CAPSROUTE_PORTABLE") and platform.machine() in ("x86_64", "AMD64"):
         cxx.append("-march=native")
+    # at::parallel_for is a header template: it runs the CPU kernels on torch's threads only
+    # where the extension itself is compiled with OpenMP (without it, it quietly runs on
+    # one thread). The OpenMP runtime is the one torch has already loaded (same soname),
+    # so torch.set_num_threads applies.
+    link = []
+    if platform.system() == "Linux":
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "-lineinfo"]
@@ -50,12 +58,14 @@ def _extension():
             sources,
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
             py_limited_api=True,
         )
     return cpp_extension.CppExtension(
         "capsroute._C",
         sources,
         extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
         py_limited_api=True,
     )
 
