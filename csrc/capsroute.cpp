@@ -14,6 +14,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "schemas.h"
+
 // A tiny Python module so that `import capsroute._C` loads this library and runs the
 // registrations below; the ops themselves are reached through torch.ops.capsroute.
 extern "C" {
@@ -24,19 +26,4 @@ PyObject* PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(capsroute, m) {
-  m.def(
-      "dynamic_routing(Tensor u, Tensor weight, Tensor? bias, int iterations, bool leaky, "
-      "bool detach, float eps, bool return_coupling) -> (Tensor v, Tensor c, Tensor s)");
-  m.def(
-      "dynamic_routing_backward(Tensor grad_v, Tensor? grad_c, Tensor u, Tensor weight, "
-      "Tensor s, bool has_bias, int iterations, bool leaky, bool detach, float eps) "
-      "-> (Tensor grad_u, Tensor grad_weight, Tensor grad_bias)");
-  m.def(
-      "route(Tensor u_hat, Tensor? bias, int iterations, bool leaky, bool detach, "
-      "float eps, bool return_coupling) -> (Tensor v, Tensor c, Tensor s)");
-  m.def(
-      "route_backward(Tensor grad_v, Tensor? grad_c, Tensor u_hat, Tensor s, bool has_bias, "
-      "int iterations, bool leaky, bool detach, float eps) "
-      "-> (Tensor grad_u_hat, Tensor grad_bias)");
-}
+TORCH_LIBRARY(capsroute, m) { capsroute::define_ops(m); }

@@ -3,12 +3,13 @@
 // instantiated per dtype in csrc/cuda/instantiate_*.cu).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../checks.h"
 #include "../op_utils.h"
+#include "../schemas.h"
 #include "routing_launch.h"
+#include "runtime.h"
 
 namespace capsroute {
 
@@ -19,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_routing_cuda(
     int64_t iterations, bool leaky, bool detach, double eps, bool return_coupling) {
   const RoutingSizes n = check_dynamic_routing(u_in, weight_in, bias_in, iterations, eps);
   (void)detach;  // the forward values do not depend on it
-  const c10::cuda::CUDAGuard guard(u_in.device());
+  const cuda::DeviceGuard guard(u_in.device());
   const auto u = u_in.contiguous();
   const auto weight = weight_in.contiguous();
   const auto bias = contiguous(bias_in);
@@ -38,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& u_ha
                                                           bool return_coupling) {
   const RoutingSizes n = check_route(u_hat_in, bias_in, iterations, eps);
   (void)detach;
-  const c10::cuda::CUDAGuard guard(u_hat_in.device());
+  const cuda::DeviceGuard guard(u_hat_in.device());
   const auto u_hat = u_hat_in.contiguous();
   const auto bias = contiguous(bias_in);
   auto [v, c, s] = forward_outputs(u_hat, n, iterations, return_coupling);
@@ -54,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_routing_backward_cuda(
     const at::Tensor& weight_in, const at::Tensor& s_in, bool has_bias, int64_t iterations,
     bool leaky, bool detach, double eps) {
   const RoutingSizes n = check_dynamic_routing(u_in, weight_in, c10::nullopt, iterations, eps);
-  const c10::cuda::CUDAGuard guard(u_in.device());
+  const cuda::DeviceGuard guard(u_in.device());
   const auto in = backward_inputs("capsroute.dynamic_routing_backward", n, grad_v, grad_c, s_in,
                                   iterations, u_in);
   const auto u = u_in.contiguous();
@@ -77,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> route_backward_cuda(const at::Tensor& grad_v,
                                                        int64_t iterations, bool leaky,
                                                        bool detach, double eps) {
   const RoutingSizes n = check_route(u_hat_in, c10::nullopt, iterations, eps);
-  const c10::cuda::CUDAGuard guard(u_hat_in.device());
+  const cuda::DeviceGuard guard(u_hat_in.device());
   const auto in = backward_inputs("capsroute.route_backward", n, grad_v, grad_c, s_in,
                                   iterations, u_hat_in);
   const auto u_hat = u_hat_in.contiguous();
@@ -92,13 +93,22 @@ std::tuple<at::Tensor, at::Tensor> route_backward_cuda(const at::Tensor& grad_v,
   return {grad_u_hat, grad_bias};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(capsroute, CUDA, m) {
+void register_impls(torch::Library& m) {
   m.impl("dynamic_routing", &dynamic_routing_cuda);
   m.impl("dynamic_routing_backward", &dynamic_routing_backward_cuda);
   m.impl("route", &route_cuda);
   m.impl("route_backward", &route_backward_cuda);
 }
+
+}  // namespace
+
+#ifdef CAPSROUTE_EMULATE
+// The kernels run by the CPU emulation (csrc/emu/), on CPU tensors, as the ops of a separate
+// namespace that only the tests load.
+TORCH_LIBRARY(capsroute_emu, m) { define_ops(m); }
+TORCH_LIBRARY_IMPL(capsroute_emu, CPU, m) { register_impls(m); }
+#else
+TORCH_LIBRARY_IMPL(capsroute, CUDA, m) { register_impls(m); }
+#endif
 
 }  // namespace capsroute

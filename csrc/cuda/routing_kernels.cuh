@@ -17,8 +17,12 @@
 // are bit-identical from run to run.
 #pragma once
 
+#ifdef CAPSROUTE_EMULATE
+#include "../emu/cuda_emu.h"  // the same code compiled for the CPU, to test it without a GPU
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 
 #include <cstdint>
 
@@ -94,6 +98,17 @@ __device__ __forceinline__ T exp_(T x) {
 template <>
 __device__ __forceinline__ float exp_(float x) {
   return expf(x);
+}
+
+// The kernel's dynamic shared memory (the size is set at launch).
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+#ifdef CAPSROUTE_EMULATE
+  return reinterpret_cast<T*>(emu::machine().dynamic_smem.data());
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  return reinterpret_cast<T*>(smem_raw);
+#endif
 }
 
 // --- problem description --------------------------------------------------------------
@@ -449,8 +464,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
                     scalar_t* __restrict__ c_out) {
   using acc_t = typename Scalar<scalar_t>::acc;
   constexpr int GJ = kGroupRows / DT;
-  extern __shared__ unsigned char smem_raw[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* smem = dynamic_smem<acc_t>();
   const Lane L;
   const int warp = threadIdx.x >> 5;
   const int64_t b0 = int64_t(blockIdx.y) * kTileB;

@@ -12,8 +12,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <utility>
@@ -22,6 +20,7 @@
 #include "../op_utils.h"
 #include "routing_kernels.cuh"
 #include "routing_launch.h"
+#include "runtime.h"
 
 namespace capsroute {
 namespace cuda_launch {
@@ -80,8 +79,7 @@ inline Dims make_dims(const char* op, const RoutingSizes& n, bool leaky) {
   TORCH_CHECK_VALUE(b_tiles <= 65535, op, ": the CUDA kernels support B <= ",
                     65535 * cuda::kTileB, ", but got B = ", n.B);
   // About four blocks per multiprocessor: enough to fill the GPU, few partial sums.
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int sms = cuda::multiprocessor_count();
   const int64_t want = ceil_div(4 * sms, b_tiles * d.n_groups);
   const int64_t chunks = std::clamp<int64_t>(want, 1, ceil_div(n.N_in, cuda::kWarps));
   d.i_per_warp = static_cast<int>(ceil_div(n.N_in, chunks * cuda::kWarps));
@@ -98,30 +96,25 @@ void launch_pass(const Src& src, const Dims& d, const cuda::State<acc_t>& st, ac
                  T* c_out, cudaStream_t stream) {
   const int rows = static_cast<int>(std::min<int64_t>(cuda::kGroupRows, d.N_out * DT));
   const size_t smem = size_t(cuda::kWarps) * rows * 128 * sizeof(acc_t);
-  auto kernel = cuda::routing_pass_kernel<kPass, DT, Src, T>;
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
   const dim3 grid(d.n_chunks, static_cast<unsigned>(ceil_div(d.B, cuda::kTileB)), d.n_groups);
-  kernel<<<grid, cuda::kThreads, smem, stream>>>(src, d, st, partial, c_out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch(cuda::routing_pass_kernel<kPass, DT, Src, T>, grid, cuda::kThreads, smem, stream,
+               src, d, st, partial, c_out);
 }
 
 template <int DT, typename Src, typename T>
 void forward(const Src& src, const Dims& d, int64_t iterations, double eps, const T* bias,
              T* v, T* c, typename cuda::Scalar<T>::acc* s, const at::TensorOptions& acc_opts) {
   using acc_t = typename cuda::Scalar<T>::acc;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = cuda::current_stream();
   auto V = at::zeros({d.B, d.J}, acc_opts);
   auto partial = at::empty({d.n_chunks, d.B, d.J}, acc_opts);
   for (int64_t t = 1; t <= iterations; ++t) {
     const bool last = t == iterations;
     launch_pass<cuda::Pass::kForward, DT>(src, d, cuda::State<acc_t>{aptr<acc_t>(V), nullptr, nullptr, t == 1},
                                           aptr<acc_t>(partial), last ? c : nullptr, stream);
-    cuda::finish_iteration_kernel<T><<<capsule_grid(d), 256, 0, stream>>>(
-        d, aptr<acc_t>(partial), bias, eps, aptr<acc_t>(V), s + (t - 1) * d.B * d.J,
+    cuda::launch(cuda::finish_iteration_kernel<T>, capsule_grid(d), 256, 0, stream,
+      d, aptr<acc_t>(partial), bias, eps, aptr<acc_t>(V), s + (t - 1) * d.B * d.J,
         last ? v : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
@@ -132,30 +125,27 @@ std::pair<at::Tensor, at::Tensor> sweep(const Src& src, const Dims& d, int64_t i
                                         int64_t t_min, double eps, const at::Tensor& grad_v,
                                         const at::Tensor& grad_c, const at::Tensor& s) {
   using acc_t = typename cuda::Scalar<T>::acc;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = cuda::current_stream();
   const int64_t stride = d.B * d.J;
   auto V_prev = at::empty({iterations, d.B, d.J}, s.options());
-  cuda::running_sums_kernel<acc_t><<<capsule_grid(d), 256, 0, stream>>>(
+  cuda::launch(cuda::running_sums_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
       d, static_cast<int>(iterations), aptr<acc_t>(s), eps, aptr<acc_t>(V_prev));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto gs = at::zeros({iterations, d.B, d.J}, s.options());
   auto G = at::zeros({d.B, d.J}, s.options());
   auto partial = at::empty({t_min < iterations ? d.n_chunks : 0, d.B, d.J}, s.options());
   const acc_t* s_ = aptr<acc_t>(s);
   acc_t* gs_ = aptr<acc_t>(gs);
-  cuda::sweep_step_kernel<acc_t><<<capsule_grid(d), 256, 0, stream>>>(
+  cuda::launch(cuda::sweep_step_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
       d, nullptr, 0, s_ + (iterations - 1) * stride, aptr<acc_t>(grad_v), eps, aptr<acc_t>(G),
       gs_ + (iterations - 1) * stride);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   for (int64_t t = iterations; t > t_min; --t) {
     const cuda::State<acc_t> st{aptr<acc_t>(V_prev) + (t - 1) * stride, gs_ + (t - 1) * stride,
                                 t == iterations ? aptr<acc_t>(grad_c) : nullptr, false};
     launch_pass<cuda::Pass::kGradient, DT>(src, d, st, aptr<acc_t>(partial),
                                            static_cast<T*>(nullptr), stream);
-    cuda::sweep_step_kernel<acc_t><<<capsule_grid(d), 256, 0, stream>>>(
-        d, aptr<acc_t>(partial), d.n_chunks, s_ + (t - 2) * stride, nullptr, eps,
+    cuda::launch(cuda::sweep_step_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
+      d, aptr<acc_t>(partial), d.n_chunks, s_ + (t - 2) * stride, nullptr, eps,
         aptr<acc_t>(G), gs_ + (t - 2) * stride);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {V_prev, gs};
 }
@@ -251,9 +241,8 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
                     static_cast<unsigned>(ceil_div(n.D_in, 8)));
     const cuda::Sweep<acc_t> sw{aptr<acc_t>(V_prev), aptr<acc_t>(gs), aptr<acc_t>(in.grad_c),
                                 static_cast<int>(t_min), static_cast<int>(iterations), detach};
-    cuda::weight_grad_kernel<DT, T><<<grid, kW * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        src, d, sw, aptr<acc_t>(grad_u_part), dptr<scalar_t>(grad_weight));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch(cuda::weight_grad_kernel<DT, T>, grid, kW * 32, 0, cuda::current_stream(),
+      src, d, sw, aptr<acc_t>(grad_u_part), dptr<scalar_t>(grad_weight));
     // With several groups of output capsules their contributions to grad_u are added here,
     // in group order.
     grad_u.copy_(d.n_groups == 1 ? grad_u_part[0] : grad_u_part.sum(0));
@@ -279,9 +268,8 @@ void route_backward(const BackwardInputs& in, const at::Tensor& u_hat, const Rou
     const dim3 grid(static_cast<unsigned>(ceil_div(n.N_in, kW)), d.n_groups);
     const cuda::Sweep<acc_t> sw{aptr<acc_t>(V_prev), aptr<acc_t>(gs), aptr<acc_t>(in.grad_c),
                                 static_cast<int>(t_min), static_cast<int>(iterations), detach};
-    cuda::route_grad_kernel<DT, T><<<grid, kW * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        src, d, sw, dptr<scalar_t>(grad_u_hat));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch(cuda::route_grad_kernel<DT, T>, grid, kW * 32, 0, cuda::current_stream(),
+      src, d, sw, dptr<scalar_t>(grad_u_hat));
   });
 }
 

@@ -1,0 +1,45 @@
+// The few CUDA runtime services the launch code uses (current stream, device properties,
+// kernel launch with its error check, device guard), in one place so that the same launch
+// code builds for a GPU or, with -DCAPSROUTE_EMULATE, for the CPU emulation that tests the
+// kernels on machines without one (csrc/emu/cuda_emu.h).
+#pragma once
+
+#ifdef CAPSROUTE_EMULATE
+#include "../emu/cuda_emu.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <utility>
+
+namespace capsroute {
+namespace cuda {
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+inline int multiprocessor_count() {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                        c10::cuda::current_device()));
+  return sms;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), then the launch check. Dynamic shared
+// memory above the default 48 KB is opted into first.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+            Args&&... args) {
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+using DeviceGuard = c10::cuda::CUDAGuard;
+
+}  // namespace cuda
+}  // namespace capsroute
+#endif

@@ -1,0 +1,269 @@
+// A CPU emulation of the parts of CUDA that capsroute's kernels use, so that the CUDA kernels
+// (csrc/cuda/routing_kernels.cuh) and their launch sequences (routing_launch.cuh) can be
+// compiled by the host compiler and run on a machine without a GPU. It exists to test the
+// kernels' logic (indexing, fragment layouts, barriers, reductions) against the reference in
+// CI; it says nothing about speed. Built only with -DCAPSROUTE_EMULATE (tests/test_cuda_emulation.py).
+//
+// Model: the blocks of a grid run one after another; the threads of a block run as fibers
+// (ucontext) on the calling thread, each until it reaches a barrier, so that __syncthreads,
+// __syncwarp, shuffles and warp-wide matrix instructions behave as on a GPU whose warps and
+// threads interleave at those points. __shared__ variables become function statics (one
+// block at a time uses them). Shuffles demand a full warp: a shuffle after some lanes of the
+// warp have exited, or a barrier that can never complete, aborts with a message instead of
+// returning garbage.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// --- language keywords -------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) double2 { double x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+
+using __half = c10::Half;
+using __nv_bfloat16 = c10::BFloat16;
+inline float __half2float(__half h) { return static_cast<float>(h); }
+inline __half __float2half_rn(float x) { return __half(x); }
+inline float __bfloat162float(__nv_bfloat16 h) { return static_cast<float>(h); }
+inline __nv_bfloat16 __float2bfloat16_rn(float x) { return __nv_bfloat16(x); }
+
+template <typename A, typename B>
+inline auto min(A a, B b) -> std::common_type_t<A, B> {
+  return a < b ? a : b;
+}
+template <typename A, typename B>
+inline auto max(A a, B b) -> std::common_type_t<A, B> {
+  return a < b ? b : a;
+}
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
+inline uint3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+using cudaStream_t = void*;
+
+namespace capsroute {
+namespace emu {
+
+// --- the fiber scheduler of one block -----------------------------------------------------
+
+struct Barrier {  // counts arrivals of the live members of a group (block or warp)
+  int alive = 0, arrived = 0;
+  uint64_t generation = 0;
+};
+
+struct Machine {
+  ucontext_t scheduler;
+  std::vector<ucontext_t> fibers;
+  std::vector<std::vector<char>> stacks;
+  std::vector<char> done;
+  std::vector<uint3> index;
+  int current = 0;
+  int threads = 0;
+  uint64_t events = 0;  // barrier releases and exits: progress, for deadlock detection
+  Barrier block;
+  std::vector<Barrier> warps;
+  std::vector<std::array<unsigned char, 64>> slots;  // one exchange slot per thread
+  std::vector<unsigned char> dynamic_smem;
+  std::function<void()> body;
+};
+
+inline Machine& machine() {
+  static Machine m;
+  return m;
+}
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "capsroute CUDA emulation: %s (block %u,%u,%u thread %u)\n", what,
+               blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x);
+  std::abort();
+}
+
+inline void yield() {
+  Machine& m = machine();
+  swapcontext(&m.fibers[m.current], &m.scheduler);
+}
+
+inline void release(Barrier& b) {
+  b.arrived = 0;
+  ++b.generation;
+  ++machine().events;
+}
+
+inline void wait(Barrier& b) {
+  const uint64_t gen = b.generation;
+  if (++b.arrived == b.alive) {
+    release(b);
+    return;
+  }
+  while (b.generation == gen) yield();
+}
+
+inline Barrier& my_warp() {
+  Machine& m = machine();
+  return m.warps[m.current / 32];
+}
+
+inline void fiber_main() {
+  Machine& m = machine();
+  m.body();
+  // This thread exits: the barriers it belonged to now wait for one fewer.
+  m.done[m.current] = 1;
+  ++m.events;
+  for (Barrier* b : {&m.block, &my_warp()}) {
+    --b->alive;
+    if (b->arrived > 0 && b->arrived == b->alive) release(*b);
+  }
+}
+
+// Runs `body` as the code of every thread of every block of the grid.
+inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
+  Machine& m = machine();
+  const int n = static_cast<int>(block.x * block.y * block.z);
+  if (n <= 0 || n > 1024) fail("bad block size");
+  constexpr size_t kStack = 256 * 1024;
+  m.fibers.resize(n);
+  m.done.assign(n, 0);
+  m.index.resize(n);
+  m.slots.resize(n);
+  while (static_cast<int>(m.stacks.size()) < n) m.stacks.emplace_back(kStack);
+  m.dynamic_smem.assign(smem, 0xCD);  // not zero: kernels must not rely on it
+  m.body = std::move(body);
+  m.threads = n;
+  gridDim = grid;
+  blockDim = block;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        blockIdx = uint3{bx, by, bz};
+        m.block = Barrier{n, 0, 0};
+        m.warps.assign((n + 31) / 32, Barrier{});
+        for (int t = 0; t < n; ++t) {
+          ++m.warps[t / 32].alive;
+          m.done[t] = 0;
+          m.index[t] = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+          getcontext(&m.fibers[t]);
+          m.fibers[t].uc_stack.ss_sp = m.stacks[t].data();
+          m.fibers[t].uc_stack.ss_size = kStack;
+          m.fibers[t].uc_link = &m.scheduler;
+          makecontext(&m.fibers[t], fiber_main, 0);
+        }
+        int remaining = n;
+        while (remaining > 0) {
+          const uint64_t before = m.events;
+          for (int t = 0; t < n; ++t) {
+            if (m.done[t]) continue;
+            m.current = t;
+            threadIdx = m.index[t];
+            swapcontext(&m.scheduler, &m.fibers[t]);
+            if (m.done[t]) --remaining;
+          }
+          if (remaining > 0 && m.events == before) fail("deadlock: a barrier can never complete");
+        }
+      }
+}
+
+// Every lane of the caller's warp publishes `x`; returns lane `src`'s value.
+template <typename T>
+T exchange(T x, int src) {
+  static_assert(sizeof(T) <= 64 && std::is_trivially_copyable_v<T>);
+  Machine& m = machine();
+  Barrier& w = my_warp();
+  if (w.alive != 32) fail("warp-wide operation with exited or missing lanes");
+  std::memcpy(m.slots[m.current].data(), &x, sizeof(T));
+  wait(w);
+  T r;
+  std::memcpy(&r, m.slots[(m.current & ~31) + (src & 31)].data(), sizeof(T));
+  wait(w);  // nobody overwrites a slot before everyone has read it
+  return r;
+}
+
+// What lane `lane` of the caller's warp published in the exchange in progress (call between
+// the two barriers of a collective; see mma below).
+template <typename T>
+T peek(int lane) {
+  T r;
+  Machine& m = machine();
+  std::memcpy(&r, m.slots[(m.current & ~31) + lane].data(), sizeof(T));
+  return r;
+}
+
+}  // namespace emu
+}  // namespace capsroute
+
+// --- device intrinsics -------------------------------------------------------------------
+
+inline void __syncthreads() { capsroute::emu::wait(capsroute::emu::machine().block); }
+inline void __syncwarp(unsigned = 0xffffffffu) { capsroute::emu::wait(capsroute::emu::my_warp()); }
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T x, int src, int = 32) {
+  if (mask != 0xffffffffu) capsroute::emu::fail("only full-warp shuffles are emulated");
+  return capsroute::emu::exchange(x, src);
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T x, int lane_mask, int = 32) {
+  if (mask != 0xffffffffu) capsroute::emu::fail("only full-warp shuffles are emulated");
+  return capsroute::emu::exchange(x, (threadIdx.x & 31) ^ lane_mask);
+}
+
+// --- host runtime --------------------------------------------------------------------------
+
+#define C10_CUDA_CHECK(expr) (void)(expr)
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() (void)0
+
+namespace capsroute {
+namespace cuda {
+
+inline cudaStream_t current_stream() { return nullptr; }
+// Few "multiprocessors", so that small test shapes still split the input capsules over
+// several blocks and exercise the cross-block sums.
+inline int multiprocessor_count() { return 2; }
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t,
+            Args&&... args) {
+  std::tuple<Params...> params(std::forward<Args>(args)...);  // converted once, as a launch does
+  emu::run_grid(grid, block, smem, [&] { std::apply(kernel, params); });
+}
+
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+
+}  // namespace cuda
+}  // namespace capsroute

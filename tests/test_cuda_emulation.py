@@ -1,0 +1,151 @@
+"""The CUDA kernels, run on the CPU through the emulation of csrc/emu/cuda_emu.h.
+
+The CUDA sources (csrc/cuda/: kernels, launch sequences, op entry points) are compiled by the
+host compiler with -DCAPSROUTE_EMULATE and registered as torch.ops.capsroute_emu.* on CPU
+tensors. Blocks run one after another and a block's threads as fibers that meet at every
+barrier, shuffle and warp-wide instruction, so indexing, fragment layouts, barriers and the
+fixed-order reductions are checked against the reference on a machine without a GPU (CI).
+It says nothing about speed, and cannot find races between threads that a barrier does not
+separate (compute-sanitizer's racecheck on a GPU does: tests/sanitize_cuda.sh).
+
+The build takes about a minute; CAPSROUTE_SKIP_EMULATION=1 skips this module.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import pathlib
+
+import pytest
+import torch
+
+from capsroute import reference
+from conftest import (GRAD_TOL, TOL, Shape, as_reference, dtype_id, make_generator,
+                      make_route_inputs, make_routing_inputs, randn, rel_err)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+if os.environ.get("CAPSROUTE_SKIP_EMULATION", "0") == "1":
+    pytest.skip("CAPSROUTE_SKIP_EMULATION=1", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils import cpp_extension
+
+    build = ROOT / "build" / "emulation"
+    build.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name="capsroute_emu",
+        sources=[str(ROOT / "csrc" / "emu" / "emu_ops.cpp")],
+        extra_cflags=["-O2", "-fno-strict-aliasing", "-DCAPSROUTE_EMULATE"],
+        build_directory=str(build),
+        is_python_module=False,
+    )
+    return torch.ops.capsroute_emu
+
+
+# Shapes that take each path of the CUDA kernels: batch tiles of 8 with a remainder, rows of 8
+# input dims (16-byte loads) or not, one or two 16-dim row tiles per capsule (D_out <= 16 or
+# <= 32), one group of output capsules or several, input capsules over several blocks.
+SHAPES = [
+    Shape(10, 37, 10, 8, 16),  # the MNIST layer's capsule sizes; 2 batch tiles, 16-byte rows
+    Shape(3, 7, 5, 3, 11),     # odd sizes, scalar loads
+    Shape(9, 11, 20, 8, 16),   # 20 output capsules: two groups of 16
+    Shape(5, 9, 9, 4, 24),     # 24 dims: two row tiles per capsule, groups of 8
+    Shape(2, 5, 1, 16, 1),     # N_out = 1, D_out = 1, two chunks of 8 input dims
+]
+TINY = Shape(3, 5, 3, 3, 5)
+OPTIONS = list(itertools.product([1, 2, 3], [False, True], [False, True], [False, True],
+                                 [False, True]))  # iterations, bias, leaky, detach, coupling
+
+
+def run_emulated(emu, op: str, shape: Shape, dtype, *, iterations: int, bias: bool,
+                 leaky: bool, detach: bool, return_coupling: bool, eps: float = 1e-8):
+    """The emulated forward and backward op against the float64 reference (forward through
+    autograd) on fresh random inputs; asserts the relative errors of v, c and every
+    gradient."""
+    gen = make_generator("emulation", op, tuple(shape), str(dtype), iterations, bias, leaky,
+                         detach, return_coupling)
+    if op == "dynamic_routing":
+        ins = make_routing_inputs(shape, dtype, "cpu", bias=bias, gen=gen)
+        leaves = {"u": ins.u, "weight": ins.weight}
+    else:
+        ins = make_route_inputs(shape, dtype, "cpu", bias=bias, gen=gen)
+        leaves = {"u_hat": ins.u_hat}
+    if bias:
+        leaves["bias"] = ins.bias
+    refs = {k: as_reference(t).requires_grad_() for k, t in leaves.items()}
+    originals = {k: t.clone() for k, t in leaves.items()}
+
+    fwd = getattr(emu, op)
+    bwd = getattr(emu, op + "_backward")
+    args = list(ins[:-1])
+    v, c, s = fwd(*args, ins.bias, iterations, leaky, detach, eps, return_coupling)
+    ref_args = [refs[k] for k in leaves if k != "bias"]
+    ref_out = getattr(reference, op)(*ref_args, iterations, bias=refs.get("bias"), leaky=leaky,
+                                     detach=detach, eps=eps, return_coupling=True)
+    errors = {"v": (rel_err(v, ref_out[0]), TOL[dtype])}
+    if return_coupling:
+        errors["c"] = (rel_err(c, ref_out[1]), TOL[dtype])
+    else:
+        assert c.numel() == 0
+
+    # The incoming gradients: of v, and of c when it depends on the inputs.
+    grad_v = randn(v.shape, gen, dtype=dtype)
+    c_differentiable = return_coupling and not detach and iterations > 1
+    grad_c = randn(c.shape, gen, dtype=dtype) if c_differentiable else None
+    grads = bwd(grad_v, grad_c, *args, s, bias, iterations, leaky, detach, eps)
+    outs = [ref_out[0]] + ([ref_out[1]] if c_differentiable else [])
+    gouts = [as_reference(grad_v)] + ([as_reference(grad_c)] if c_differentiable else [])
+    ref_grads = torch.autograd.grad(outs, list(refs.values()), gouts)
+    names = list(leaves)
+    for k, name in enumerate(names):
+        g = grads[k]
+        assert g.shape == leaves[name].shape and g.dtype == dtype, name
+        errors["grad_" + name] = (rel_err(g, ref_grads[k]), GRAD_TOL[dtype])
+    if not bias:
+        assert grads[len(names)].numel() == 0
+    for name, t in leaves.items():  # nothing of the caller's is written
+        assert torch.equal(t, originals[name]), f"{name} was modified"
+    bad = {k: f"{e:.2e} > {tol:.0e}" for k, (e, tol) in errors.items() if not e <= tol}
+    assert not bad, f"relative errors: {bad}"
+
+
+@pytest.mark.parametrize("op", ["dynamic_routing", "route"])
+@pytest.mark.parametrize("iterations,bias,leaky,detach,coupling", OPTIONS,
+                         ids=lambda x: str(int(x)) if isinstance(x, bool) else str(x))
+def test_every_option_float64(emu, op, iterations, bias, leaky, detach, coupling):
+    run_emulated(emu, op, TINY, torch.float64, iterations=iterations, bias=bias, leaky=leaky,
+                 detach=detach, return_coupling=coupling)
+
+
+@pytest.mark.parametrize("op", ["dynamic_routing", "route"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("detach", [False, True], ids=["exact", "detach"])
+def test_shapes_float64(emu, op, shape, detach):
+    run_emulated(emu, op, shape, torch.float64, iterations=3, bias=True, leaky=shape.N_out > 9,
+                 detach=detach, return_coupling=True)
+
+
+@pytest.mark.parametrize("op", ["dynamic_routing", "route"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
+def test_dtypes(emu, op, dtype):
+    run_emulated(emu, op, SHAPES[0], dtype, iterations=3, bias=True, leaky=False,
+                 detach=False, return_coupling=True)
+
+
+def test_empty_batch(emu):
+    u = torch.randn(0, 4, 8, dtype=torch.float64)
+    w = torch.randn(4, 3, 16, 8, dtype=torch.float64)
+    v, c, s = emu.dynamic_routing(u, w, None, 3, False, False, 1e-8, True)
+    assert v.shape == (0, 3, 16) and c.shape == (0, 4, 3) and s.shape == (3, 0, 3, 16)
+
+
+def test_wide_capsules_are_refused(emu):
+    """The CUDA kernels hold at most two 16-dim row tiles per capsule: D_out > 32 is a clear
+    error, not a wrong answer."""
+    u = torch.randn(2, 4, 8)
+    w = torch.randn(4, 3, 33, 8)
+    with pytest.raises(ValueError, match="at most 32 dims"):
+        emu.dynamic_routing(u, w, None, 3, False, False, 1e-8, False)
