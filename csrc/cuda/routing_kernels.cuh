@@ -42,13 +42,13 @@ constexpr int kThreads = kWarps * 32;
 template <typename T>
 struct Scalar {  // float
   using acc = float;
-  static __device__ __forceinline__ float load(const T* p) { return __ldg(p); }
+  static __device__ __forceinline__ float load(const T* p) { return *p; }
   static __device__ __forceinline__ T store(float x) { return x; }
 };
 template <>
 struct Scalar<double> {
   using acc = double;
-  static __device__ __forceinline__ double load(const double* p) { return __ldg(p); }
+  static __device__ __forceinline__ double load(const double* p) { return *p; }
   static __device__ __forceinline__ double store(double x) { return x; }
 };
 template <>
@@ -68,24 +68,25 @@ struct Scalar<__nv_bfloat16> {
   }
 };
 
-// Eight consecutive elements (16-byte aligned), converted to the accumulation type.
+// Eight consecutive elements (16-byte aligned, shared or global memory), converted to the
+// accumulation type.
 __device__ __forceinline__ void load8(const float* p, float (&x)[8]) {
-  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  const float4 b = *(reinterpret_cast<const float4*>(p) + 1);
   x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
   x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
 }
 __device__ __forceinline__ void load8(const double* p, double (&x)[8]) {
 #pragma unroll
   for (int h = 0; h < 4; ++h) {
-    const double2 a = __ldg(reinterpret_cast<const double2*>(p) + h);
+    const double2 a = *(reinterpret_cast<const double2*>(p) + h);
     x[2 * h] = a.x;
     x[2 * h + 1] = a.y;
   }
 }
 template <typename H>  // __half, __nv_bfloat16: one 16-byte load
 __device__ __forceinline__ void load8(const H* p, float (&x)[8]) {
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
   const H* h = reinterpret_cast<const H*>(&raw);
 #pragma unroll
   for (int k = 0; k < 8; ++k) x[k] = Scalar<H>::load(h + k);
@@ -116,12 +117,16 @@ __device__ __forceinline__ T* dynamic_smem() {
 struct Dims {
   int64_t B, N_in, N_out, D_in, D_out;
   int64_t J;         // N_out * D_out
-  int n_groups;      // groups of output capsules (one per warp along grid.z)
+  int n_groups;      // groups of output capsules (blocks along grid.z)
   int caps_per_group;
-  int i_per_warp;    // input capsules one warp walks
-  int n_chunks;      // blocks along N_in; chunk c covers kWarps * i_per_warp capsules
+  // A pass: a block of `warps` warps (one batch tile each) walks `i_per_block` input
+  // capsules; `n_chunks` blocks along N_in.
+  int warps, i_per_block, n_chunks;
   bool leaky;
-  bool rows8;        // D_in % 8 == 0 and u, W 16-byte aligned: rows load as 16-byte vectors
+  bool rows8;          // D_in % 8 == 0 and u, W 16-byte aligned: rows load as 16-byte vectors
+  bool w_shared;       // a pass stages W[i] in shared memory, double-buffered
+  bool tiles_shared;   // a pass keeps V (and gs) of its batch rows in shared memory
+  int64_t tile_stride; // row stride of those tiles: J padded so that lanes hit distinct banks
 };
 
 // Per-iteration state, all [B, N_out, D_out] in the accumulation type unless noted.
@@ -131,6 +136,9 @@ struct State {
   const acc_t* gs;       // dL/ds^(t)                       (backward)
   const acc_t* grad_c;   // dL/dc^(r) [B, N_in, N_out] or null (backward, t == r only)
   bool first;            // t == 1: V = 0, coupling is uniform
+  // V and gs hold batch element b at row (b - b_base), rows `stride` apart: [B, J] in global
+  // memory (b_base 0, stride J) or a shared-memory tile of a block's batch elements.
+  int64_t b_base = 0, stride = 0;
 };
 
 // Which lane holds what: fragment slot q = 2 * (dim half) + (batch half).
@@ -152,13 +160,15 @@ __device__ __forceinline__ T sum_over_dims(T x) {
 
 // Reads a [B, N_out, D_out] array at a lane's fragment positions of row tile (j, dt).
 template <typename acc_t>
-__device__ __forceinline__ void load_frag(const acc_t* a, const Dims& n, const Lane& L,
-                                          int64_t b0, int64_t j, int dt, acc_t (&f)[4]) {
+__device__ __forceinline__ void load_frag(const acc_t* a, const State<acc_t>& st, const Dims& n,
+                                          const Lane& L, int64_t b0, int64_t j, int dt,
+                                          acc_t (&f)[4]) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     const int64_t b = b0 + L.col(q);
     const int d = L.dim(dt, q);
-    f[q] = (b < n.B && j < n.N_out && d < n.D_out) ? a[(b * n.N_out + j) * n.D_out + d] : acc_t(0);
+    f[q] = (b < n.B && j < n.N_out && d < n.D_out) ? a[(b - st.b_base) * st.stride + j * n.D_out + d]
+                                                   : acc_t(0);
   }
 }
 
@@ -170,6 +180,7 @@ struct WeightSource {
   static constexpr bool kComputed = true;
   const scalar_t* __restrict__ u;  // [B, N_in, D_in]
   const scalar_t* __restrict__ W;  // [N_in, N_out, D_out, D_in]
+  const scalar_t* Wi = nullptr;    // W[i] of the capsule at hand: global or a shared copy
 };
 
 // route: u_hat given by the caller.
@@ -219,7 +230,7 @@ __device__ __forceinline__ void predict(const WeightSource<scalar_t>& src, const
         for (int h = 0; h < 2; ++h) {  // dims g and g + 8
           const int d = L.dim(r % DT, 2 * h);
           acc_t w[8];
-          const scalar_t* wp = src.W + ((i * n.N_out + j) * n.D_out + (d < n.D_out ? d : 0)) * n.D_in + k0;
+          const scalar_t* wp = src.Wi + (j * n.D_out + (d < n.D_out ? d : 0)) * n.D_in + k0;
           if (n.rows8) {
             load8(wp, w);
           } else {
@@ -262,8 +273,8 @@ __device__ __forceinline__ void predict(const GivenSource<scalar_t>& src, const 
 // summed over all dims (every lane of the 8 that share t gets the full sum).
 template <int DT, typename acc_t>
 __device__ __forceinline__ void dots(const acc_t (&uh)[kGroupRows][4], const acc_t* x,
-                                     const Dims& n, const Lane& L, int64_t b0, int grp,
-                                     acc_t (&out)[kGroupRows / DT][2]) {
+                                     const State<acc_t>& st, const Dims& n, const Lane& L,
+                                     int64_t b0, int grp, acc_t (&out)[kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT;
 #pragma unroll
   for (int jl = 0; jl < GJ; ++jl) {
@@ -274,7 +285,7 @@ __device__ __forceinline__ void dots(const acc_t (&uh)[kGroupRows][4], const acc
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {
       acc_t f[4];
-      load_frag(x, n, L, b0, j, dt, f);
+      load_frag(x, st, n, L, b0, j, dt, f);
       const int r = jl * DT + dt;
       p0 += uh[r][0] * f[0] + uh[r][2] * f[2];
       p1 += uh[r][1] * f[1] + uh[r][3] * f[3];
@@ -339,7 +350,7 @@ __device__ __forceinline__ void coupling(const Src& src, const Dims& n, const La
   for (int k = 1; k <= n.n_groups; ++k) {
     const int other = (grp + k) % n.n_groups;  // ends with other == grp
     if (!uh_ready) predict<DT>(src, n, L, i, b0, other, uh);
-    dots<DT>(uh, st.V, n, L, b0, other, c);
+    dots<DT>(uh, st.V, st, n, L, b0, other, c);
     s.add(c, int64_t(other) * GJ, n.N_out);
   }
 #pragma unroll
@@ -365,7 +376,7 @@ __device__ __forceinline__ void coupling_dots(const acc_t (&uh)[kGroupRows][4], 
                                               int64_t i, int64_t b0, int grp,
                                               acc_t (&g)[kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT;
-  dots<DT>(uh, st.gs, n, L, b0, grp, g);
+  dots<DT>(uh, st.gs, st, n, L, b0, grp, g);
   if (st.grad_c != nullptr) {
 #pragma unroll
     for (int jl = 0; jl < GJ; ++jl)
@@ -421,56 +432,96 @@ __device__ __forceinline__ void scaled_add(acc_t (&acc)[kGroupRows][4],
     for (int q = 0; q < 4; ++q) acc[r][q] += w[r / DT][q & 1] * x[r][q];
 }
 
-// Block-level reduction of the warps' accumulators (in warp order) and the write of the
-// block's partial sum over its input capsules: partial[chunk][b][j][d].
-template <int DT, typename acc_t>
-__device__ __forceinline__ void write_block_partial(const acc_t (&acc)[kGroupRows][4],
-                                                    acc_t* smem, const Dims& n,
-                                                    int64_t b0, int grp, acc_t* partial) {
-  constexpr int GJ = kGroupRows / DT;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int rows = min(kGroupRows, int((n.N_out - int64_t(grp) * GJ)) * DT);
-  const int per_warp = rows * 128;  // 32 lanes x 4 slots per row tile
-#pragma unroll
-  for (int r = 0; r < kGroupRows; ++r)
-    if (r < rows)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) smem[warp * per_warp + (r * 4 + q) * 32 + lane] = acc[r][q];
-  __syncthreads();
-  for (int e = threadIdx.x; e < per_warp; e += kThreads) {
-    acc_t sum = 0;
-    for (int w = 0; w < kWarps; ++w) sum += smem[w * per_warp + e];
-    const int r = e / 128, q = (e / 32) % 4, ln = e % 32;
-    const int g = ln >> 2, t = ln & 3;
-    const int64_t b = b0 + 2 * t + (q & 1);
-    const int d = (r % DT) * kTileD + g + ((q >> 1) << 3);
-    const int64_t j = int64_t(grp) * GJ + r / DT;
-    if (b < n.B && d < n.D_out)
-      partial[(int64_t(blockIdx.x) * n.B + b) * n.J + j * n.D_out + d] = sum;
+// --- asynchronous copies to shared memory (sm_80+) ------------------------------------
+
+#ifdef CAPSROUTE_EMULATE
+using emu::cp_async16;
+using emu::cp_async_commit;
+using emu::cp_async_wait_one;
+#else
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most one group (the newest) of this thread's copies is still in flight.
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+#endif
+
+// Copies W[i] ([N_out, D_out, D_in], contiguous) into shared memory: 16-byte asynchronous
+// copies when rows are 16-byte vectors, plain loads and stores otherwise.
+template <typename scalar_t>
+__device__ __forceinline__ void stage_weight(const WeightSource<scalar_t>& src, const Dims& n,
+                                             int64_t i, scalar_t* dst) {
+  const int64_t elems = n.J * n.D_in;
+  const scalar_t* from = src.W + i * elems;
+  if (n.rows8) {
+    constexpr int kPer = 16 / sizeof(scalar_t);
+    for (int64_t e = int64_t(threadIdx.x) * kPer; e < elems; e += int64_t(blockDim.x) * kPer)
+      cp_async16(dst + e, from + e);
+  } else {
+    for (int64_t e = threadIdx.x; e < elems; e += blockDim.x) dst[e] = from[e];
   }
 }
+template <typename scalar_t>
+__device__ __forceinline__ void stage_weight(const GivenSource<scalar_t>&, const Dims&, int64_t,
+                                             scalar_t*) {}
 
 // --- kernels ---------------------------------------------------------------------------
 
 enum class Pass { kForward, kGradient };
 
-// One pass over the input capsules for iteration t. grid = (n_chunks, B / 8, n_groups).
+// One pass over the input capsules for iteration t. A block owns `warps` batch tiles (a warp
+// each) and a chunk of input capsules; all its warps read the same W[i], staged once in
+// shared memory for the block (double-buffered, the next capsule's copy in flight while this
+// one is used), and the block's rows of V (and gs) sit in shared memory too.
+// grid = (n_chunks, ceil(B / (8 * warps)), n_groups).
 //   kForward:  partial[chunk] = sum_i c_ij u_hat_ij;  c written when c_out != null.
 //   kGradient: partial[chunk] = sum_i gbeta_ij u_hat_ij (the logit-gradient term G).
 template <Pass kPass, int DT, typename Src, typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
                     typename Scalar<scalar_t>::acc* __restrict__ partial,
                     scalar_t* __restrict__ c_out) {
   using acc_t = typename Scalar<scalar_t>::acc;
   constexpr int GJ = kGroupRows / DT;
-  acc_t* smem = dynamic_smem<acc_t>();
+  constexpr int kTiles = kPass == Pass::kGradient ? 2 : 1;
+  unsigned char* smem_raw = dynamic_smem<unsigned char>();
   const Lane L;
   const int warp = threadIdx.x >> 5;
-  const int64_t b0 = int64_t(blockIdx.y) * kTileB;
+  const int64_t block_b0 = int64_t(blockIdx.y) * n.warps * kTileB;
+  const int64_t b0 = block_b0 + int64_t(warp) * kTileB;
+  const bool has_rows = b0 < n.B;  // warp-uniform; idle warps still join the barriers
   const int grp = blockIdx.z;
-  const int64_t i_begin = (int64_t(blockIdx.x) * kWarps + warp) * n.i_per_warp;
-  const int64_t i_end = min(i_begin + n.i_per_warp, n.N_in);
+  const int64_t i_begin = int64_t(blockIdx.x) * n.i_per_block;
+  const int64_t i_end = min(i_begin + n.i_per_block, n.N_in);
+
+  // Shared memory: [V tile][gs tile] then two W[i] buffers.
+  const int64_t tile_rows = int64_t(n.warps) * kTileB;
+  const int64_t tile_elems = n.tiles_shared ? tile_rows * n.tile_stride : 0;
+  acc_t* tiles = reinterpret_cast<acc_t*>(smem_raw);
+  scalar_t* wbuf = reinterpret_cast<scalar_t*>(
+      smem_raw + ((kTiles * tile_elems * sizeof(acc_t) + 15) / 16) * 16);
+  const int64_t w_elems = n.J * n.D_in;
+
+  if constexpr (Src::kComputed)
+    if (n.w_shared) {
+      stage_weight(src, n, i_begin, wbuf);
+      cp_async_commit();
+    }
+  if (n.tiles_shared && !st.first) {
+    for (int64_t e = threadIdx.x; e < tile_rows * n.J; e += blockDim.x) {
+      const int64_t bl = e / n.J, x = e % n.J, b = block_b0 + bl;
+      tiles[bl * n.tile_stride + x] = b < n.B ? st.V[b * n.J + x] : acc_t(0);
+      if (kTiles == 2)
+        tiles[tile_elems + bl * n.tile_stride + x] = b < n.B ? st.gs[b * n.J + x] : acc_t(0);
+    }
+    st.V = tiles;
+    if (kTiles == 2) st.gs = tiles + tile_elems;
+    st.b_base = block_b0;
+    st.stride = n.tile_stride;
+  }
+  __syncthreads();
 
   acc_t acc[kGroupRows][4], uh[kGroupRows][4], c[GJ][2];
 #pragma unroll
@@ -479,29 +530,56 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
     for (int q = 0; q < 4; ++q) acc[r][q] = acc_t(0);
 
   for (int64_t i = i_begin; i < i_end; ++i) {
-    coupling<DT>(src, n, L, st, i, b0, grp, uh, c);
-    if constexpr (kPass == Pass::kForward) {
-      if (c_out != nullptr && L.g == 0) {
-#pragma unroll
-        for (int jl = 0; jl < GJ; ++jl)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int64_t b = b0 + 2 * L.t + h, j = int64_t(grp) * GJ + jl;
-            if (b < n.B && j < n.N_out)
-              c_out[(b * n.N_in + i) * n.N_out + j] = Scalar<scalar_t>::store(c[jl][h]);
-          }
+    if constexpr (Src::kComputed) {
+      if (n.w_shared) {
+        if (i + 1 < i_end) stage_weight(src, n, i + 1, wbuf + ((i + 1 - i_begin) & 1) * w_elems);
+        cp_async_commit();
+        cp_async_wait_one();  // W[i] has landed
+        __syncthreads();
+        src.Wi = wbuf + ((i - i_begin) & 1) * w_elems;
+      } else {
+        src.Wi = src.W + i * w_elems;
       }
-      scaled_add<DT>(acc, c, uh);
-    } else {
-      acc_t g[GJ][2];
-      coupling_dots<DT>(uh, n, L, st, i, b0, grp, g);
-      coupling_grad<DT>(src, n, L, st, i, b0, grp, c, g, uh);
-      scaled_add<DT>(acc, g, uh);
+    }
+    if (has_rows) {
+      coupling<DT>(src, n, L, st, i, b0, grp, uh, c);
+      if constexpr (kPass == Pass::kForward) {
+        if (c_out != nullptr && L.g == 0) {
+#pragma unroll
+          for (int jl = 0; jl < GJ; ++jl)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int64_t b = b0 + 2 * L.t + h, j = int64_t(grp) * GJ + jl;
+              if (b < n.B && j < n.N_out)
+                c_out[(b * n.N_in + i) * n.N_out + j] = Scalar<scalar_t>::store(c[jl][h]);
+            }
+        }
+        scaled_add<DT>(acc, c, uh);
+      } else {
+        acc_t g[GJ][2];
+        coupling_dots<DT>(uh, n, L, st, i, b0, grp, g);
+        coupling_grad<DT>(src, n, L, st, i, b0, grp, c, g, uh);
+        scaled_add<DT>(acc, g, uh);
+      }
+    }
+    if (Src::kComputed && n.w_shared) __syncthreads();  // the buffer is refilled next round
+  }
+
+  // The block's partial sum over its capsules, for the warp's batch tile.
+  if (!has_rows) return;
+#pragma unroll
+  for (int r = 0; r < kGroupRows; ++r) {
+    const int64_t j = int64_t(grp) * GJ + r / DT;
+    if (j >= n.N_out) break;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t b = b0 + L.col(q);
+      const int d = L.dim(r % DT, q);
+      if (b < n.B && d < n.D_out)
+        partial[(int64_t(blockIdx.x) * n.B + b) * n.J + j * n.D_out + d] = acc[r][q];
     }
   }
-  write_block_partial<DT>(acc, smem, n, b0, grp, partial);
 }
-
 
 // --- per-(b, j) kernels: one warp per output capsule, lane = dim (D_out <= 32) ---------
 
@@ -625,13 +703,13 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
     for (int q = 0; q < 4; ++q) g_uh[r][q] = acc_t(0);
   for (int t = sw.t_min; t <= sw.iterations; ++t) {
     const State<acc_t> st{sw.V_prev + (t - 1) * stride, sw.gs + (t - 1) * stride,
-                          t == sw.iterations ? sw.grad_c : nullptr, t == 1};
+                          t == sw.iterations ? sw.grad_c : nullptr, t == 1, 0, n.J};
     acc_t c[GJ][2];
     coupling<DT>(src, n, L, st, i, b0, grp, uh, c, /*uh_ready=*/t > sw.t_min);
 #pragma unroll
     for (int r = 0; r < kGroupRows; ++r) {
       acc_t f[4];
-      load_frag(st.gs, n, L, b0, int64_t(grp) * GJ + r / DT, r % DT, f);
+      load_frag(st.gs, st, n, L, b0, int64_t(grp) * GJ + r / DT, r % DT, f);
 #pragma unroll
       for (int q = 0; q < 4; ++q) g_uh[r][q] += c[r / DT][q & 1] * f[q];
     }
@@ -642,7 +720,7 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
 #pragma unroll
     for (int r = 0; r < kGroupRows; ++r) {
       acc_t f[4];
-      load_frag(st.V, n, L, b0, int64_t(grp) * GJ + r / DT, r % DT, f);
+      load_frag(st.V, st, n, L, b0, int64_t(grp) * GJ + r / DT, r % DT, f);
 #pragma unroll
       for (int q = 0; q < 4; ++q) g_uh[r][q] += g[r / DT][q & 1] * f[q];
     }
@@ -702,6 +780,7 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
   const int grp = blockIdx.y;
   const int64_t k0 = int64_t(blockIdx.z) * 8;
   if (i >= n.N_in) return;  // whole warps: no block barrier below
+  src.Wi = src.W + i * n.J * n.D_in;
 
   acc_t gW[kRowsPerLane][8];
 #pragma unroll

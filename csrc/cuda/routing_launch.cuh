@@ -76,15 +76,33 @@ inline Dims make_dims(const char* op, const RoutingSizes& n, bool leaky) {
   d.caps_per_group = cuda::kGroupRows / dim_tiles(op, n.D_out);
   d.n_groups = static_cast<int>(ceil_div(n.N_out, d.caps_per_group));
   const int64_t b_tiles = ceil_div(n.B, cuda::kTileB);
-  TORCH_CHECK_VALUE(b_tiles <= 65535, op, ": the CUDA kernels support B <= ",
-                    65535 * cuda::kTileB, ", but got B = ", n.B);
-  // About four blocks per multiprocessor: enough to fill the GPU, few partial sums.
+  d.warps = static_cast<int>(std::min<int64_t>(cuda::kWarps, b_tiles));
+  const int64_t b_blocks = ceil_div(b_tiles, d.warps);
+  TORCH_CHECK_VALUE(b_blocks <= 65535 && d.n_groups <= 65535, op,
+                    ": too large for the CUDA kernels' grid: B = ", n.B, ", N_out = ", n.N_out);
+  // One wave of blocks (a pass runs one 8-warp block per multiprocessor): enough to fill the
+  // GPU, and as few per-block partial sums as that allows.
   const int sms = cuda::multiprocessor_count();
-  const int64_t want = ceil_div(4 * sms, b_tiles * d.n_groups);
-  const int64_t chunks = std::clamp<int64_t>(want, 1, ceil_div(n.N_in, cuda::kWarps));
-  d.i_per_warp = static_cast<int>(ceil_div(n.N_in, chunks * cuda::kWarps));
-  d.n_chunks = static_cast<int>(ceil_div(n.N_in, int64_t(cuda::kWarps) * d.i_per_warp));
+  const int64_t per_sm = std::max(1, cuda::kWarps / d.warps);
+  const int64_t want = ceil_div(sms * per_sm, b_blocks * d.n_groups);
+  const int64_t chunks = std::clamp<int64_t>(want, 1, n.N_in);
+  d.i_per_block = static_cast<int>(ceil_div(n.N_in, chunks));
+  d.n_chunks = static_cast<int>(ceil_div(n.N_in, d.i_per_block));
+  // Tiles of V / gs rows: stride = J rounded so that stride % 32 == 4 (banks of lanes differ).
+  d.tile_stride = d.J + ((4 - d.J % 32) + 32) % 32;
   return d;
+}
+
+// Shared memory of a pass, deciding what is staged there (at most kPassSmem bytes).
+constexpr size_t kPassSmem = 200 * 1024;
+template <typename T, typename acc_t>
+size_t plan_pass_smem(Dims& d, bool computed, int tiles) {
+  const size_t w_bytes = 2 * size_t(d.J * d.D_in) * sizeof(T);
+  d.w_shared = computed && w_bytes <= kPassSmem / 2;
+  const size_t w = d.w_shared ? w_bytes : 0;
+  const size_t tile_bytes = size_t(tiles) * d.warps * cuda::kTileB * d.tile_stride * sizeof(acc_t);
+  d.tiles_shared = w + tile_bytes + 16 <= kPassSmem;
+  return (d.tiles_shared ? (tile_bytes + 15) / 16 * 16 : 0) + w;
 }
 
 // One warp per (b, j) output capsule.
@@ -92,12 +110,12 @@ inline dim3 capsule_grid(const Dims& d) { return dim3(static_cast<unsigned>(ceil
 
 // One pass over the input capsules (see routing_pass_kernel).
 template <cuda::Pass kPass, int DT, typename Src, typename T, typename acc_t>
-void launch_pass(const Src& src, const Dims& d, const cuda::State<acc_t>& st, acc_t* partial,
+void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* partial,
                  T* c_out, cudaStream_t stream) {
-  const int rows = static_cast<int>(std::min<int64_t>(cuda::kGroupRows, d.N_out * DT));
-  const size_t smem = size_t(cuda::kWarps) * rows * 128 * sizeof(acc_t);
-  const dim3 grid(d.n_chunks, static_cast<unsigned>(ceil_div(d.B, cuda::kTileB)), d.n_groups);
-  cuda::launch(cuda::routing_pass_kernel<kPass, DT, Src, T>, grid, cuda::kThreads, smem, stream,
+  const size_t smem = plan_pass_smem<T, acc_t>(d, Src::kComputed, kPass == cuda::Pass::kGradient ? 2 : 1);
+  const dim3 grid(d.n_chunks, static_cast<unsigned>(ceil_div(ceil_div(d.B, cuda::kTileB), d.warps)),
+                  d.n_groups);
+  cuda::launch(cuda::routing_pass_kernel<kPass, DT, Src, T>, grid, d.warps * 32, smem, stream,
                src, d, st, partial, c_out);
 }
 
@@ -110,7 +128,7 @@ void forward(const Src& src, const Dims& d, int64_t iterations, double eps, cons
   auto partial = at::empty({d.n_chunks, d.B, d.J}, acc_opts);
   for (int64_t t = 1; t <= iterations; ++t) {
     const bool last = t == iterations;
-    launch_pass<cuda::Pass::kForward, DT>(src, d, cuda::State<acc_t>{aptr<acc_t>(V), nullptr, nullptr, t == 1},
+    launch_pass<cuda::Pass::kForward, DT>(src, d, cuda::State<acc_t>{aptr<acc_t>(V), nullptr, nullptr, t == 1, 0, d.J},
                                           aptr<acc_t>(partial), last ? c : nullptr, stream);
     cuda::launch(cuda::finish_iteration_kernel<T>, capsule_grid(d), 256, 0, stream,
       d, aptr<acc_t>(partial), bias, eps, aptr<acc_t>(V), s + (t - 1) * d.B * d.J,
@@ -140,7 +158,7 @@ std::pair<at::Tensor, at::Tensor> sweep(const Src& src, const Dims& d, int64_t i
       gs_ + (iterations - 1) * stride);
   for (int64_t t = iterations; t > t_min; --t) {
     const cuda::State<acc_t> st{aptr<acc_t>(V_prev) + (t - 1) * stride, gs_ + (t - 1) * stride,
-                                t == iterations ? aptr<acc_t>(grad_c) : nullptr, false};
+                                t == iterations ? aptr<acc_t>(grad_c) : nullptr, false, 0, d.J};
     launch_pass<cuda::Pass::kGradient, DT>(src, d, st, aptr<acc_t>(partial),
                                            static_cast<T*>(nullptr), stream);
     cuda::launch(cuda::sweep_step_kernel<acc_t>, capsule_grid(d), 256, 0, stream,

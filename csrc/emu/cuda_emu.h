@@ -99,6 +99,17 @@ struct Machine {
   std::vector<Barrier> warps;
   std::vector<std::array<unsigned char, 64>> slots;  // one exchange slot per thread
   std::vector<unsigned char> dynamic_smem;
+  // Per thread: asynchronous copies (cp.async) not yet landed: the open group, and the
+  // committed groups oldest first.
+  struct Copy {
+    void* dst;
+    const void* src;
+  };
+  struct Copies {
+    std::vector<Copy> open;
+    std::vector<std::vector<Copy>> committed;
+  };
+  std::vector<Copies> copies;
   std::function<void()> body;
 };
 
@@ -161,7 +172,6 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> b
   m.index.resize(n);
   m.slots.resize(n);
   while (static_cast<int>(m.stacks.size()) < n) m.stacks.emplace_back(kStack);
-  m.dynamic_smem.assign(smem, 0xCD);  // not zero: kernels must not rely on it
   m.body = std::move(body);
   m.threads = n;
   gridDim = grid;
@@ -171,6 +181,8 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> b
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         blockIdx = uint3{bx, by, bz};
         m.block = Barrier{n, 0, 0};
+        m.dynamic_smem.assign(smem, 0xCD);  // not zero: kernels must not rely on it
+        m.copies.assign(n, {});
         m.warps.assign((n + 31) / 32, Barrier{});
         for (int t = 0; t < n; ++t) {
           ++m.warps[t / 32].alive;
@@ -211,6 +223,26 @@ T exchange(T x, int src) {
   wait(w);  // nobody overwrites a slot before everyone has read it
   return r;
 }
+
+// cp.async: a copy lands only when a wait_group says so, so that reading the destination
+// before the wait shows stale data (the shared memory starts as 0xCD bytes).
+inline void cp_async16(void* dst, const void* src) {
+  machine().copies[machine().current].open.push_back({dst, src});
+}
+inline void cp_async_commit() {
+  auto& c = machine().copies[machine().current];
+  c.committed.push_back(std::move(c.open));
+  c.open.clear();
+}
+// cp.async.wait_group n: all but the newest n committed groups have landed.
+inline void cp_async_wait(int n) {
+  auto& c = machine().copies[machine().current];
+  const int land = static_cast<int>(c.committed.size()) - n;
+  for (int g = 0; g < land; ++g)
+    for (const auto& x : c.committed[g]) std::memcpy(x.dst, x.src, 16);
+  if (land > 0) c.committed.erase(c.committed.begin(), c.committed.begin() + land);
+}
+inline void cp_async_wait_one() { cp_async_wait(1); }
 
 // What lane `lane` of the caller's warp published in the exchange in progress (call between
 // the two barriers of a collective; see mma below).
