@@ -25,6 +25,8 @@
 #endif
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "../routing_math.h"
 
@@ -190,12 +192,114 @@ struct GivenSource {
   const scalar_t* __restrict__ u_hat;  // [B, N_in, N_out, D_out]
 };
 
+// --- matrix units: m16n8k8 products in TF32 ------------------------------------------
+//
+// mma.m16n8k8 (tf32 inputs, float32 accumulation) on the fragment layout above: with
+// g = lane / 4 and t = lane % 4, A (16 x 8, row-major) is a[0] = A[g][t], a[1] = A[g + 8][t],
+// a[2] = A[g][t + 4], a[3] = A[g + 8][t + 4]; B (8 x 8) is b[0] = B[t][g], b[1] = B[t + 4][g];
+// the accumulator is exactly a row tile's uh[r][q] (rows g, g + 8; columns 2t, 2t + 1).
+// A prediction tile is one such product per 8 input dims: A = 16 rows of W[i, j] (output dims
+// by input dims), B = u[b, i, :] of the warp's 8 batch elements.
+//
+// TF32 keeps 10 of float32's 23 mantissa bits, so float32 operands are split as x = hi + lo
+// (both TF32) and the product formed as hi*hi + hi*lo + lo*hi ("3xTF32"; the dropped lo*lo
+// is ~2^-22 relative): float32 accuracy from the matrix units. float16 and bfloat16 values
+// are exact in TF32 (at most 11 significant bits, exponent range within float32's), so
+// their predictions take one product and are exact up to float32 accumulation.
+
+#ifdef CAPSROUTE_EMULATE
+using emu::mma_tf32;
+using emu::to_tf32;
+#else
+// x rounded to TF32 (to nearest, ties away from zero), as a float32 bit pattern.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+// d += A B for one 16 x 8 x 8 tile (layout above).
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+// x = hi + lo with hi, lo in TF32; lo = 0 when x is exact in TF32 (kExact: half types).
+template <bool kExact>
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  hi = to_tf32(x);
+  if (!kExact) {
+    float h;
+    memcpy(&h, &hi, sizeof h);
+    lo = to_tf32(x - h);
+  }
+}
+
+// uh[r] += A B with A, B given as TF32 pairs (hi, lo); lo parts unused when kExact.
+template <bool kExact>
+__device__ __forceinline__ void mma_split(float (&d)[4], const uint32_t (&a_hi)[4],
+                                          const uint32_t (&a_lo)[4], const uint32_t (&b_hi)[2],
+                                          const uint32_t (&b_lo)[2]) {
+  if (!kExact) {  // small terms first
+    mma_tf32(d, a_lo, b_hi);
+    mma_tf32(d, a_hi, b_lo);
+  }
+  mma_tf32(d, a_hi, b_hi);
+}
+
+// Predictions on the matrix units (float32 accumulation: float, half, bfloat16 inputs); same
+// contract as predict() below.
+template <int DT, typename scalar_t>
+__device__ __forceinline__ void predict_mma(const WeightSource<scalar_t>& src, const Dims& n,
+                                            const Lane& L, int64_t i, int64_t b0, int grp,
+                                            float (&uh)[kGroupRows][4]) {
+  using S = Scalar<scalar_t>;
+  constexpr bool kExact = !std::is_same<scalar_t, float>::value;
+  constexpr int GJ = kGroupRows / DT;
+#pragma unroll
+  for (int r = 0; r < kGroupRows; ++r)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) uh[r][q] = 0.f;
+  const int64_t b = b0 + L.g;  // B's column: this lane's batch element
+  const scalar_t* u_row = src.u + ((b < n.B ? b : 0) * n.N_in + i) * n.D_in;
+  for (int64_t k0 = 0; k0 < n.D_in; k0 += 8) {
+    const int64_t ka = k0 + L.t, kb = ka + 4;  // B's rows (and A's columns) of this lane
+    uint32_t bh[2], bl[2] = {0, 0};
+    split_tf32<kExact>(b < n.B && ka < n.D_in ? S::load(u_row + ka) : 0.f, bh[0], bl[0]);
+    split_tf32<kExact>(b < n.B && kb < n.D_in ? S::load(u_row + kb) : 0.f, bh[1], bl[1]);
+#pragma unroll
+    for (int r = 0; r < kGroupRows; ++r) {
+      const int64_t j = int64_t(grp) * GJ + r / DT;
+      if (j >= n.N_out) break;  // warp-uniform: every lane takes part in the products
+      const int d0 = (r % DT) * kTileD + L.g, d1 = d0 + 8;
+      const scalar_t* w = src.Wi + j * n.D_out * n.D_in;
+      auto at = [&](int d, int64_t k) {
+        return d < n.D_out && k < n.D_in ? S::load(w + d * n.D_in + k) : 0.f;
+      };
+      uint32_t ah[4], al[4] = {0, 0, 0, 0};
+      split_tf32<kExact>(at(d0, ka), ah[0], al[0]);
+      split_tf32<kExact>(at(d1, ka), ah[1], al[1]);
+      split_tf32<kExact>(at(d0, kb), ah[2], al[2]);
+      split_tf32<kExact>(at(d1, kb), ah[3], al[3]);
+      mma_split<kExact>(uh[r], ah, al, bh, bl);
+    }
+  }
+}
+
 // Predictions of group `grp` (capsules grp*GJ .. grp*GJ+GJ-1) for input capsule i and the
 // warp's batch tile: uh[r][q], row tile r = (capsule r / DT, dim tile r % DT).
 template <int DT, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void predict(const WeightSource<scalar_t>& src, const Dims& n,
                                         const Lane& L, int64_t i, int64_t b0, int grp,
                                         acc_t (&uh)[kGroupRows][4]) {
+  if constexpr (std::is_same<acc_t, float>::value) {
+    predict_mma<DT>(src, n, L, i, b0, grp, uh);
+    return;
+  }
   using S = Scalar<scalar_t>;
   constexpr int GJ = kGroupRows / DT;
 #pragma unroll

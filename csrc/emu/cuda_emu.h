@@ -254,6 +254,58 @@ T peek(int lane) {
   return r;
 }
 
+// cvt.rna.tf32.f32: x rounded to 10 mantissa bits, to nearest with ties away from zero (the
+// magnitude is rounded: add half a unit of the last kept bit, then truncate).
+inline uint32_t to_tf32(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return bits;  // inf, nan
+  return (bits + 0x1000u) & ~0x1fffu;
+}
+
+inline float tf32_value(uint32_t bits) {
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, d += A B, with the PTX fragment layout
+// (g = lane / 4, t = lane % 4): a = {A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]},
+// b = {B[t][g], B[t+4][g]}, d = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]}. Operands
+// are read as TF32 (the low 13 bits ignored, as the hardware does); products are summed
+// in double and rounded once.
+inline void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  struct Frag {
+    uint32_t a[4], b[2];
+  };
+  Frag mine;
+  std::memcpy(mine.a, a, sizeof mine.a);
+  std::memcpy(mine.b, b, sizeof mine.b);
+  Machine& m = machine();
+  Barrier& w = my_warp();
+  if (w.alive != 32) fail("mma with exited lanes");
+  std::memcpy(m.slots[m.current].data(), &mine, sizeof mine);
+  wait(w);
+  const int lane = m.current & 31, g = lane >> 2, t = lane & 3;
+  auto A = [&](int row, int k) {
+    const Frag f = peek<Frag>((row % 8) * 4 + k % 4);
+    return tf32_value(f.a[(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)] & ~0x1fffu);
+  };
+  auto B = [&](int k, int col) {
+    const Frag f = peek<Frag>(col * 4 + k % 4);
+    return tf32_value(f.b[k >= 4 ? 1 : 0] & ~0x1fffu);
+  };
+  float out[4];
+  for (int q = 0; q < 4; ++q) {
+    const int row = g + 8 * (q >> 1), col = 2 * t + (q & 1);
+    double acc = d[q];
+    for (int k = 0; k < 8; ++k) acc += double(A(row, k)) * double(B(k, col));
+    out[q] = static_cast<float>(acc);
+  }
+  wait(w);
+  std::memcpy(d, out, sizeof out);
+}
+
 }  // namespace emu
 }  // namespace capsroute
 
