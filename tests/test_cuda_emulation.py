@@ -54,6 +54,7 @@ SHAPES = [
     Shape(9, 11, 20, 8, 16),   # 20 output capsules: two groups of 16
     Shape(5, 9, 9, 4, 24),     # 24 dims: two row tiles per capsule, groups of 8
     Shape(2, 5, 1, 16, 1),     # N_out = 1, D_out = 1, two chunks of 8 input dims
+    Shape(70, 3, 3, 8, 5),     # 9 batch tiles: more than a block's 8 warps
 ]
 TINY = Shape(3, 5, 3, 3, 5)
 OPTIONS = list(itertools.product([1, 2, 3], [False, True], [False, True], [False, True],

@@ -772,13 +772,11 @@ __global__ void running_sums_kernel(Dims n, int iterations, const acc_t* s, doub
 // --- the last backward pass ------------------------------------------------------------
 //
 // Local per (b, i): g_uh = sum_t c^(t) gs^(t) + gbeta^(t) V^(t-1), handed to a sink: route
-// writes grad_u_hat; dynamic_routing contracts it into grad_u (over j, d) and grad_W (over
-// b). A warp owns one input capsule, one group of output capsules and one chunk of 8 input
-// dims, and walks every batch tile in order, so grad_W[i] is summed over b in registers in a
-// fixed order. grid = (ceil(N_in / final_warps), n_groups, ceil(D_in / 8)).
+// writes grad_u_hat (route_grad_kernel: a warp owns one input capsule and one group of output
+// capsules and walks every batch tile); dynamic_routing contracts it into grad_u (over j, d)
+// and grad_W (over b) (weight_grad_kernel, below).
 
-// Warps per block of the last pass; its static shared memory (the g_uh tiles) stays under
-// 48 KB in double too.
+// Warps per block of route_grad_kernel.
 template <typename acc_t>
 constexpr int final_warps() {
   return sizeof(acc_t) == 8 ? 2 : 4;
@@ -860,31 +858,53 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
   }
 }
 
-// dynamic_routing: grad_u[b, i, k] = sum_(j,d) W[i,j,d,k] g_uh[b,i,j,d] for the warp's 8 input
-// dims k (written to grad_u_part[grp], summed over groups by the launcher when there are
-// several), and grad_W[i, j, d, k] = sum_b g_uh[b,i,j,d] u[b,i,k] for the group's (j, d).
-// The g_uh tile goes through shared memory so that each lane can own whole rows of
-// grad_W[i] (up to 8 of the group's 256 (j, d) rows, 8 dims each) in registers.
+// dynamic_routing: grad_u[b, i, k] = sum_(j,d) W[i,j,d,k] g_uh[b,i,j,d] for 8 input dims k
+// (written to grad_u_part[grp], summed over groups by the launcher when there are several),
+// and grad_W[i, j, d, k] = sum_b g_uh[b,i,j,d] u[b,i,k] for the group's (j, d).
+// A block owns one input capsule, one group and one chunk of 8 input dims: its warps share
+// W[i] (staged once in shared memory when it fits) and take the batch tiles in turn (warp w:
+// tiles w, w + kFinalWarps, ...). Each lane keeps whole rows of grad_W[i] (8 of the group's
+// 256 (j, d) rows) in registers, fed from a shared-memory copy of the warp's g_uh tile; at the
+// end the warps' partial grad_W are added in warp order (deterministic, no atomics).
+// grid = (N_in, n_groups, ceil(D_in / 8)); dynamic shared memory: weight_grad_smem().
+constexpr int kFinalWarps = 8;
+constexpr int kFinalRows = kGroupRows * kTileD;  // (j, d) rows of a group: 256
+constexpr int kFinalTileStride = kFinalRows + 1;  // a g_uh tile row, padded against bank conflicts
+
+// Bytes of the kernel's shared memory: [g_uh tiles][u tiles][W[i] if w_shared].
+template <typename scalar_t, typename acc_t>
+__host__ __device__ inline size_t weight_grad_smem(int64_t w_elems, bool w_shared) {
+  const size_t tiles = size_t(kFinalWarps) * kTileB * (kFinalTileStride + 8) * sizeof(acc_t);
+  return (tiles + 15) / 16 * 16 + (w_shared ? size_t(w_elems) * sizeof(scalar_t) : 0);
+}
+
 template <int DT, typename scalar_t>
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(kFinalWarps * 32, 1)
 weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
                    typename Scalar<scalar_t>::acc* __restrict__ grad_u_part,
                    scalar_t* __restrict__ grad_W) {
   using acc_t = typename Scalar<scalar_t>::acc;
   using S = Scalar<scalar_t>;
   constexpr int GJ = kGroupRows / DT;
-  constexpr int kRowsPerGroup = kGroupRows * kTileD;  // (j, d) rows of a group: 256
-  constexpr int kRowsPerLane = kRowsPerGroup / 32;
-  constexpr int kW = final_warps<acc_t>();
-  __shared__ acc_t tile_g[kW][kTileB][kRowsPerGroup + 1];
-  __shared__ acc_t tile_u[kW][kTileB][8];
+  constexpr int kRowsPerLane = kFinalRows / 32;
   const Lane L;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t i = int64_t(blockIdx.x) * kW + warp;
+  const int64_t i = blockIdx.x;
   const int grp = blockIdx.y;
   const int64_t k0 = int64_t(blockIdx.z) * 8;
-  if (i >= n.N_in) return;  // whole warps: no block barrier below
-  src.Wi = src.W + i * n.J * n.D_in;
+
+  unsigned char* smem = dynamic_smem<unsigned char>();
+  acc_t* tile_g = reinterpret_cast<acc_t*>(smem) + warp * kTileB * kFinalTileStride;
+  acc_t* tile_u = reinterpret_cast<acc_t*>(smem) + kFinalWarps * kTileB * kFinalTileStride +
+                  warp * kTileB * 8;
+  const int64_t w_elems = n.J * n.D_in;
+  src.Wi = src.W + i * w_elems;
+  if (n.w_shared) {
+    scalar_t* w = reinterpret_cast<scalar_t*>(smem + weight_grad_smem<scalar_t, acc_t>(0, false));
+    for (int64_t e = threadIdx.x; e < w_elems; e += blockDim.x) w[e] = src.Wi[e];
+    src.Wi = w;
+  }
+  __syncthreads();
 
   acc_t gW[kRowsPerLane][8];
 #pragma unroll
@@ -893,7 +913,7 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
     for (int k = 0; k < 8; ++k) gW[m][k] = acc_t(0);
 
   acc_t uh[kGroupRows][4], g_uh[kGroupRows][4];
-  for (int64_t b0 = 0; b0 < n.B; b0 += kTileB) {
+  for (int64_t b0 = int64_t(warp) * kTileB; b0 < n.B; b0 += kFinalWarps * kTileB) {
     prediction_grad<DT>(src, n, L, sw, i, b0, grp, uh, g_uh);
 
     // grad_u over this group's (j, d): each lane sums its fragment, then the 8 lanes that
@@ -911,7 +931,7 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
       for (int dh = 0; dh < 2; ++dh) {
         const int d = L.dim(r % DT, 2 * dh);
         if (d >= n.D_out) continue;
-        const scalar_t* w = src.W + ((i * n.N_out + j) * n.D_out + d) * n.D_in + k0;
+        const scalar_t* w = src.Wi + (j * n.D_out + d) * n.D_in + k0;
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
           if (k0 + k >= n.D_in) break;
@@ -940,15 +960,14 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
 #pragma unroll
     for (int r = 0; r < kGroupRows; ++r)
 #pragma unroll
-      for (int q = 0; q < 4; ++q)
-        tile_g[warp][L.col(q)][r * kTileD + (L.dim(0, q))] = g_uh[r][q];
+      for (int q = 0; q < 4; ++q) tile_g[L.col(q) * kFinalTileStride + r * kTileD + L.dim(0, q)] = g_uh[r][q];
     if (L.g == 0) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t b = b0 + 2 * L.t + h;
 #pragma unroll
         for (int k = 0; k < 8; ++k)
-          tile_u[warp][2 * L.t + h][k] =
+          tile_u[(2 * L.t + h) * 8 + k] =
               (b < n.B && k0 + k < n.D_in) ? S::load(src.u + (b * n.N_in + i) * n.D_in + k0 + k) : acc_t(0);
       }
     }
@@ -957,10 +976,10 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
     for (int bb = 0; bb < kTileB; ++bb) {
       acc_t ub[8];
 #pragma unroll
-      for (int k = 0; k < 8; ++k) ub[k] = tile_u[warp][bb][k];
+      for (int k = 0; k < 8; ++k) ub[k] = tile_u[bb * 8 + k];
 #pragma unroll
       for (int m = 0; m < kRowsPerLane; ++m) {
-        const acc_t gv = tile_g[warp][bb][lane + 32 * m];
+        const acc_t gv = tile_g[bb * kFinalTileStride + lane + 32 * m];
 #pragma unroll
         for (int k = 0; k < 8; ++k) gW[m][k] += gv * ub[k];
       }
@@ -968,17 +987,28 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
     __syncwarp();
   }
 
-  // Row (r, dd) of the group: capsule grp * GJ + r / DT, dim (r % DT) * 16 + dd.
+  // The warps' partial grad_W[i], added in warp order in the first g_uh tile's space
+  // (8 x 257 >= 256 x 8 elements; warp 0, its owner, writes it only after its own loop).
+  acc_t* sum = reinterpret_cast<acc_t*>(smem);
+  for (int w = 0; w < kFinalWarps; ++w) {
+    if (warp == w) {
 #pragma unroll
-  for (int m = 0; m < kRowsPerLane; ++m) {
-    const int row = lane + 32 * m, r = row / kTileD, dd = row % kTileD;
+      for (int m = 0; m < kRowsPerLane; ++m)
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          acc_t& x = sum[(lane + 32 * m) * 8 + k];
+          x = (w == 0 ? acc_t(0) : x) + gW[m][k];
+        }
+    }
+    __syncthreads();
+  }
+  // Row (r, dd) of the group: capsule grp * GJ + r / DT, dim (r % DT) * 16 + dd.
+  for (int e = threadIdx.x; e < kFinalRows * 8; e += blockDim.x) {
+    const int row = e / 8, k = e % 8, r = row / kTileD, dd = row % kTileD;
     const int64_t j = int64_t(grp) * GJ + r / DT;
     const int d = (r % DT) * kTileD + dd;
-    if (j >= n.N_out || d >= n.D_out) continue;
-    scalar_t* out = grad_W + ((i * n.N_out + j) * n.D_out + d) * n.D_in + k0;
-#pragma unroll
-    for (int k = 0; k < 8; ++k)
-      if (k0 + k < n.D_in) out[k] = S::store(gW[m][k]);
+    if (j < n.N_out && d < n.D_out && k0 + k < n.D_in)
+      grad_W[((i * n.N_out + j) * n.D_out + d) * n.D_in + k0 + k] = S::store(sum[e]);
   }
 }
 

@@ -254,13 +254,15 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
                                                     in.grad_c, in.s);
     if (has_bias) grad_bias = grad_bias_of(gs, t_min, iterations, n, u.scalar_type());
     auto grad_u_part = at::empty({d.n_groups, n.B, n.N_in, n.D_in}, in.s.options());
-    constexpr int kW = cuda::final_warps<acc_t>();
-    const dim3 grid(static_cast<unsigned>(ceil_div(n.N_in, kW)), d.n_groups,
-                    static_cast<unsigned>(ceil_div(n.D_in, 8)));
+    // W[i] is staged in shared memory when it fits beside the tiles.
+    d.w_shared = cuda::weight_grad_smem<T, acc_t>(n.N_out * n.D_out * n.D_in, true) <= kPassSmem;
+    const size_t smem = cuda::weight_grad_smem<T, acc_t>(n.N_out * n.D_out * n.D_in, d.w_shared);
+    const dim3 grid(static_cast<unsigned>(n.N_in), d.n_groups, static_cast<unsigned>(ceil_div(n.D_in, 8)));
     const cuda::Sweep<acc_t> sw{aptr<acc_t>(V_prev), aptr<acc_t>(gs), aptr<acc_t>(in.grad_c),
                                 static_cast<int>(t_min), static_cast<int>(iterations), detach};
-    cuda::launch(cuda::weight_grad_kernel<DT, T>, grid, kW * 32, 0, cuda::current_stream(),
-      src, d, sw, aptr<acc_t>(grad_u_part), dptr<scalar_t>(grad_weight));
+    cuda::launch(cuda::weight_grad_kernel<DT, T>, grid, cuda::kFinalWarps * 32, smem,
+                 cuda::current_stream(), src, d, sw, aptr<acc_t>(grad_u_part),
+                 dptr<scalar_t>(grad_weight));
     // With several groups of output capsules their contributions to grad_u are added here,
     // in group order.
     grad_u.copy_(d.n_groups == 1 ? grad_u_part[0] : grad_u_part.sum(0));
