@@ -70,30 +70,6 @@ struct Scalar<__nv_bfloat16> {
   }
 };
 
-// Eight consecutive elements (16-byte aligned, shared or global memory), converted to the
-// accumulation type.
-__device__ __forceinline__ void load8(const float* p, float (&x)[8]) {
-  const float4 a = *reinterpret_cast<const float4*>(p);
-  const float4 b = *(reinterpret_cast<const float4*>(p) + 1);
-  x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
-  x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
-}
-__device__ __forceinline__ void load8(const double* p, double (&x)[8]) {
-#pragma unroll
-  for (int h = 0; h < 4; ++h) {
-    const double2 a = *(reinterpret_cast<const double2*>(p) + h);
-    x[2 * h] = a.x;
-    x[2 * h + 1] = a.y;
-  }
-}
-template <typename H>  // __half, __nv_bfloat16: one 16-byte load
-__device__ __forceinline__ void load8(const H* p, float (&x)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const H* h = reinterpret_cast<const H*>(&raw);
-#pragma unroll
-  for (int k = 0; k < 8; ++k) x[k] = Scalar<H>::load(h + k);
-}
-
 template <typename T>
 __device__ __forceinline__ T exp_(T x) {
   return exp(x);
@@ -125,7 +101,7 @@ struct Dims {
   // capsules; `n_chunks` blocks along N_in.
   int warps, i_per_block, n_chunks;
   bool leaky;
-  bool rows8;          // D_in % 8 == 0 and u, W 16-byte aligned: rows load as 16-byte vectors
+  bool rows8;          // D_in % 8 == 0 and W 16-byte aligned: W[i] copies in 16-byte pieces
   bool w_shared;       // a pass stages W[i] in shared memory, double-buffered
   bool tiles_shared;   // a pass keeps V (and gs) of its batch rows in shared memory
   int64_t tile_stride; // row stride of those tiles: J padded so that lanes hit distinct banks
@@ -251,134 +227,105 @@ __device__ __forceinline__ void mma_split(float (&d)[4], const uint32_t (&a_hi)[
   mma_tf32(d, a_hi, b_hi);
 }
 
-// Predictions on the matrix units (float32 accumulation: float, half, bfloat16 inputs); same
-// contract as predict() below.
+// --- predictions, one row tile at a time -------------------------------------------
+//
+// The kernels never hold all of a group's predictions: each use (the agreements with V or
+// gs, the weighted sums) makes the row tile it needs, uses it and drops it, so that only
+// 4 values per lane are live at a time. Making a tile again is cheap (a few matrix
+// instructions on W[i] in shared memory, or L1 hits on u_hat for route).
+
+// Row tile r of group `grp` for input capsule i and the warp's batch tile: capsule
+// grp * GJ + r / DT, dims (r % DT) * 16 + {g, g + 8}, batch elements b0 + {2t, 2t + 1}
+// (fragment slot q as in Lane). The capsule must exist (callers test j < N_out).
+// Matrix units (float32 accumulation: float, half, bfloat16 inputs).
 template <int DT, typename scalar_t>
-__device__ __forceinline__ void predict_mma(const WeightSource<scalar_t>& src, const Dims& n,
-                                            const Lane& L, int64_t i, int64_t b0, int grp,
-                                            float (&uh)[kGroupRows][4]) {
+__device__ __forceinline__ void predict_tile(const WeightSource<scalar_t>& src, const Dims& n,
+                                             const Lane& L, int64_t i, int64_t b0, int grp,
+                                             int r, float (&uh)[4]) {
   using S = Scalar<scalar_t>;
   constexpr bool kExact = !std::is_same<scalar_t, float>::value;
   constexpr int GJ = kGroupRows / DT;
-#pragma unroll
-  for (int r = 0; r < kGroupRows; ++r)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) uh[r][q] = 0.f;
-  const int64_t b = b0 + L.g;  // B's column: this lane's batch element
+  const int64_t j = int64_t(grp) * GJ + r / DT;
+  const int d0 = (r % DT) * kTileD + L.g, d1 = d0 + 8;  // A's rows of this lane
+  const scalar_t* w = src.Wi + j * n.D_out * n.D_in;
+  const int64_t b = b0 + L.g;                          // B's column of this lane
   const scalar_t* u_row = src.u + ((b < n.B ? b : 0) * n.N_in + i) * n.D_in;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) uh[q] = 0.f;
   for (int64_t k0 = 0; k0 < n.D_in; k0 += 8) {
     const int64_t ka = k0 + L.t, kb = ka + 4;  // B's rows (and A's columns) of this lane
     uint32_t bh[2], bl[2] = {0, 0};
     split_tf32<kExact>(b < n.B && ka < n.D_in ? S::load(u_row + ka) : 0.f, bh[0], bl[0]);
     split_tf32<kExact>(b < n.B && kb < n.D_in ? S::load(u_row + kb) : 0.f, bh[1], bl[1]);
-#pragma unroll
-    for (int r = 0; r < kGroupRows; ++r) {
-      const int64_t j = int64_t(grp) * GJ + r / DT;
-      if (j >= n.N_out) break;  // warp-uniform: every lane takes part in the products
-      const int d0 = (r % DT) * kTileD + L.g, d1 = d0 + 8;
-      const scalar_t* w = src.Wi + j * n.D_out * n.D_in;
-      auto at = [&](int d, int64_t k) {
-        return d < n.D_out && k < n.D_in ? S::load(w + d * n.D_in + k) : 0.f;
-      };
-      uint32_t ah[4], al[4] = {0, 0, 0, 0};
-      split_tf32<kExact>(at(d0, ka), ah[0], al[0]);
-      split_tf32<kExact>(at(d1, ka), ah[1], al[1]);
-      split_tf32<kExact>(at(d0, kb), ah[2], al[2]);
-      split_tf32<kExact>(at(d1, kb), ah[3], al[3]);
-      mma_split<kExact>(uh[r], ah, al, bh, bl);
-    }
+    auto at = [&](int d, int64_t k) {
+      return d < n.D_out && k < n.D_in ? S::load(w + d * n.D_in + k) : 0.f;
+    };
+    uint32_t ah[4], al[4] = {0, 0, 0, 0};
+    split_tf32<kExact>(at(d0, ka), ah[0], al[0]);
+    split_tf32<kExact>(at(d1, ka), ah[1], al[1]);
+    split_tf32<kExact>(at(d0, kb), ah[2], al[2]);
+    split_tf32<kExact>(at(d1, kb), ah[3], al[3]);
+    mma_split<kExact>(uh, ah, al, bh, bl);
   }
 }
 
-// Predictions of group `grp` (capsules grp*GJ .. grp*GJ+GJ-1) for input capsule i and the
-// warp's batch tile: uh[r][q], row tile r = (capsule r / DT, dim tile r % DT).
-template <int DT, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void predict(const WeightSource<scalar_t>& src, const Dims& n,
-                                        const Lane& L, int64_t i, int64_t b0, int grp,
-                                        acc_t (&uh)[kGroupRows][4]) {
-  if constexpr (std::is_same<acc_t, float>::value) {
-    predict_mma<DT>(src, n, L, i, b0, grp, uh);
-    return;
-  }
-  using S = Scalar<scalar_t>;
+// float64: FMAs (the matrix units' float64 products are not worth the bookkeeping here).
+template <int DT>
+__device__ __forceinline__ void predict_tile(const WeightSource<double>& src, const Dims& n,
+                                             const Lane& L, int64_t i, int64_t b0, int grp,
+                                             int r, double (&uh)[4]) {
   constexpr int GJ = kGroupRows / DT;
-#pragma unroll
-  for (int r = 0; r < kGroupRows; ++r)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) uh[r][q] = acc_t(0);
+  const int64_t j = int64_t(grp) * GJ + r / DT;
   const int64_t bA = b0 + 2 * L.t, bB = bA + 1;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) uh[q] = 0.0;
   for (int64_t k0 = 0; k0 < n.D_in; k0 += 8) {
-    acc_t ua[8], ub[8];
-    if (n.rows8) {
-      const int64_t bAc = bA < n.B ? bA : 0, bBc = bB < n.B ? bB : 0;  // in bounds; zeroed below
-      load8(src.u + (bAc * n.N_in + i) * n.D_in + k0, ua);
-      load8(src.u + (bBc * n.N_in + i) * n.D_in + k0, ub);
+    double ua[8], ub[8];
 #pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        if (bA >= n.B) ua[kk] = acc_t(0);
-        if (bB >= n.B) ub[kk] = acc_t(0);
-      }
-    } else {
-#pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        const int64_t k = k0 + kk;
-        ua[kk] = (k < n.D_in && bA < n.B) ? S::load(src.u + (bA * n.N_in + i) * n.D_in + k) : acc_t(0);
-        ub[kk] = (k < n.D_in && bB < n.B) ? S::load(src.u + (bB * n.N_in + i) * n.D_in + k) : acc_t(0);
-      }
+    for (int kk = 0; kk < 8; ++kk) {
+      const int64_t k = k0 + kk;
+      ua[kk] = (k < n.D_in && bA < n.B) ? src.u[(bA * n.N_in + i) * n.D_in + k] : 0.0;
+      ub[kk] = (k < n.D_in && bB < n.B) ? src.u[(bB * n.N_in + i) * n.D_in + k] : 0.0;
     }
 #pragma unroll
-    for (int r = 0; r < kGroupRows; ++r) {
-      const int64_t j = int64_t(grp) * GJ + r / DT;
-      if (j < n.N_out) {  // warp-uniform
+    for (int h = 0; h < 2; ++h) {  // dims g and g + 8
+      const int d = L.dim(r % DT, 2 * h);
+      if (d >= n.D_out) continue;
+      const double* wp = src.Wi + (j * n.D_out + d) * n.D_in + k0;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {  // dims g and g + 8
-          const int d = L.dim(r % DT, 2 * h);
-          acc_t w[8];
-          const scalar_t* wp = src.Wi + (j * n.D_out + (d < n.D_out ? d : 0)) * n.D_in + k0;
-          if (n.rows8) {
-            load8(wp, w);
-          } else {
-#pragma unroll
-            for (int kk = 0; kk < 8; ++kk) w[kk] = k0 + kk < n.D_in ? S::load(wp + kk) : acc_t(0);
-          }
-          if (d >= n.D_out) continue;
-#pragma unroll
-          for (int kk = 0; kk < 8; ++kk) {
-            uh[r][2 * h] += w[kk] * ua[kk];
-            uh[r][2 * h + 1] += w[kk] * ub[kk];
-          }
-        }
+      for (int kk = 0; kk < 8; ++kk) {
+        const double w = k0 + kk < n.D_in ? wp[kk] : 0.0;
+        uh[2 * h] += w * ua[kk];
+        uh[2 * h + 1] += w * ub[kk];
       }
     }
   }
 }
 
+// route: the tile read from the given predictions (L1 hits after the first use).
 template <int DT, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void predict(const GivenSource<scalar_t>& src, const Dims& n,
-                                        const Lane& L, int64_t i, int64_t b0, int grp,
-                                        acc_t (&uh)[kGroupRows][4]) {
-  using S = Scalar<scalar_t>;
+__device__ __forceinline__ void predict_tile(const GivenSource<scalar_t>& src, const Dims& n,
+                                             const Lane& L, int64_t i, int64_t b0, int grp,
+                                             int r, acc_t (&uh)[4]) {
   constexpr int GJ = kGroupRows / DT;
+  const int64_t j = int64_t(grp) * GJ + r / DT;
 #pragma unroll
-  for (int r = 0; r < kGroupRows; ++r) {
-    const int64_t j = int64_t(grp) * GJ + r / DT;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t b = b0 + L.col(q);
-      const int d = L.dim(r % DT, q);
-      uh[r][q] = (j < n.N_out && b < n.B && d < n.D_out)
-                     ? S::load(src.u_hat + ((b * n.N_in + i) * n.N_out + j) * n.D_out + d)
-                     : acc_t(0);
-    }
+  for (int q = 0; q < 4; ++q) {
+    const int64_t b = b0 + L.col(q);
+    const int d = L.dim(r % DT, q);
+    uh[q] = (b < n.B && d < n.D_out)
+                ? Scalar<scalar_t>::load(src.u_hat + ((b * n.N_in + i) * n.N_out + j) * n.D_out + d)
+                : acc_t(0);
   }
 }
 
-// <u_hat[b, i, j], x[b, j]> for the group's capsules and the lane's two batch elements,
-// summed over all dims (every lane of the 8 that share t gets the full sum).
-template <int DT, typename acc_t>
-__device__ __forceinline__ void dots(const acc_t (&uh)[kGroupRows][4], const acc_t* x,
-                                     const State<acc_t>& st, const Dims& n, const Lane& L,
-                                     int64_t b0, int grp, acc_t (&out)[kGroupRows / DT][2]) {
+// out[jl][h] = <u_hat[b, i, j], x[b, j]> for the group's capsules j = grp * GJ + jl and the
+// lane's two batch elements h (every lane of the 8 that share t gets the full sum); 0 for
+// capsules past N_out.
+template <int DT, typename Src, typename acc_t>
+__device__ __forceinline__ void agreements(const Src& src, const Dims& n, const Lane& L,
+                                           const State<acc_t>& st, const acc_t* x, int64_t i,
+                                           int64_t b0, int grp, acc_t (&out)[kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT;
 #pragma unroll
   for (int jl = 0; jl < GJ; ++jl) {
@@ -388,14 +335,31 @@ __device__ __forceinline__ void dots(const acc_t (&uh)[kGroupRows][4], const acc
     acc_t p0 = 0, p1 = 0;
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {
-      acc_t f[4];
+      acc_t uh[4], f[4];
+      predict_tile<DT>(src, n, L, i, b0, grp, jl * DT + dt, uh);
       load_frag(x, st, n, L, b0, j, dt, f);
-      const int r = jl * DT + dt;
-      p0 += uh[r][0] * f[0] + uh[r][2] * f[2];
-      p1 += uh[r][1] * f[1] + uh[r][3] * f[3];
+      p0 += uh[0] * f[0] + uh[2] * f[2];
+      p1 += uh[1] * f[1] + uh[3] * f[3];
     }
     out[jl][0] = sum_over_dims(p0);
     out[jl][1] = sum_over_dims(p1);
+  }
+}
+
+// acc[r][q] += w[capsule of r][batch half of q] * u_hat[r][q] over the group's row tiles.
+template <int DT, typename Src, typename acc_t>
+__device__ __forceinline__ void accumulate(const Src& src, const Dims& n, const Lane& L,
+                                           int64_t i, int64_t b0, int grp,
+                                           const acc_t (&w)[kGroupRows / DT][2],
+                                           acc_t (&acc)[kGroupRows][4]) {
+  constexpr int GJ = kGroupRows / DT;
+#pragma unroll
+  for (int r = 0; r < kGroupRows; ++r) {
+    if (int64_t(grp) * GJ + r / DT >= n.N_out) break;  // warp-uniform
+    acc_t uh[4];
+    predict_tile<DT>(src, n, L, i, b0, grp, r, uh);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[r][q] += w[r / DT][q & 1] * uh[q];
   }
 }
 
@@ -429,21 +393,15 @@ struct SoftmaxStats {
   }
 };
 
-// The coupling coefficients c[b, i, j] of the warp's group, for the lane's two batch
-// elements, at iteration t; leaves the group's predictions in uh. With several groups the
-// other groups' predictions are recomputed for the softmax statistics (own group last, so
-// that uh ends up holding it).
-// `uh_ready`: uh already holds the group's predictions for (i, b0) (one group only).
+// The coupling coefficients c[b, i, j] of the group's capsules, for the lane's two batch
+// elements, at iteration t. With several groups the other groups' logits enter the softmax
+// statistics (own group last, so that c ends up holding its logits).
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void coupling(const Src& src, const Dims& n, const Lane& L,
                                          const State<acc_t>& st, int64_t i, int64_t b0,
-                                         int grp, acc_t (&uh)[kGroupRows][4],
-                                         acc_t (&c)[kGroupRows / DT][2],
-                                         bool uh_ready = false) {
+                                         int grp, acc_t (&c)[kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT;
-  uh_ready = uh_ready && n.n_groups == 1;
   if (st.first) {
-    if (!uh_ready) predict<DT>(src, n, L, i, b0, grp, uh);
     const acc_t uniform = acc_t(1) / acc_t(n.N_out + (n.leaky ? 1 : 0));
 #pragma unroll
     for (int jl = 0; jl < GJ; ++jl) c[jl][0] = c[jl][1] = uniform;
@@ -453,8 +411,7 @@ __device__ __forceinline__ void coupling(const Src& src, const Dims& n, const La
   s.init(n.leaky);
   for (int k = 1; k <= n.n_groups; ++k) {
     const int other = (grp + k) % n.n_groups;  // ends with other == grp
-    if (!uh_ready) predict<DT>(src, n, L, i, b0, other, uh);
-    dots<DT>(uh, st.V, st, n, L, b0, other, c);
+    agreements<DT>(src, n, L, st, st.V, i, b0, other, c);
     s.add(c, int64_t(other) * GJ, n.N_out);
   }
 #pragma unroll
@@ -464,23 +421,13 @@ __device__ __forceinline__ void coupling(const Src& src, const Dims& n, const La
       c[jl][h] = int64_t(grp) * GJ + jl < n.N_out ? exp_(c[jl][h] - s.m[h]) / s.l[h] : acc_t(0);
 }
 
-// Back through the softmax for the warp's group: g <- c * (g - sum_k c_k g_k), the sum over
-// ALL capsules k (other groups recomputed). On entry g holds <gs, u_hat> (+ grad_c).
-template <int DT, typename Src, typename acc_t>
-__device__ __forceinline__ void coupling_grad(const Src& src, const Dims& n, const Lane& L,
-                                              const State<acc_t>& st, int64_t i, int64_t b0,
-                                              int grp, const acc_t (&c)[kGroupRows / DT][2],
-                                              acc_t (&g)[kGroupRows / DT][2],
-                                              acc_t (&uh)[kGroupRows][4]);
-
 // dL/dc (before the softmax backward) for the group: <gs[b, j], u_hat[b, i, j]> + grad_c.
-template <int DT, typename acc_t>
-__device__ __forceinline__ void coupling_dots(const acc_t (&uh)[kGroupRows][4], const Dims& n,
-                                              const Lane& L, const State<acc_t>& st,
-                                              int64_t i, int64_t b0, int grp,
-                                              acc_t (&g)[kGroupRows / DT][2]) {
+template <int DT, typename Src, typename acc_t>
+__device__ __forceinline__ void coupling_dots(const Src& src, const Dims& n, const Lane& L,
+                                              const State<acc_t>& st, int64_t i, int64_t b0,
+                                              int grp, acc_t (&g)[kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT;
-  dots<DT>(uh, st.gs, st, n, L, b0, grp, g);
+  agreements<DT>(src, n, L, st, st.gs, i, b0, grp, g);
   if (st.grad_c != nullptr) {
 #pragma unroll
     for (int jl = 0; jl < GJ; ++jl)
@@ -492,48 +439,33 @@ __device__ __forceinline__ void coupling_dots(const acc_t (&uh)[kGroupRows][4], 
   }
 }
 
+// Back through the softmax for the group: g <- c * (g - sum_k c_k g_k), the sum over ALL
+// capsules k (other groups' c and g made again). On entry g holds coupling_dots.
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void coupling_grad(const Src& src, const Dims& n, const Lane& L,
                                               const State<acc_t>& st, int64_t i, int64_t b0,
                                               int grp, const acc_t (&c)[kGroupRows / DT][2],
-                                              acc_t (&g)[kGroupRows / DT][2],
-                                              acc_t (&uh)[kGroupRows][4]) {
+                                              acc_t (&g)[kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT;
   acc_t cg[2] = {0, 0};
-  if (n.n_groups == 1) {
+#pragma unroll
+  for (int jl = 0; jl < GJ; ++jl)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) cg[h] += c[jl][h] * g[jl][h];
+  for (int k = 1; k < n.n_groups; ++k) {
+    const int other = (grp + k) % n.n_groups;
+    acc_t co[GJ][2], go[GJ][2];
+    coupling<DT>(src, n, L, st, i, b0, other, co);
+    coupling_dots<DT>(src, n, L, st, i, b0, other, go);
 #pragma unroll
     for (int jl = 0; jl < GJ; ++jl)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) cg[h] += c[jl][h] * g[jl][h];
-  } else {
-    // sum_k c_k g_k over every group: recompute each group's c and g (own group last, so
-    // uh, and the caller's c and g, are the own group's again at the end).
-    acc_t co[GJ][2], go[GJ][2];
-    for (int k = 1; k <= n.n_groups; ++k) {
-      const int other = (grp + k) % n.n_groups;
-      coupling<DT>(src, n, L, st, i, b0, other, uh, co);
-      coupling_dots<DT>(uh, n, L, st, i, b0, other, go);
-#pragma unroll
-      for (int jl = 0; jl < GJ; ++jl)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) cg[h] += co[jl][h] * go[jl][h];
-    }
+      for (int h = 0; h < 2; ++h) cg[h] += co[jl][h] * go[jl][h];
   }
 #pragma unroll
   for (int jl = 0; jl < GJ; ++jl)
 #pragma unroll
     for (int h = 0; h < 2; ++h) g[jl][h] = c[jl][h] * (g[jl][h] - cg[h]);
-}
-
-// acc[r][q] += w[capsule of r][batch half of q] * x[r][q]
-template <int DT, typename acc_t>
-__device__ __forceinline__ void scaled_add(acc_t (&acc)[kGroupRows][4],
-                                           const acc_t (&w)[kGroupRows / DT][2],
-                                           const acc_t (&x)[kGroupRows][4]) {
-#pragma unroll
-  for (int r = 0; r < kGroupRows; ++r)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) acc[r][q] += w[r / DT][q & 1] * x[r][q];
 }
 
 // --- asynchronous copies to shared memory (sm_80+) ------------------------------------
@@ -627,7 +559,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   }
   __syncthreads();
 
-  acc_t acc[kGroupRows][4], uh[kGroupRows][4], c[GJ][2];
+  acc_t acc[kGroupRows][4], c[GJ][2];
 #pragma unroll
   for (int r = 0; r < kGroupRows; ++r)
 #pragma unroll
@@ -646,7 +578,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
       }
     }
     if (has_rows) {
-      coupling<DT>(src, n, L, st, i, b0, grp, uh, c);
+      coupling<DT>(src, n, L, st, i, b0, grp, c);
       if constexpr (kPass == Pass::kForward) {
         if (c_out != nullptr && L.g == 0) {
 #pragma unroll
@@ -658,12 +590,12 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
                 c_out[(b * n.N_in + i) * n.N_out + j] = Scalar<scalar_t>::store(c[jl][h]);
             }
         }
-        scaled_add<DT>(acc, c, uh);
+        accumulate<DT>(src, n, L, i, b0, grp, c, acc);
       } else {
         acc_t g[GJ][2];
-        coupling_dots<DT>(uh, n, L, st, i, b0, grp, g);
-        coupling_grad<DT>(src, n, L, st, i, b0, grp, c, g, uh);
-        scaled_add<DT>(acc, g, uh);
+        coupling_dots<DT>(src, n, L, st, i, b0, grp, g);
+        coupling_grad<DT>(src, n, L, st, i, b0, grp, c, g);
+        accumulate<DT>(src, n, L, i, b0, grp, g, acc);
       }
     }
     if (Src::kComputed && n.w_shared) __syncthreads();  // the buffer is refilled next round
@@ -795,8 +727,7 @@ struct Sweep {
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, const Lane& L,
                                                 const Sweep<acc_t>& sw, int64_t i, int64_t b0,
-                                                int grp, acc_t (&uh)[kGroupRows][4],
-                                                acc_t (&g_uh)[kGroupRows][4]) {
+                                                int grp, acc_t (&g_uh)[kGroupRows][4]) {
   constexpr int GJ = kGroupRows / DT;
   const int64_t stride = n.B * n.J;
 #pragma unroll
@@ -807,7 +738,7 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
     const State<acc_t> st{sw.V_prev + (t - 1) * stride, sw.gs + (t - 1) * stride,
                           t == sw.iterations ? sw.grad_c : nullptr, t == 1, 0, n.J};
     acc_t c[GJ][2];
-    coupling<DT>(src, n, L, st, i, b0, grp, uh, c, /*uh_ready=*/t > sw.t_min);
+    coupling<DT>(src, n, L, st, i, b0, grp, c);
 #pragma unroll
     for (int r = 0; r < kGroupRows; ++r) {
       acc_t f[4];
@@ -817,8 +748,8 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
     }
     if (t == 1 || sw.detach) continue;  // V^(0) = 0; with detach c^(r) is a constant
     acc_t g[GJ][2];
-    coupling_dots<DT>(uh, n, L, st, i, b0, grp, g);
-    coupling_grad<DT>(src, n, L, st, i, b0, grp, c, g, uh);
+    coupling_dots<DT>(src, n, L, st, i, b0, grp, g);
+    coupling_grad<DT>(src, n, L, st, i, b0, grp, c, g);
 #pragma unroll
     for (int r = 0; r < kGroupRows; ++r) {
       acc_t f[4];
@@ -840,9 +771,9 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
   const int64_t i = int64_t(blockIdx.x) * final_warps<acc_t>() + (threadIdx.x >> 5);
   const int grp = blockIdx.y;
   if (i >= n.N_in) return;
-  acc_t uh[kGroupRows][4], g_uh[kGroupRows][4];
+  acc_t g_uh[kGroupRows][4];
   for (int64_t b0 = 0; b0 < n.B; b0 += kTileB) {
-    prediction_grad<DT>(src, n, L, sw, i, b0, grp, uh, g_uh);
+    prediction_grad<DT>(src, n, L, sw, i, b0, grp, g_uh);
 #pragma unroll
     for (int r = 0; r < kGroupRows; ++r) {
       const int64_t j = int64_t(grp) * GJ + r / DT;
@@ -912,9 +843,9 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
 #pragma unroll
     for (int k = 0; k < 8; ++k) gW[m][k] = acc_t(0);
 
-  acc_t uh[kGroupRows][4], g_uh[kGroupRows][4];
+  acc_t g_uh[kGroupRows][4];
   for (int64_t b0 = int64_t(warp) * kTileB; b0 < n.B; b0 += kFinalWarps * kTileB) {
-    prediction_grad<DT>(src, n, L, sw, i, b0, grp, uh, g_uh);
+    prediction_grad<DT>(src, n, L, sw, i, b0, grp, g_uh);
 
     // grad_u over this group's (j, d): each lane sums its fragment, then the 8 lanes that
     // share t add up the 16 dims.
