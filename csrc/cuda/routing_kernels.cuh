@@ -395,7 +395,12 @@ struct SoftmaxStats {
 
 // The coupling coefficients c[b, i, j] of the group's capsules, for the lane's two batch
 // elements, at iteration t. With several groups the other groups' logits enter the softmax
-// statistics (own group last, so that c ends up holding its logits).
+// statistics too (other_groups_stats).
+template <int DT, typename Src, typename acc_t>
+__device__ void other_groups_stats(const Src& src, const Dims& n, const Lane& L,
+                                   const State<acc_t>& st, int64_t i, int64_t b0, int grp,
+                                   SoftmaxStats<acc_t>& s);
+
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void coupling(const Src& src, const Dims& n, const Lane& L,
                                          const State<acc_t>& st, int64_t i, int64_t b0,
@@ -409,16 +414,29 @@ __device__ __forceinline__ void coupling(const Src& src, const Dims& n, const La
   }
   SoftmaxStats<acc_t> s;
   s.init(n.leaky);
-  for (int k = 1; k <= n.n_groups; ++k) {
-    const int other = (grp + k) % n.n_groups;  // ends with other == grp
-    agreements<DT>(src, n, L, st, st.V, i, b0, other, c);
-    s.add(c, int64_t(other) * GJ, n.N_out);
-  }
+  if (n.n_groups > 1) other_groups_stats<DT>(src, n, L, st, i, b0, grp, s);
+  agreements<DT>(src, n, L, st, st.V, i, b0, grp, c);
+  s.add(c, int64_t(grp) * GJ, n.N_out);
 #pragma unroll
   for (int jl = 0; jl < GJ; ++jl)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
       c[jl][h] = int64_t(grp) * GJ + jl < n.N_out ? exp_(c[jl][h] - s.m[h]) / s.l[h] : acc_t(0);
+}
+
+// Not inlined: the several-groups path keeps its temporaries out of the register budget of
+// the one-group case (the canonical shapes), which never calls it.
+template <int DT, typename Src, typename acc_t>
+__device__ __noinline__ void other_groups_stats(const Src& src, const Dims& n, const Lane& L,
+                                                const State<acc_t>& st, int64_t i, int64_t b0,
+                                                int grp, SoftmaxStats<acc_t>& s) {
+  constexpr int GJ = kGroupRows / DT;
+  for (int k = 1; k < n.n_groups; ++k) {
+    const int other = (grp + k) % n.n_groups;
+    acc_t a[GJ][2];
+    agreements<DT>(src, n, L, st, st.V, i, b0, other, a);
+    s.add(a, int64_t(other) * GJ, n.N_out);
+  }
 }
 
 // dL/dc (before the softmax backward) for the group: <gs[b, j], u_hat[b, i, j]> + grad_c.
@@ -439,8 +457,14 @@ __device__ __forceinline__ void coupling_dots(const Src& src, const Dims& n, con
   }
 }
 
+// sum_k c_k g_k over the capsules k of the groups other than grp (c and g made again).
+template <int DT, typename Src, typename acc_t>
+__device__ void other_groups_cg(const Src& src, const Dims& n, const Lane& L,
+                                const State<acc_t>& st, int64_t i, int64_t b0, int grp,
+                                acc_t (&cg)[2]);
+
 // Back through the softmax for the group: g <- c * (g - sum_k c_k g_k), the sum over ALL
-// capsules k (other groups' c and g made again). On entry g holds coupling_dots.
+// capsules k. On entry g holds coupling_dots.
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void coupling_grad(const Src& src, const Dims& n, const Lane& L,
                                               const State<acc_t>& st, int64_t i, int64_t b0,
@@ -448,10 +472,22 @@ __device__ __forceinline__ void coupling_grad(const Src& src, const Dims& n, con
                                               acc_t (&g)[kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT;
   acc_t cg[2] = {0, 0};
+  if (n.n_groups > 1) other_groups_cg<DT>(src, n, L, st, i, b0, grp, cg);
 #pragma unroll
   for (int jl = 0; jl < GJ; ++jl)
 #pragma unroll
     for (int h = 0; h < 2; ++h) cg[h] += c[jl][h] * g[jl][h];
+#pragma unroll
+  for (int jl = 0; jl < GJ; ++jl)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) g[jl][h] = c[jl][h] * (g[jl][h] - cg[h]);
+}
+
+template <int DT, typename Src, typename acc_t>
+__device__ __noinline__ void other_groups_cg(const Src& src, const Dims& n, const Lane& L,
+                                             const State<acc_t>& st, int64_t i, int64_t b0,
+                                             int grp, acc_t (&cg)[2]) {
+  constexpr int GJ = kGroupRows / DT;
   for (int k = 1; k < n.n_groups; ++k) {
     const int other = (grp + k) % n.n_groups;
     acc_t co[GJ][2], go[GJ][2];
@@ -462,10 +498,6 @@ __device__ __forceinline__ void coupling_grad(const Src& src, const Dims& n, con
 #pragma unroll
       for (int h = 0; h < 2; ++h) cg[h] += co[jl][h] * go[jl][h];
   }
-#pragma unroll
-  for (int jl = 0; jl < GJ; ++jl)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) g[jl][h] = c[jl][h] * (g[jl][h] - cg[h]);
 }
 
 // --- asynchronous copies to shared memory (sm_80+) ------------------------------------

@@ -36,6 +36,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __shared__ static
 #define __align__(n) alignas(n)
@@ -227,6 +228,8 @@ T exchange(T x, int src) {
 // cp.async: a copy lands only when a wait_group says so, so that reading the destination
 // before the wait shows stale data (the shared memory starts as 0xCD bytes).
 inline void cp_async16(void* dst, const void* src) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16)
+    fail("cp.async of 16 bytes from or to an address that is not 16-byte aligned");
   machine().copies[machine().current].open.push_back({dst, src});
 }
 inline void cp_async_commit() {
