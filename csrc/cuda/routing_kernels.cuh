@@ -826,18 +826,40 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
 // and grad_W[i, j, d, k] = sum_b g_uh[b,i,j,d] u[b,i,k] for the group's (j, d).
 // A block owns one input capsule, one group and one chunk of 8 input dims: its warps share
 // W[i] (staged once in shared memory when it fits) and take the batch tiles in turn (warp w:
-// tiles w, w + kFinalWarps, ...). Each lane keeps whole rows of grad_W[i] (8 of the group's
-// 256 (j, d) rows) in registers, fed from a shared-memory copy of the warp's g_uh tile; at the
-// end the warps' partial grad_W are added in warp order (deterministic, no atomics).
+// tiles w, w + kFinalWarps, ...). Each warp sums its share of grad_W[i] in registers; at the
+// end the warps' partial sums are added in warp order (deterministic, no atomics).
 // grid = (N_in, n_groups, ceil(D_in / 8)); dynamic shared memory: weight_grad_smem().
+//
+// grad_W's sum over the batch is a matrix product per row tile r (16 (j, d) rows):
+// gW_r[16 x 8 dims k] += g_uh_r[16 x 8 batch] u[8 batch x 8 dims k]. In float32 it runs on the
+// matrix units with no data movement: g_uh_r in the accumulator layout (lane: rows g, g + 8;
+// batch 2t, 2t + 1) is already an A operand once the batch axis is read in the order
+// (0, 2, 4, 6, 1, 3, 5, 7) — A's column t is batch 2t, column t + 4 is batch 2t + 1 — and B's
+// rows (u) follow the same order. float64 stages the tile in shared memory and uses FMAs,
+// each lane owning 8 whole rows.
 constexpr int kFinalWarps = 8;
 constexpr int kFinalRows = kGroupRows * kTileD;  // (j, d) rows of a group: 256
 constexpr int kFinalTileStride = kFinalRows + 1;  // a g_uh tile row, padded against bank conflicts
 
-// Bytes of the kernel's shared memory: [g_uh tiles][u tiles][W[i] if w_shared].
+// Where lane `lane`'s accumulator e (of 64) of grad_W sits: row (j, d) of the group, dim k.
+template <typename acc_t>
+__host__ __device__ inline void weight_grad_slot(int e, int lane, int& row, int& k) {
+  if (std::is_same<acc_t, float>::value) {  // accumulator layout, e = 4 r + q
+    const int r = e / 4, q = e % 4, g = lane >> 2, t = lane & 3;
+    row = r * kTileD + g + 8 * (q >> 1);
+    k = 2 * t + (q & 1);
+  } else {  // whole rows, e = 8 m + k
+    row = lane + 32 * (e / 8);
+    k = e % 8;
+  }
+}
+
+// Bytes of the kernel's shared memory: [g_uh and u tiles (float64) or the grad_W sum][W[i]].
 template <typename scalar_t, typename acc_t>
 __host__ __device__ inline size_t weight_grad_smem(int64_t w_elems, bool w_shared) {
-  const size_t tiles = size_t(kFinalWarps) * kTileB * (kFinalTileStride + 8) * sizeof(acc_t);
+  const size_t tiles = std::is_same<acc_t, float>::value
+                           ? size_t(kFinalRows) * 8 * sizeof(acc_t)
+                           : size_t(kFinalWarps) * kTileB * (kFinalTileStride + 8) * sizeof(acc_t);
   return (tiles + 15) / 16 * 16 + (w_shared ? size_t(w_elems) * sizeof(scalar_t) : 0);
 }
 
@@ -849,7 +871,7 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
   using acc_t = typename Scalar<scalar_t>::acc;
   using S = Scalar<scalar_t>;
   constexpr int GJ = kGroupRows / DT;
-  constexpr int kRowsPerLane = kFinalRows / 32;
+  constexpr bool kMatrixUnits = std::is_same<acc_t, float>::value;
   const Lane L;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t i = blockIdx.x;
@@ -857,9 +879,6 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
   const int64_t k0 = int64_t(blockIdx.z) * 8;
 
   unsigned char* smem = dynamic_smem<unsigned char>();
-  acc_t* tile_g = reinterpret_cast<acc_t*>(smem) + warp * kTileB * kFinalTileStride;
-  acc_t* tile_u = reinterpret_cast<acc_t*>(smem) + kFinalWarps * kTileB * kFinalTileStride +
-                  warp * kTileB * 8;
   const int64_t w_elems = n.J * n.D_in;
   src.Wi = src.W + i * w_elems;
   if (n.w_shared) {
@@ -869,11 +888,9 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
   }
   __syncthreads();
 
-  acc_t gW[kRowsPerLane][8];
+  acc_t gW[64];
 #pragma unroll
-  for (int m = 0; m < kRowsPerLane; ++m)
-#pragma unroll
-    for (int k = 0; k < 8; ++k) gW[m][k] = acc_t(0);
+  for (int e = 0; e < 64; ++e) gW[e] = acc_t(0);
 
   acc_t g_uh[kGroupRows][4];
   for (int64_t b0 = int64_t(warp) * kTileB; b0 < n.B; b0 += kFinalWarps * kTileB) {
@@ -919,49 +936,77 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
       }
     }
 
-    // Stage the tile: g_uh[b][(j, d)] and u[b][k], then grad_W rows (lane + 32 m).
-#pragma unroll
-    for (int r = 0; r < kGroupRows; ++r)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) tile_g[L.col(q) * kFinalTileStride + r * kTileD + L.dim(0, q)] = g_uh[r][q];
-    if (L.g == 0) {
+    if constexpr (kMatrixUnits) {
+      // B = u in the permuted batch order: b[0] = u[2t][k0 + g], b[1] = u[2t + 1][k0 + g].
+      uint32_t bh[2], bl[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t b = b0 + 2 * L.t + h;
-#pragma unroll
-        for (int k = 0; k < 8; ++k)
-          tile_u[(2 * L.t + h) * 8 + k] =
-              (b < n.B && k0 + k < n.D_in) ? S::load(src.u + (b * n.N_in + i) * n.D_in + k0 + k) : acc_t(0);
+        const int64_t b = b0 + 2 * L.t + h, k = k0 + L.g;
+        split_tf32<false>(b < n.B && k < n.D_in ? S::load(src.u + (b * n.N_in + i) * n.D_in + k) : 0.f,
+                          bh[h], bl[h]);
       }
-    }
-    __syncwarp();
 #pragma unroll
-    for (int bb = 0; bb < kTileB; ++bb) {
-      acc_t ub[8];
-#pragma unroll
-      for (int k = 0; k < 8; ++k) ub[k] = tile_u[bb * 8 + k];
-#pragma unroll
-      for (int m = 0; m < kRowsPerLane; ++m) {
-        const acc_t gv = tile_g[bb * kFinalTileStride + lane + 32 * m];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) gW[m][k] += gv * ub[k];
+      for (int r = 0; r < kGroupRows; ++r) {
+        if (int64_t(grp) * GJ + r / DT >= n.N_out) break;  // warp-uniform
+        // A = g_uh_r: a = {[g][2t], [g + 8][2t], [g][2t + 1], [g + 8][2t + 1]} = slots 0, 2, 1, 3.
+        uint32_t ah[4], al[4];
+        split_tf32<false>(g_uh[r][0], ah[0], al[0]);
+        split_tf32<false>(g_uh[r][2], ah[1], al[1]);
+        split_tf32<false>(g_uh[r][1], ah[2], al[2]);
+        split_tf32<false>(g_uh[r][3], ah[3], al[3]);
+        float(&d)[4] = *reinterpret_cast<float(*)[4]>(&gW[4 * r]);
+        mma_split<false>(d, ah, al, bh, bl);
       }
+    } else {
+      // Stage the tile: g_uh[b][(j, d)] and u[b][k], then lane's rows (lane + 32 m).
+      acc_t* tile_g = reinterpret_cast<acc_t*>(smem) + warp * kTileB * kFinalTileStride;
+      acc_t* tile_u = reinterpret_cast<acc_t*>(smem) + kFinalWarps * kTileB * kFinalTileStride +
+                      warp * kTileB * 8;
+#pragma unroll
+      for (int r = 0; r < kGroupRows; ++r)
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          tile_g[L.col(q) * kFinalTileStride + r * kTileD + L.dim(0, q)] = g_uh[r][q];
+      if (L.g == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t b = b0 + 2 * L.t + h;
+#pragma unroll
+          for (int k = 0; k < 8; ++k)
+            tile_u[(2 * L.t + h) * 8 + k] =
+                (b < n.B && k0 + k < n.D_in) ? S::load(src.u + (b * n.N_in + i) * n.D_in + k0 + k) : acc_t(0);
+        }
+      }
+      __syncwarp();
+#pragma unroll
+      for (int bb = 0; bb < kTileB; ++bb) {
+        acc_t ub[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) ub[k] = tile_u[bb * 8 + k];
+#pragma unroll
+        for (int m = 0; m < kFinalRows / 32; ++m) {
+          const acc_t gv = tile_g[bb * kFinalTileStride + lane + 32 * m];
+#pragma unroll
+          for (int k = 0; k < 8; ++k) gW[8 * m + k] += gv * ub[k];
+        }
+      }
+      __syncwarp();
     }
-    __syncwarp();
   }
 
-  // The warps' partial grad_W[i], added in warp order in the first g_uh tile's space
-  // (8 x 257 >= 256 x 8 elements; warp 0, its owner, writes it only after its own loop).
+  // The warps' partial grad_W[i] ([256 rows][8 dims]), added in warp order at the start of
+  // shared memory (float64: the first g_uh tile's space, 8 x 257 >= 256 x 8 elements, which
+  // its owner, warp 0, writes only after its own loop).
   acc_t* sum = reinterpret_cast<acc_t*>(smem);
   for (int w = 0; w < kFinalWarps; ++w) {
     if (warp == w) {
 #pragma unroll
-      for (int m = 0; m < kRowsPerLane; ++m)
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          acc_t& x = sum[(lane + 32 * m) * 8 + k];
-          x = (w == 0 ? acc_t(0) : x) + gW[m][k];
-        }
+      for (int e = 0; e < 64; ++e) {
+        int row, k;
+        weight_grad_slot<acc_t>(e, lane, row, k);
+        acc_t& x = sum[row * 8 + k];
+        x = (w == 0 ? acc_t(0) : x) + gW[e];
+      }
     }
     __syncthreads();
   }
