@@ -397,7 +397,7 @@ struct SoftmaxStats {
 // elements, at iteration t. With several groups the other groups' logits enter the softmax
 // statistics too (other_groups_stats).
 template <int DT, typename Src, typename acc_t>
-__device__ void other_groups_stats(const Src& src, const Dims& n, const Lane& L,
+__device__ __noinline__ void other_groups_stats(const Src& src, const Dims& n, const Lane& L,
                                    const State<acc_t>& st, int64_t i, int64_t b0, int grp,
                                    SoftmaxStats<acc_t>& s);
 
@@ -459,7 +459,7 @@ __device__ __forceinline__ void coupling_dots(const Src& src, const Dims& n, con
 
 // sum_k c_k g_k over the capsules k of the groups other than grp (c and g made again).
 template <int DT, typename Src, typename acc_t>
-__device__ void other_groups_cg(const Src& src, const Dims& n, const Lane& L,
+__device__ __noinline__ void other_groups_cg(const Src& src, const Dims& n, const Lane& L,
                                 const State<acc_t>& st, int64_t i, int64_t b0, int grp,
                                 acc_t (&cg)[2]);
 
