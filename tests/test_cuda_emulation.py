@@ -57,6 +57,7 @@ SHAPES = [
     Shape(70, 3, 3, 8, 5),     # 9 batch tiles: more than a block's 8 warps
 ]
 TINY = Shape(3, 5, 3, 3, 5)
+TINY_GROUPS = Shape(3, 4, 17, 3, 5)  # 17 output capsules: two groups of 16
 OPTIONS = list(itertools.product([1, 2, 3], [False, True], [False, True], [False, True],
                                  [False, True]))  # iterations, bias, leaky, detach, coupling
 
@@ -119,6 +120,17 @@ def run_emulated(emu, op: str, shape: Shape, dtype, *, iterations: int, bias: bo
 def test_every_option_float64(emu, op, iterations, bias, leaky, detach, coupling):
     run_emulated(emu, op, TINY, torch.float64, iterations=iterations, bias=bias, leaky=leaky,
                  detach=detach, return_coupling=coupling)
+
+
+@pytest.mark.parametrize("op", ["dynamic_routing", "route"])
+@pytest.mark.parametrize("iterations,leaky,detach,coupling",
+                         list(itertools.product([2, 3], [False, True], [False, True], [False, True])),
+                         ids=lambda x: str(int(x)) if isinstance(x, bool) else str(x))
+def test_groups_every_option_float64(emu, op, iterations, leaky, detach, coupling):
+    """Several groups of output capsules: the softmax statistics made once per iteration by
+    group_stats_kernel, used by every group's pass and by the last backward pass."""
+    run_emulated(emu, op, TINY_GROUPS, torch.float64, iterations=iterations, bias=True,
+                 leaky=leaky, detach=detach, return_coupling=coupling)
 
 
 @pytest.mark.parametrize("op", ["dynamic_routing", "route"])

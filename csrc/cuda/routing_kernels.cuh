@@ -117,6 +117,11 @@ struct State {
   // V and gs hold batch element b at row (b - b_base), rows `stride` apart: [B, J] in global
   // memory (b_base 0, stride J) or a shared-memory tile of a block's batch elements.
   int64_t b_base = 0, stride = 0;
+  // Several groups of output capsules only (else null): the softmax statistics over ALL
+  // capsules, [B, N_in, 2] (max, sum of exp), and the softmax backward's sum_k c_k g_k,
+  // [B, N_in], made once per iteration by group_stats_kernel instead of by every group.
+  const acc_t* stats = nullptr;
+  const acc_t* cg = nullptr;
 };
 
 // Which lane holds what: fragment slot q = 2 * (dim half) + (batch half).
@@ -412,11 +417,20 @@ __device__ __forceinline__ void coupling(const Src& src, const Dims& n, const La
     for (int jl = 0; jl < GJ; ++jl) c[jl][0] = c[jl][1] = uniform;
     return;
   }
-  SoftmaxStats<acc_t> s;
-  s.init(n.leaky);
-  if (n.n_groups > 1) other_groups_stats<DT>(src, n, L, st, i, b0, grp, s);
   agreements<DT>(src, n, L, st, st.V, i, b0, grp, c);
-  s.add(c, int64_t(grp) * GJ, n.N_out);
+  SoftmaxStats<acc_t> s;
+  if (n.n_groups > 1 && st.stats != nullptr) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t b = b0 + 2 * L.t + h;
+      s.m[h] = b < n.B ? st.stats[(b * n.N_in + i) * 2] : acc_t(0);
+      s.l[h] = b < n.B ? st.stats[(b * n.N_in + i) * 2 + 1] : acc_t(1);
+    }
+  } else {
+    s.init(n.leaky);
+    if (n.n_groups > 1) other_groups_stats<DT>(src, n, L, st, i, b0, grp, s);
+    s.add(c, int64_t(grp) * GJ, n.N_out);
+  }
 #pragma unroll
   for (int jl = 0; jl < GJ; ++jl)
 #pragma unroll
@@ -472,11 +486,19 @@ __device__ __forceinline__ void coupling_grad(const Src& src, const Dims& n, con
                                               acc_t (&g)[kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT;
   acc_t cg[2] = {0, 0};
-  if (n.n_groups > 1) other_groups_cg<DT>(src, n, L, st, i, b0, grp, cg);
+  if (n.n_groups > 1 && st.cg != nullptr) {
 #pragma unroll
-  for (int jl = 0; jl < GJ; ++jl)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t b = b0 + 2 * L.t + h;
+      cg[h] = b < n.B ? st.cg[b * n.N_in + i] : acc_t(0);
+    }
+  } else {
+    if (n.n_groups > 1) other_groups_cg<DT>(src, n, L, st, i, b0, grp, cg);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) cg[h] += c[jl][h] * g[jl][h];
+    for (int jl = 0; jl < GJ; ++jl)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) cg[h] += c[jl][h] * g[jl][h];
+  }
 #pragma unroll
   for (int jl = 0; jl < GJ; ++jl)
 #pragma unroll
@@ -649,6 +671,55 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   }
 }
 
+// Several groups of output capsules: the softmax statistics over all capsules for each
+// (b, i) at iteration t, stats[b, i] = (max, sum of exp) of the logits <u_hat, V>, and with
+// cg_out the softmax backward's sum_k c_k g_k (g = coupling_dots), so that the passes of each
+// group need only their own capsules' predictions. One warp per (input capsule, batch tile);
+// grid = (ceil(N_in / kWarps), ceil(B / 8)).
+template <int DT, typename Src, typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+group_stats_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
+                   typename Scalar<scalar_t>::acc* __restrict__ stats,
+                   typename Scalar<scalar_t>::acc* __restrict__ cg_out) {
+  using acc_t = typename Scalar<scalar_t>::acc;
+  constexpr int GJ = kGroupRows / DT;
+  const Lane L;
+  const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int64_t b0 = int64_t(blockIdx.y) * kTileB;
+  if (i >= n.N_in) return;  // whole warps
+  if constexpr (Src::kComputed) src.Wi = src.W + i * n.J * n.D_in;
+  st.stats = st.cg = nullptr;  // coupling() below works them out itself
+  SoftmaxStats<acc_t> s;
+  s.init(n.leaky);
+  for (int grp = 0; grp < n.n_groups; ++grp) {
+    acc_t a[GJ][2];
+    agreements<DT>(src, n, L, st, st.V, i, b0, grp, a);
+    s.add(a, int64_t(grp) * GJ, n.N_out);
+  }
+  acc_t cg[2] = {0, 0};
+  if (cg_out != nullptr) {
+    for (int grp = 0; grp < n.n_groups; ++grp) {
+      acc_t a[GJ][2], g[GJ][2];
+      agreements<DT>(src, n, L, st, st.V, i, b0, grp, a);
+      coupling_dots<DT>(src, n, L, st, i, b0, grp, g);
+#pragma unroll
+      for (int jl = 0; jl < GJ; ++jl)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          if (int64_t(grp) * GJ + jl < n.N_out) cg[h] += exp_(a[jl][h] - s.m[h]) / s.l[h] * g[jl][h];
+    }
+  }
+  if (L.g != 0) return;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t b = b0 + 2 * L.t + h;
+    if (b >= n.B) continue;
+    stats[(b * n.N_in + i) * 2] = s.m[h];
+    stats[(b * n.N_in + i) * 2 + 1] = s.l[h];
+    if (cg_out != nullptr) cg_out[b * n.N_in + i] = cg[h];
+  }
+}
+
 // --- per-(b, j) kernels: one warp per output capsule, lane = dim (D_out <= 32) ---------
 
 template <typename T>
@@ -753,6 +824,10 @@ struct Sweep {
   const acc_t* grad_c;   // [B, N_in, N_out] or null
   int t_min, iterations;
   bool detach;
+  // Several groups only: group_stats_kernel's outputs for iteration t at t - 1,
+  // [r, B, N_in, 2] and [r, B, N_in] (else null).
+  const acc_t* stats = nullptr;
+  const acc_t* cg = nullptr;
 };
 
 // g_uh of the warp's group for (i, b0); leaves the predictions in uh.
@@ -767,8 +842,11 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
 #pragma unroll
     for (int q = 0; q < 4; ++q) g_uh[r][q] = acc_t(0);
   for (int t = sw.t_min; t <= sw.iterations; ++t) {
+    const int64_t per_t = n.B * n.N_in;
     const State<acc_t> st{sw.V_prev + (t - 1) * stride, sw.gs + (t - 1) * stride,
-                          t == sw.iterations ? sw.grad_c : nullptr, t == 1, 0, n.J};
+                          t == sw.iterations ? sw.grad_c : nullptr, t == 1, 0, n.J,
+                          sw.stats != nullptr ? sw.stats + (t - 1) * per_t * 2 : nullptr,
+                          sw.cg != nullptr ? sw.cg + (t - 1) * per_t : nullptr};
     acc_t c[GJ][2];
     coupling<DT>(src, n, L, st, i, b0, grp, c);
 #pragma unroll

@@ -119,6 +119,18 @@ void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* pa
                src, d, st, partial, c_out);
 }
 
+// Several groups of output capsules: the softmax statistics (and with cg, the softmax
+// backward's sums) of iteration t over all capsules, written once for the groups' passes
+// (see group_stats_kernel). st must read V (and gs) from global memory.
+template <int DT, typename T, typename Src, typename acc_t>
+void launch_group_stats(const Src& src, const Dims& d, cuda::State<acc_t> st, acc_t* stats,
+                        acc_t* cg, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(d.N_in, cuda::kWarps)),
+                  static_cast<unsigned>(ceil_div(d.B, cuda::kTileB)));
+  cuda::launch(cuda::group_stats_kernel<DT, Src, T>, grid, cuda::kThreads, 0, stream, src, d, st,
+               stats, cg);
+}
+
 template <int DT, typename Src, typename T>
 void forward(const Src& src, const Dims& d, int64_t iterations, double eps, const T* bias,
              T* v, T* c, typename cuda::Scalar<T>::acc* s, const at::TensorOptions& acc_opts) {
@@ -126,46 +138,85 @@ void forward(const Src& src, const Dims& d, int64_t iterations, double eps, cons
   cudaStream_t stream = cuda::current_stream();
   auto V = at::zeros({d.B, d.J}, acc_opts);
   auto partial = at::empty({d.n_chunks, d.B, d.J}, acc_opts);
+  const bool groups = d.n_groups > 1;
+  auto stats = at::empty({groups ? d.B * d.N_in * 2 : 0}, acc_opts);
   for (int64_t t = 1; t <= iterations; ++t) {
     const bool last = t == iterations;
-    launch_pass<cuda::Pass::kForward, DT>(src, d, cuda::State<acc_t>{aptr<acc_t>(V), nullptr, nullptr, t == 1, 0, d.J},
-                                          aptr<acc_t>(partial), last ? c : nullptr, stream);
+    cuda::State<acc_t> st{aptr<acc_t>(V), nullptr, nullptr, t == 1, 0, d.J};
+    if (groups && t > 1) {
+      launch_group_stats<DT, T>(src, d, st, aptr<acc_t>(stats), static_cast<acc_t*>(nullptr),
+                                     stream);
+      st.stats = aptr<acc_t>(stats);
+    }
+    launch_pass<cuda::Pass::kForward, DT>(src, d, st, aptr<acc_t>(partial), last ? c : nullptr,
+                                          stream);
     cuda::launch(cuda::finish_iteration_kernel<T>, capsule_grid(d), 256, 0, stream,
-      d, aptr<acc_t>(partial), bias, eps, aptr<acc_t>(V), s + (t - 1) * d.B * d.J,
-        last ? v : nullptr);
+                 d, aptr<acc_t>(partial), bias, eps, aptr<acc_t>(V), s + (t - 1) * d.B * d.J,
+                 last ? v : nullptr);
   }
 }
 
-// The backward sweep up to the last pass: V_prev and gs for every iteration (see
-// sweep_step_kernel). Returns {V_prev, gs}.
+// What the backward sweep leaves for the last pass, per iteration t at t - 1: V_prev
+// (V^(t-1)) and gs (dL/ds^(t)), [r, B, N_out * D_out]; with several groups of output capsules
+// also the softmax statistics and sums of group_stats_kernel, [r, B * N_in * 2] and
+// [r, B * N_in] (else empty).
+struct SweepResult {
+  at::Tensor V_prev, gs, stats, cg;
+  template <typename acc_t>
+  cuda::Sweep<acc_t> view(const at::Tensor& grad_c, int64_t t_min, int64_t iterations,
+                          bool detach) const {
+    return {aptr<acc_t>(V_prev), aptr<acc_t>(gs), aptr<acc_t>(grad_c),
+            static_cast<int>(t_min), static_cast<int>(iterations), detach,
+            stats.numel() > 0 ? aptr<acc_t>(stats) : nullptr,
+            cg.numel() > 0 ? aptr<acc_t>(cg) : nullptr};
+  }
+};
+
+// The backward sweep up to the last pass (see sweep_step_kernel).
 template <int DT, typename Src, typename T>
-std::pair<at::Tensor, at::Tensor> sweep(const Src& src, const Dims& d, int64_t iterations,
-                                        int64_t t_min, double eps, const at::Tensor& grad_v,
-                                        const at::Tensor& grad_c, const at::Tensor& s) {
+SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_min, double eps,
+                  const at::Tensor& grad_v, const at::Tensor& grad_c, const at::Tensor& s) {
   using acc_t = typename cuda::Scalar<T>::acc;
   cudaStream_t stream = cuda::current_stream();
-  const int64_t stride = d.B * d.J;
-  auto V_prev = at::empty({iterations, d.B, d.J}, s.options());
+  const int64_t stride = d.B * d.J, per_t = d.B * d.N_in;
+  SweepResult out;
+  out.V_prev = at::empty({iterations, d.B, d.J}, s.options());
   cuda::launch(cuda::running_sums_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
-      d, static_cast<int>(iterations), aptr<acc_t>(s), eps, aptr<acc_t>(V_prev));
-  auto gs = at::zeros({iterations, d.B, d.J}, s.options());
+               d, static_cast<int>(iterations), aptr<acc_t>(s), eps, aptr<acc_t>(out.V_prev));
+  out.gs = at::zeros({iterations, d.B, d.J}, s.options());
+  const bool groups = d.n_groups > 1;
+  out.stats = at::zeros({groups ? iterations * per_t * 2 : 0}, s.options());
+  out.cg = at::zeros({groups ? iterations * per_t : 0}, s.options());
   auto G = at::zeros({d.B, d.J}, s.options());
   auto partial = at::empty({t_min < iterations ? d.n_chunks : 0, d.B, d.J}, s.options());
   const acc_t* s_ = aptr<acc_t>(s);
-  acc_t* gs_ = aptr<acc_t>(gs);
+  acc_t* gs_ = aptr<acc_t>(out.gs);
   cuda::launch(cuda::sweep_step_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
-      d, nullptr, 0, s_ + (iterations - 1) * stride, aptr<acc_t>(grad_v), eps, aptr<acc_t>(G),
-      gs_ + (iterations - 1) * stride);
+               d, nullptr, 0, s_ + (iterations - 1) * stride, aptr<acc_t>(grad_v), eps,
+               aptr<acc_t>(G), gs_ + (iterations - 1) * stride);
+  // Iteration t's state, with its group statistics made first (t >= 2; with cg when its
+  // softmax is differentiated, i.e. without detach).
+  auto state = [&](int64_t t) {
+    cuda::State<acc_t> st{aptr<acc_t>(out.V_prev) + (t - 1) * stride, gs_ + (t - 1) * stride,
+                          t == iterations ? aptr<acc_t>(grad_c) : nullptr, false, 0, d.J};
+    if (groups) {
+      acc_t* stats = aptr<acc_t>(out.stats) + (t - 1) * per_t * 2;
+      acc_t* cg = t > t_min ? aptr<acc_t>(out.cg) + (t - 1) * per_t : nullptr;
+      launch_group_stats<DT, T>(src, d, st, stats, cg, stream);
+      st.stats = stats;
+      st.cg = cg;
+    }
+    return st;
+  };
   for (int64_t t = iterations; t > t_min; --t) {
-    const cuda::State<acc_t> st{aptr<acc_t>(V_prev) + (t - 1) * stride, gs_ + (t - 1) * stride,
-                                t == iterations ? aptr<acc_t>(grad_c) : nullptr, false, 0, d.J};
-    launch_pass<cuda::Pass::kGradient, DT>(src, d, st, aptr<acc_t>(partial),
+    launch_pass<cuda::Pass::kGradient, DT>(src, d, state(t), aptr<acc_t>(partial),
                                            static_cast<T*>(nullptr), stream);
     cuda::launch(cuda::sweep_step_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
-      d, aptr<acc_t>(partial), d.n_chunks, s_ + (t - 2) * stride, nullptr, eps,
-        aptr<acc_t>(G), gs_ + (t - 2) * stride);
+                 d, aptr<acc_t>(partial), d.n_chunks, s_ + (t - 2) * stride, nullptr, eps,
+                 aptr<acc_t>(G), gs_ + (t - 2) * stride);
   }
-  return {V_prev, gs};
+  if (t_min > 1) state(t_min);  // detach: the last pass needs c^(r) only
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -250,16 +301,15 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
   d.rows8 = rows8(src, n.D_in);
   dispatch_dim_tiles(op, n.D_out, [&](auto dt) {
     constexpr int DT = decltype(dt)::value;
-    auto [V_prev, gs] = sweep<DT, decltype(src), T>(src, d, iterations, t_min, eps, in.grad_v,
-                                                    in.grad_c, in.s);
-    if (has_bias) grad_bias = grad_bias_of(gs, t_min, iterations, n, u.scalar_type());
+    const SweepResult sr = sweep<DT, decltype(src), T>(src, d, iterations, t_min, eps, in.grad_v,
+                                                       in.grad_c, in.s);
+    if (has_bias) grad_bias = grad_bias_of(sr.gs, t_min, iterations, n, u.scalar_type());
     auto grad_u_part = at::empty({d.n_groups, n.B, n.N_in, n.D_in}, in.s.options());
     // W[i] is staged in shared memory when it fits beside the tiles.
     d.w_shared = cuda::weight_grad_smem<T, acc_t>(n.N_out * n.D_out * n.D_in, true) <= kPassSmem;
     const size_t smem = cuda::weight_grad_smem<T, acc_t>(n.N_out * n.D_out * n.D_in, d.w_shared);
     const dim3 grid(static_cast<unsigned>(n.N_in), d.n_groups, static_cast<unsigned>(ceil_div(n.D_in, 8)));
-    const cuda::Sweep<acc_t> sw{aptr<acc_t>(V_prev), aptr<acc_t>(gs), aptr<acc_t>(in.grad_c),
-                                static_cast<int>(t_min), static_cast<int>(iterations), detach};
+    const cuda::Sweep<acc_t> sw = sr.view<acc_t>(in.grad_c, t_min, iterations, detach);
     cuda::launch(cuda::weight_grad_kernel<DT, T>, grid, cuda::kFinalWarps * 32, smem,
                  cuda::current_stream(), src, d, sw, aptr<acc_t>(grad_u_part),
                  dptr<scalar_t>(grad_weight));
@@ -281,13 +331,12 @@ void route_backward(const BackwardInputs& in, const at::Tensor& u_hat, const Rou
   const cuda::GivenSource<T> src{dptr<scalar_t>(u_hat)};
   dispatch_dim_tiles(op, n.D_out, [&](auto dt) {
     constexpr int DT = decltype(dt)::value;
-    auto [V_prev, gs] = sweep<DT, decltype(src), T>(src, d, iterations, t_min, eps, in.grad_v,
-                                                    in.grad_c, in.s);
-    if (has_bias) grad_bias = grad_bias_of(gs, t_min, iterations, n, u_hat.scalar_type());
+    const SweepResult sr = sweep<DT, decltype(src), T>(src, d, iterations, t_min, eps, in.grad_v,
+                                                       in.grad_c, in.s);
+    if (has_bias) grad_bias = grad_bias_of(sr.gs, t_min, iterations, n, u_hat.scalar_type());
     constexpr int kW = cuda::final_warps<acc_t>();
     const dim3 grid(static_cast<unsigned>(ceil_div(n.N_in, kW)), d.n_groups);
-    const cuda::Sweep<acc_t> sw{aptr<acc_t>(V_prev), aptr<acc_t>(gs), aptr<acc_t>(in.grad_c),
-                                static_cast<int>(t_min), static_cast<int>(iterations), detach};
+    const cuda::Sweep<acc_t> sw = sr.view<acc_t>(in.grad_c, t_min, iterations, detach);
     cuda::launch(cuda::route_grad_kernel<DT, T>, grid, kW * 32, 0, cuda::current_stream(),
       src, d, sw, dptr<scalar_t>(grad_u_hat));
   });
