@@ -729,6 +729,21 @@ __device__ __forceinline__ T warp_sum(T x) {
   return x;
 }
 
+// p[0] + p[stride] + ... + p[(count - 1) * stride] in a fixed order (deterministic): four
+// interleaved running sums, so that several independent loads of the blocks' partial sums
+// are in flight at once instead of one per L2 round trip.
+template <typename acc_t>
+__device__ __forceinline__ acc_t sum_partials(const acc_t* p, int count, int64_t stride) {
+  acc_t s[4] = {0, 0, 0, 0};
+  int ch = 0;
+#pragma unroll 2
+  for (; ch + 4 <= count; ch += 4)
+#pragma unroll
+    for (int k = 0; k < 4; ++k) s[k] += p[(ch + k) * stride];
+  for (; ch < count; ++ch) s[ch % 4] += p[ch * stride];
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
 struct CapsuleLane {
   int64_t b, j, e;  // e: offset of (b, j, d) in a [B, N_out, D_out] array
   bool valid;       // lane < D_out
@@ -758,7 +773,7 @@ __global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>:
   acc_t s = 0;
   if (c.valid) {
     if (bias != nullptr) s = Scalar<scalar_t>::load(bias + c.j * n.D_out + (threadIdx.x & 31));
-    for (int ch = 0; ch < n.n_chunks; ++ch) s += partial[ch * n.B * n.J + c.e];
+    s += sum_partials(partial + c.e, n.n_chunks, n.B * n.J);
   }
   const acc_t f = squash_scale(warp_sum(s * s), acc_t(eps));
   if (!c.valid) return;
@@ -778,7 +793,7 @@ __global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials,
   acc_t s = 0, gv = 0;
   if (c.valid) {
     acc_t g = G[c.e];
-    for (int ch = 0; ch < n_partials; ++ch) g += partial[ch * n.B * n.J + c.e];
+    if (n_partials > 0) g += sum_partials(partial + c.e, n_partials, n.B * n.J);
     G[c.e] = g;
     s = s_t[c.e];
     gv = g + (grad_v != nullptr ? grad_v[c.e] : acc_t(0));
