@@ -163,7 +163,10 @@ struct WeightSource {
   static constexpr bool kComputed = true;
   const scalar_t* __restrict__ u;  // [B, N_in, D_in]
   const scalar_t* __restrict__ W;  // [N_in, N_out, D_out, D_in]
-  const scalar_t* Wi = nullptr;    // W[i] of the capsule at hand: global or a shared copy
+  // W[i] of the capsule at hand, from output capsule wi_j0 on: all of it in global memory
+  // (wi_j0 = 0), or a shared-memory copy of one group's rows.
+  const scalar_t* Wi = nullptr;
+  int64_t wi_j0 = 0;
 };
 
 // route: u_hat given by the caller.
@@ -252,7 +255,7 @@ __device__ __forceinline__ void predict_tile(const WeightSource<scalar_t>& src, 
   constexpr int GJ = kGroupRows / DT;
   const int64_t j = int64_t(grp) * GJ + r / DT;
   const int d0 = (r % DT) * kTileD + L.g, d1 = d0 + 8;  // A's rows of this lane
-  const scalar_t* w = src.Wi + j * n.D_out * n.D_in;
+  const scalar_t* w = src.Wi + (j - src.wi_j0) * n.D_out * n.D_in;
   const int64_t b = b0 + L.g;                          // B's column of this lane
   const scalar_t* u_row = src.u + ((b < n.B ? b : 0) * n.N_in + i) * n.D_in;
 #pragma unroll
@@ -296,7 +299,7 @@ __device__ __forceinline__ void predict_tile(const WeightSource<double>& src, co
     for (int h = 0; h < 2; ++h) {  // dims g and g + 8
       const int d = L.dim(r % DT, 2 * h);
       if (d >= n.D_out) continue;
-      const double* wp = src.Wi + (j * n.D_out + d) * n.D_in + k0;
+      const double* wp = src.Wi + ((j - src.wi_j0) * n.D_out + d) * n.D_in + k0;
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk) {
         const double w = k0 + kk < n.D_in ? wp[kk] : 0.0;
@@ -399,13 +402,8 @@ struct SoftmaxStats {
 };
 
 // The coupling coefficients c[b, i, j] of the group's capsules, for the lane's two batch
-// elements, at iteration t. With several groups the other groups' logits enter the softmax
-// statistics too (other_groups_stats).
-template <int DT, typename Src, typename acc_t>
-__device__ __noinline__ void other_groups_stats(const Src& src, const Dims& n, const Lane& L,
-                                   const State<acc_t>& st, int64_t i, int64_t b0, int grp,
-                                   SoftmaxStats<acc_t>& s);
-
+// elements, at iteration t. With several groups the softmax statistics over all capsules
+// come from group_stats_kernel (st.stats, which the launch code always provides then).
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void coupling(const Src& src, const Dims& n, const Lane& L,
                                          const State<acc_t>& st, int64_t i, int64_t b0,
@@ -419,7 +417,7 @@ __device__ __forceinline__ void coupling(const Src& src, const Dims& n, const La
   }
   agreements<DT>(src, n, L, st, st.V, i, b0, grp, c);
   SoftmaxStats<acc_t> s;
-  if (n.n_groups > 1 && st.stats != nullptr) {
+  if (n.n_groups > 1) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t b = b0 + 2 * L.t + h;
@@ -428,7 +426,6 @@ __device__ __forceinline__ void coupling(const Src& src, const Dims& n, const La
     }
   } else {
     s.init(n.leaky);
-    if (n.n_groups > 1) other_groups_stats<DT>(src, n, L, st, i, b0, grp, s);
     s.add(c, int64_t(grp) * GJ, n.N_out);
   }
 #pragma unroll
@@ -436,21 +433,6 @@ __device__ __forceinline__ void coupling(const Src& src, const Dims& n, const La
 #pragma unroll
     for (int h = 0; h < 2; ++h)
       c[jl][h] = int64_t(grp) * GJ + jl < n.N_out ? exp_(c[jl][h] - s.m[h]) / s.l[h] : acc_t(0);
-}
-
-// Not inlined: the several-groups path keeps its temporaries out of the register budget of
-// the one-group case (the canonical shapes), which never calls it.
-template <int DT, typename Src, typename acc_t>
-__device__ __noinline__ void other_groups_stats(const Src& src, const Dims& n, const Lane& L,
-                                                const State<acc_t>& st, int64_t i, int64_t b0,
-                                                int grp, SoftmaxStats<acc_t>& s) {
-  constexpr int GJ = kGroupRows / DT;
-  for (int k = 1; k < n.n_groups; ++k) {
-    const int other = (grp + k) % n.n_groups;
-    acc_t a[GJ][2];
-    agreements<DT>(src, n, L, st, st.V, i, b0, other, a);
-    s.add(a, int64_t(other) * GJ, n.N_out);
-  }
 }
 
 // dL/dc (before the softmax backward) for the group: <gs[b, j], u_hat[b, i, j]> + grad_c.
@@ -471,14 +453,9 @@ __device__ __forceinline__ void coupling_dots(const Src& src, const Dims& n, con
   }
 }
 
-// sum_k c_k g_k over the capsules k of the groups other than grp (c and g made again).
-template <int DT, typename Src, typename acc_t>
-__device__ __noinline__ void other_groups_cg(const Src& src, const Dims& n, const Lane& L,
-                                const State<acc_t>& st, int64_t i, int64_t b0, int grp,
-                                acc_t (&cg)[2]);
-
 // Back through the softmax for the group: g <- c * (g - sum_k c_k g_k), the sum over ALL
-// capsules k. On entry g holds coupling_dots.
+// capsules k (with several groups: st.cg, from group_stats_kernel). On entry g holds
+// coupling_dots.
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void coupling_grad(const Src& src, const Dims& n, const Lane& L,
                                               const State<acc_t>& st, int64_t i, int64_t b0,
@@ -486,14 +463,13 @@ __device__ __forceinline__ void coupling_grad(const Src& src, const Dims& n, con
                                               acc_t (&g)[kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT;
   acc_t cg[2] = {0, 0};
-  if (n.n_groups > 1 && st.cg != nullptr) {
+  if (n.n_groups > 1) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t b = b0 + 2 * L.t + h;
       cg[h] = b < n.B ? st.cg[b * n.N_in + i] : acc_t(0);
     }
   } else {
-    if (n.n_groups > 1) other_groups_cg<DT>(src, n, L, st, i, b0, grp, cg);
 #pragma unroll
     for (int jl = 0; jl < GJ; ++jl)
 #pragma unroll
@@ -503,23 +479,6 @@ __device__ __forceinline__ void coupling_grad(const Src& src, const Dims& n, con
   for (int jl = 0; jl < GJ; ++jl)
 #pragma unroll
     for (int h = 0; h < 2; ++h) g[jl][h] = c[jl][h] * (g[jl][h] - cg[h]);
-}
-
-template <int DT, typename Src, typename acc_t>
-__device__ __noinline__ void other_groups_cg(const Src& src, const Dims& n, const Lane& L,
-                                             const State<acc_t>& st, int64_t i, int64_t b0,
-                                             int grp, acc_t (&cg)[2]) {
-  constexpr int GJ = kGroupRows / DT;
-  for (int k = 1; k < n.n_groups; ++k) {
-    const int other = (grp + k) % n.n_groups;
-    acc_t co[GJ][2], go[GJ][2];
-    coupling<DT>(src, n, L, st, i, b0, other, co);
-    coupling_dots<DT>(src, n, L, st, i, b0, other, go);
-#pragma unroll
-    for (int jl = 0; jl < GJ; ++jl)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) cg[h] += co[jl][h] * go[jl][h];
-  }
 }
 
 // --- asynchronous copies to shared memory (sm_80+) ------------------------------------
@@ -538,13 +497,23 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
 #endif
 
-// Copies W[i] ([N_out, D_out, D_in], contiguous) into shared memory: 16-byte asynchronous
-// copies when rows are 16-byte vectors, plain loads and stores otherwise.
+// Output capsules of group grp: the first, and how many (the last group may be short).
+__device__ __forceinline__ int64_t group_j0(const Dims& n, int grp) {
+  return int64_t(grp) * n.caps_per_group;
+}
+__device__ __forceinline__ int64_t group_caps(const Dims& n, int grp) {
+  return min(int64_t(n.caps_per_group), n.N_out - group_j0(n, grp));
+}
+
+// Copies group grp's rows of W[i] (capsules j0 .. j0 + count - 1: [count, D_out, D_in],
+// contiguous) into shared memory: 16-byte asynchronous copies when D_in % 8 == 0 and W is
+// 16-byte aligned (rows8), plain loads and stores otherwise.
 template <typename scalar_t>
 __device__ __forceinline__ void stage_weight(const WeightSource<scalar_t>& src, const Dims& n,
-                                             int64_t i, scalar_t* dst) {
-  const int64_t elems = n.J * n.D_in;
-  const scalar_t* from = src.W + i * elems;
+                                             int64_t i, int grp, scalar_t* dst) {
+  const int64_t row = n.D_out * n.D_in;
+  const int64_t elems = group_caps(n, grp) * row;
+  const scalar_t* from = src.W + i * n.J * n.D_in + group_j0(n, grp) * row;
   if (n.rows8) {
     constexpr int kPer = 16 / sizeof(scalar_t);
     for (int64_t e = int64_t(threadIdx.x) * kPer; e < elems; e += int64_t(blockDim.x) * kPer)
@@ -555,7 +524,7 @@ __device__ __forceinline__ void stage_weight(const WeightSource<scalar_t>& src, 
 }
 template <typename scalar_t>
 __device__ __forceinline__ void stage_weight(const GivenSource<scalar_t>&, const Dims&, int64_t,
-                                             scalar_t*) {}
+                                             int, scalar_t*) {}
 
 // --- kernels ---------------------------------------------------------------------------
 
@@ -592,11 +561,11 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   acc_t* tiles = reinterpret_cast<acc_t*>(smem_raw);
   scalar_t* wbuf = reinterpret_cast<scalar_t*>(
       smem_raw + ((kTiles * tile_elems * sizeof(acc_t) + 15) / 16) * 16);
-  const int64_t w_elems = n.J * n.D_in;
+  const int64_t w_elems = int64_t(n.caps_per_group) * n.D_out * n.D_in;  // a buffer: one group
 
   if constexpr (Src::kComputed)
     if (n.w_shared) {
-      stage_weight(src, n, i_begin, wbuf);
+      stage_weight(src, n, i_begin, grp, wbuf);
       cp_async_commit();
     }
   if (n.tiles_shared && !st.first) {
@@ -622,13 +591,15 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   for (int64_t i = i_begin; i < i_end; ++i) {
     if constexpr (Src::kComputed) {
       if (n.w_shared) {
-        if (i + 1 < i_end) stage_weight(src, n, i + 1, wbuf + ((i + 1 - i_begin) & 1) * w_elems);
+        if (i + 1 < i_end)
+          stage_weight(src, n, i + 1, grp, wbuf + ((i + 1 - i_begin) & 1) * w_elems);
         cp_async_commit();
         cp_async_wait_one();  // W[i] has landed
         __syncthreads();
         src.Wi = wbuf + ((i - i_begin) & 1) * w_elems;
+        src.wi_j0 = group_j0(n, grp);
       } else {
-        src.Wi = src.W + i * w_elems;
+        src.Wi = src.W + i * n.J * n.D_in;
       }
     }
     if (has_rows) {
@@ -674,8 +645,9 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
 // Several groups of output capsules: the softmax statistics over all capsules for each
 // (b, i) at iteration t, stats[b, i] = (max, sum of exp) of the logits <u_hat, V>, and with
 // cg_out the softmax backward's sum_k c_k g_k (g = coupling_dots), so that the passes of each
-// group need only their own capsules' predictions. One warp per (input capsule, batch tile);
-// grid = (ceil(N_in / kWarps), ceil(B / 8)).
+// group need only their own capsules' predictions. A block's warps take 8 batch elements each
+// and share one input capsule, whose whole W[i] is staged in shared memory when w_shared.
+// grid = (N_in, ceil(B / (8 * kWarps))); dynamic shared memory: J * D_in elements or none.
 template <int DT, typename Src, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 group_stats_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
@@ -684,11 +656,18 @@ group_stats_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   using acc_t = typename Scalar<scalar_t>::acc;
   constexpr int GJ = kGroupRows / DT;
   const Lane L;
-  const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  const int64_t b0 = int64_t(blockIdx.y) * kTileB;
-  if (i >= n.N_in) return;  // whole warps
-  if constexpr (Src::kComputed) src.Wi = src.W + i * n.J * n.D_in;
-  st.stats = st.cg = nullptr;  // coupling() below works them out itself
+  const int64_t i = blockIdx.x;
+  const int64_t b0 = (int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5)) * kTileB;
+  if constexpr (Src::kComputed) {
+    src.Wi = src.W + i * n.J * n.D_in;
+    if (n.w_shared) {
+      scalar_t* w = dynamic_smem<scalar_t>();
+      for (int64_t e = threadIdx.x; e < n.J * n.D_in; e += blockDim.x) w[e] = src.Wi[e];
+      src.Wi = w;
+    }
+    __syncthreads();
+  }
+  if (b0 >= n.B) return;  // whole warps, after the block's only barrier
   SoftmaxStats<acc_t> s;
   s.init(n.leaky);
   for (int grp = 0; grp < n.n_groups; ++grp) {
@@ -972,12 +951,13 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
   const int64_t k0 = int64_t(blockIdx.z) * 8;
 
   unsigned char* smem = dynamic_smem<unsigned char>();
-  const int64_t w_elems = n.J * n.D_in;
-  src.Wi = src.W + i * w_elems;
-  if (n.w_shared) {
+  src.Wi = src.W + i * n.J * n.D_in;
+  if (n.w_shared) {  // the group's rows of W[i]
+    const int64_t j0 = group_j0(n, grp), elems = group_caps(n, grp) * n.D_out * n.D_in;
     scalar_t* w = reinterpret_cast<scalar_t*>(smem + weight_grad_smem<scalar_t, acc_t>(0, false));
-    for (int64_t e = threadIdx.x; e < w_elems; e += blockDim.x) w[e] = src.Wi[e];
+    for (int64_t e = threadIdx.x; e < elems; e += blockDim.x) w[e] = src.Wi[j0 * n.D_out * n.D_in + e];
     src.Wi = w;
+    src.wi_j0 = j0;
   }
   __syncthreads();
 
@@ -1004,7 +984,7 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
       for (int dh = 0; dh < 2; ++dh) {
         const int d = L.dim(r % DT, 2 * dh);
         if (d >= n.D_out) continue;
-        const scalar_t* w = src.Wi + (j * n.D_out + d) * n.D_in + k0;
+        const scalar_t* w = src.Wi + ((j - src.wi_j0) * n.D_out + d) * n.D_in + k0;
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
           if (k0 + k >= n.D_in) break;

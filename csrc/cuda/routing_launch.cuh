@@ -97,7 +97,8 @@ inline Dims make_dims(const char* op, const RoutingSizes& n, bool leaky) {
 constexpr size_t kPassSmem = 200 * 1024;
 template <typename T, typename acc_t>
 size_t plan_pass_smem(Dims& d, bool computed, int tiles) {
-  const size_t w_bytes = 2 * size_t(d.J * d.D_in) * sizeof(T);
+  // Two buffers of one group's rows of W[i].
+  const size_t w_bytes = 2 * size_t(std::min<int64_t>(d.N_out, d.caps_per_group) * d.D_out * d.D_in) * sizeof(T);
   d.w_shared = computed && w_bytes <= kPassSmem / 2;
   const size_t w = d.w_shared ? w_bytes : 0;
   const size_t tile_bytes = size_t(tiles) * d.warps * cuda::kTileB * d.tile_stride * sizeof(acc_t);
@@ -123,12 +124,14 @@ void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* pa
 // backward's sums) of iteration t over all capsules, written once for the groups' passes
 // (see group_stats_kernel). st must read V (and gs) from global memory.
 template <int DT, typename T, typename Src, typename acc_t>
-void launch_group_stats(const Src& src, const Dims& d, cuda::State<acc_t> st, acc_t* stats,
-                        acc_t* cg, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(d.N_in, cuda::kWarps)),
-                  static_cast<unsigned>(ceil_div(d.B, cuda::kTileB)));
-  cuda::launch(cuda::group_stats_kernel<DT, Src, T>, grid, cuda::kThreads, 0, stream, src, d, st,
-               stats, cg);
+void launch_group_stats(const Src& src, Dims d, cuda::State<acc_t> st, acc_t* stats, acc_t* cg,
+                        cudaStream_t stream) {
+  const size_t w_bytes = size_t(d.J * d.D_in) * sizeof(T);
+  d.w_shared = Src::kComputed && w_bytes <= kPassSmem;
+  const dim3 grid(static_cast<unsigned>(d.N_in),
+                  static_cast<unsigned>(ceil_div(d.B, cuda::kTileB * cuda::kWarps)));
+  cuda::launch(cuda::group_stats_kernel<DT, Src, T>, grid, cuda::kThreads,
+               d.w_shared ? w_bytes : 0, stream, src, d, st, stats, cg);
 }
 
 template <int DT, typename Src, typename T>
@@ -306,8 +309,9 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     if (has_bias) grad_bias = grad_bias_of(sr.gs, t_min, iterations, n, u.scalar_type());
     auto grad_u_part = at::empty({d.n_groups, n.B, n.N_in, n.D_in}, in.s.options());
     // W[i] is staged in shared memory when it fits beside the tiles.
-    d.w_shared = cuda::weight_grad_smem<T, acc_t>(n.N_out * n.D_out * n.D_in, true) <= kPassSmem;
-    const size_t smem = cuda::weight_grad_smem<T, acc_t>(n.N_out * n.D_out * n.D_in, d.w_shared);
+    const int64_t w_elems = std::min<int64_t>(n.N_out, d.caps_per_group) * n.D_out * n.D_in;
+    d.w_shared = cuda::weight_grad_smem<T, acc_t>(w_elems, true) <= kPassSmem;
+    const size_t smem = cuda::weight_grad_smem<T, acc_t>(w_elems, d.w_shared);
     const dim3 grid(static_cast<unsigned>(n.N_in), d.n_groups, static_cast<unsigned>(ceil_div(n.D_in, 8)));
     const cuda::Sweep<acc_t> sw = sr.view<acc_t>(in.grad_c, t_min, iterations, detach);
     cuda::launch(cuda::weight_grad_kernel<DT, T>, grid, cuda::kFinalWarps * 32, smem,
