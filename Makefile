@@ -51,13 +51,13 @@ demo: build
 
 # make sanitize: the CPU kernels built with AddressSanitizer and UndefinedBehaviorSanitizer in
 # their own folder ($(SAN_DIR); the installed build is untouched), then the CPU tests against
-# that build. Python is not instrumented, so libasan is preloaded, and libstdc++ with it so
+# that build, the CUDA kernels' CPU emulation (tests/test_cuda_emulation.py) built likewise. Python is not instrumented, so libasan is preloaded, and libstdc++ with it so
 # that ASan can intercept C++ throws (the ops' input checks); Python leaks by design.
 # UBSan stops at the first error. Any report makes the run fail.
 SAN_DIR   ?= build/sanitize
 SAN_TESTS ?= tests
 SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -g
-SAN_ENV    = PYTHONPATH=$(abspath $(SAN_DIR)) CAPSROUTE_TEST_DEVICES=cpu \
+SAN_ENV    = PYTHONPATH=$(abspath $(SAN_DIR)) CAPSROUTE_TEST_DEVICES=cpu CAPSROUTE_EMULATION_SANITIZE=1 \
              LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
              ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 

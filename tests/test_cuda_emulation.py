@@ -9,6 +9,9 @@ It says nothing about speed, and cannot find races between threads that a barrie
 separate (compute-sanitizer's racecheck on a GPU does: tests/sanitize_cuda.sh).
 
 The build takes about a minute; CAPSROUTE_SKIP_EMULATION=1 skips this module.
+CAPSROUTE_EMULATION_SANITIZE=1 builds it with AddressSanitizer and UBSan (out-of-bounds reads
+and writes of the kernels in global memory; run with the ASan runtime preloaded, as
+`make sanitize` does). Shared memory has a guard zone checked after every block either way.
 """
 from __future__ import annotations
 
@@ -33,12 +36,19 @@ if os.environ.get("CAPSROUTE_SKIP_EMULATION", "0") == "1":
 def emu():
     from torch.utils import cpp_extension
 
-    build = ROOT / "build" / "emulation"
+    # The CUDA code reads values through reinterpreted pointers as nvcc allows.
+    cflags, ldflags, build = ["-O2", "-fno-strict-aliasing", "-DCAPSROUTE_EMULATE"], [], "emulation"
+    if os.environ.get("CAPSROUTE_EMULATION_SANITIZE", "0") == "1":
+        cflags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+        ldflags += ["-fsanitize=address,undefined"]
+        build = "emulation-sanitize"
+    build = ROOT / "build" / build
     build.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name="capsroute_emu",
         sources=[str(ROOT / "csrc" / "emu" / "emu_ops.cpp")],
-        extra_cflags=["-O2", "-fno-strict-aliasing", "-DCAPSROUTE_EMULATE"],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
         build_directory=str(build),
         is_python_module=False,
     )

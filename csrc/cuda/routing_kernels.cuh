@@ -1,20 +1,25 @@
 // CUDA kernels of the capsroute ops. Device code only: no torch header, so this reads (and
-// compiles) as plain CUDA; csrc/cuda/routing_cuda.cu holds the launchers.
+// compiles) as plain CUDA; routing_launch.cuh holds the launch sequences. With
+// -DCAPSROUTE_EMULATE the same code compiles for the CPU emulation (csrc/emu/cuda_emu.h)
+// that tests it without a GPU.
 //
-// Work decomposition (shared/PERFORMANCE.md). A warp owns a tile of 8 batch elements and
-// walks input capsules i; per (i, tile) it makes the predictions u_hat[b, i, j, :] for a
-// group of output capsules in registers, laid out like the accumulator of a 16x8 matrix
-// product: row tile = 16 output dims of one capsule, column = batch element, and lane
-// (g = lane / 4, t = lane % 4) holds dims {g, g + 8} of batch elements {2t, 2t + 1}. The
-// softmax over j is then local to the 8 lanes that share t (three xor-shuffles), the
-// weighted sum over i stays in registers, and nothing of size B x N_in x N_out x D_out is
-// ever written to memory. A group holds up to 16 row tiles (16 capsules of <= 16 dims, or 8
-// of <= 32); when N_out needs several groups, each warp owns one group and recomputes the
-// others' predictions for the softmax statistics (correct for any N_out, fastest for <= 16).
+// Work decomposition (shared/PERFORMANCE.md). A block's warps each own a tile of 8 batch
+// elements and walk a chunk of input capsules i together, one capsule at a time, with the
+// capsule's W[i] (the group's rows) staged in shared memory. Per (i, tile) a warp makes the
+// predictions u_hat[b, i, j, :] one 16 x 8 tile at a time on the matrix units (m16n8k8 TF32,
+// see predict_tile), in the layout of the product's accumulator: row tile = 16 output dims
+// of one capsule, column = batch element, lane (g = lane / 4, t = lane % 4) holding dims
+// {g, g + 8} of batch elements {2t, 2t + 1}. A tile is used where it is made (agreement with
+// V or gs, or the weighted sum) and dropped, so nothing of size B x N_in x N_out x D_out is
+// ever held, let alone written. The softmax over j is local to the 8 lanes that share t
+// (three xor-shuffles per sum over dims). A warp sums up to 16 row tiles (16 capsules of
+// <= 16 dims, or 8 of <= 32): a group; more capsules are split into groups run by separate
+// blocks, with the softmax statistics over all of them made once per iteration by
+// group_stats_kernel.
 //
-// Sums over input capsules are formed per warp, reduced across the warps of a block in warp
-// order, and across blocks by a separate kernel in block order: no float atomics, so results
-// are bit-identical from run to run.
+// Sums over input capsules are formed per warp in registers, written per block, and added
+// across blocks by a separate kernel in block order: no float atomics, so results are
+// bit-identical from run to run.
 #pragma once
 
 #ifdef CAPSROUTE_EMULATE
@@ -35,7 +40,7 @@ namespace cuda {
 
 constexpr int kTileB = 8;      // batch elements per warp tile
 constexpr int kTileD = 16;     // output dims per row tile
-constexpr int kGroupRows = 16; // row tiles a warp holds in registers
+constexpr int kGroupRows = 16; // row tiles of a group: a warp sums them in registers
 constexpr int kWarps = 8;      // warps per block
 constexpr int kThreads = kWarps * 32;
 
@@ -104,7 +109,8 @@ struct Dims {
   bool rows8;          // D_in % 8 == 0 and W 16-byte aligned: W[i] copies in 16-byte pieces
   bool w_shared;       // a pass stages W[i] in shared memory, double-buffered
   bool tiles_shared;   // a pass keeps V (and gs) of its batch rows in shared memory
-  int64_t tile_stride; // row stride of those tiles: J padded so that lanes hit distinct banks
+  int64_t tile_stride; // row stride of those tiles (a group's N_out * D_out, padded so that
+                       // lanes hit distinct banks)
 };
 
 // Per-iteration state, all [B, N_out, D_out] in the accumulation type unless noted.
@@ -114,9 +120,10 @@ struct State {
   const acc_t* gs;       // dL/ds^(t)                       (backward)
   const acc_t* grad_c;   // dL/dc^(r) [B, N_in, N_out] or null (backward, t == r only)
   bool first;            // t == 1: V = 0, coupling is uniform
-  // V and gs hold batch element b at row (b - b_base), rows `stride` apart: [B, J] in global
-  // memory (b_base 0, stride J) or a shared-memory tile of a block's batch elements.
-  int64_t b_base = 0, stride = 0;
+  // V and gs hold batch element b at row (b - b_base), rows `stride` apart, from output
+  // capsule j_base on: [B, J] in global memory (b_base 0, stride J, j_base 0) or a
+  // shared-memory tile of a block's batch elements and its group's capsules.
+  int64_t b_base = 0, stride = 0, j_base = 0;
   // Several groups of output capsules only (else null): the softmax statistics over ALL
   // capsules, [B, N_in, 2] (max, sum of exp), and the softmax backward's sum_k c_k g_k,
   // [B, N_in], made once per iteration by group_stats_kernel instead of by every group.
@@ -150,7 +157,7 @@ __device__ __forceinline__ void load_frag(const acc_t* a, const State<acc_t>& st
   for (int q = 0; q < 4; ++q) {
     const int64_t b = b0 + L.col(q);
     const int d = L.dim(dt, q);
-    f[q] = (b < n.B && j < n.N_out && d < n.D_out) ? a[(b - st.b_base) * st.stride + j * n.D_out + d]
+    f[q] = (b < n.B && j < n.N_out && d < n.D_out) ? a[(b - st.b_base) * st.stride + (j - st.j_base) * n.D_out + d]
                                                    : acc_t(0);
   }
 }
@@ -561,24 +568,27 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   acc_t* tiles = reinterpret_cast<acc_t*>(smem_raw);
   scalar_t* wbuf = reinterpret_cast<scalar_t*>(
       smem_raw + ((kTiles * tile_elems * sizeof(acc_t) + 15) / 16) * 16);
-  const int64_t w_elems = int64_t(n.caps_per_group) * n.D_out * n.D_in;  // a buffer: one group
+  // A buffer holds one group's rows of W[i] (as sized by plan_pass_smem).
+  const int64_t w_elems = min(int64_t(n.caps_per_group), n.N_out) * n.D_out * n.D_in;
 
   if constexpr (Src::kComputed)
     if (n.w_shared) {
       stage_weight(src, n, i_begin, grp, wbuf);
       cp_async_commit();
     }
-  if (n.tiles_shared && !st.first) {
-    for (int64_t e = threadIdx.x; e < tile_rows * n.J; e += blockDim.x) {
-      const int64_t bl = e / n.J, x = e % n.J, b = block_b0 + bl;
-      tiles[bl * n.tile_stride + x] = b < n.B ? st.V[b * n.J + x] : acc_t(0);
+  if (n.tiles_shared && !st.first) {  // the block's rows of V (and gs), its group's capsules
+    const int64_t x0 = group_j0(n, grp) * n.D_out, cols = group_caps(n, grp) * n.D_out;
+    for (int64_t e = threadIdx.x; e < tile_rows * cols; e += blockDim.x) {
+      const int64_t bl = e / cols, x = e % cols, b = block_b0 + bl;
+      tiles[bl * n.tile_stride + x] = b < n.B ? st.V[b * n.J + x0 + x] : acc_t(0);
       if (kTiles == 2)
-        tiles[tile_elems + bl * n.tile_stride + x] = b < n.B ? st.gs[b * n.J + x] : acc_t(0);
+        tiles[tile_elems + bl * n.tile_stride + x] = b < n.B ? st.gs[b * n.J + x0 + x] : acc_t(0);
     }
     st.V = tiles;
     if (kTiles == 2) st.gs = tiles + tile_elems;
     st.b_base = block_b0;
     st.stride = n.tile_stride;
+    st.j_base = group_j0(n, grp);
   }
   __syncthreads();
 
@@ -719,7 +729,7 @@ __device__ __forceinline__ acc_t sum_partials(const acc_t* p, int count, int64_t
   for (; ch + 4 <= count; ch += 4)
 #pragma unroll
     for (int k = 0; k < 4; ++k) s[k] += p[(ch + k) * stride];
-  for (; ch < count; ++ch) s[ch % 4] += p[ch * stride];
+  for (; ch < count; ++ch) s[0] += p[ch * stride];  // (a constant index: s stays in registers)
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
@@ -824,7 +834,7 @@ struct Sweep {
   const acc_t* cg = nullptr;
 };
 
-// g_uh of the warp's group for (i, b0); leaves the predictions in uh.
+// g_uh of the warp's group for (i, b0), in the accumulator layout.
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, const Lane& L,
                                                 const Sweep<acc_t>& sw, int64_t i, int64_t b0,
@@ -838,7 +848,7 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
   for (int t = sw.t_min; t <= sw.iterations; ++t) {
     const int64_t per_t = n.B * n.N_in;
     const State<acc_t> st{sw.V_prev + (t - 1) * stride, sw.gs + (t - 1) * stride,
-                          t == sw.iterations ? sw.grad_c : nullptr, t == 1, 0, n.J,
+                          t == sw.iterations ? sw.grad_c : nullptr, t == 1, 0, n.J, 0,
                           sw.stats != nullptr ? sw.stats + (t - 1) * per_t * 2 : nullptr,
                           sw.cg != nullptr ? sw.cg + (t - 1) * per_t : nullptr};
     acc_t c[GJ][2];

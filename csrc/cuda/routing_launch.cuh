@@ -7,8 +7,10 @@
 // squashes and updates the running sum V. Backward: the sweep t = r .. t_min alternates a
 // pass that forms the logit-gradient term G with a per-capsule step that maps it through
 // squash; a last pass (route_grad_kernel / weight_grad_kernel) forms the input gradients.
-// All temporaries are O(B * N_out * D_out) (per-block partial sums included), so memory
-// does not grow with N_in * N_out * D_out.
+// With several groups of output capsules, group_stats_kernel first makes each iteration's
+// softmax statistics over all capsules. Temporaries are O(B * N_out * D_out) (per-block
+// partial sums included), plus O(B * N_in * iterations) statistics with several groups and
+// grad_u's per-group parts: nothing grows with N_in * N_out * D_out.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -88,8 +90,9 @@ inline Dims make_dims(const char* op, const RoutingSizes& n, bool leaky) {
   const int64_t chunks = std::clamp<int64_t>(want, 1, n.N_in);
   d.i_per_block = static_cast<int>(ceil_div(n.N_in, chunks));
   d.n_chunks = static_cast<int>(ceil_div(n.N_in, d.i_per_block));
-  // Tiles of V / gs rows: stride = J rounded so that stride % 32 == 4 (banks of lanes differ).
-  d.tile_stride = d.J + ((4 - d.J % 32) + 32) % 32;
+  // Tiles of V / gs rows (a group's columns): stride % 32 == 4, so that lanes hit distinct banks.
+  const int64_t group_cols = std::min<int64_t>(n.N_out, d.caps_per_group) * n.D_out;
+  d.tile_stride = group_cols + ((4 - group_cols % 32) + 32) % 32;
   return d;
 }
 

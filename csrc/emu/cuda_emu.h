@@ -167,6 +167,8 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> b
   const int n = static_cast<int>(block.x * block.y * block.z);
   if (n <= 0 || n > 1024) fail("bad block size");
   constexpr size_t kStack = 256 * 1024;
+  constexpr size_t kGuard = 64 * 1024;
+  constexpr unsigned char kGuardByte = 0x5A;
   m.fibers.resize(n);
   m.done.assign(n, 0);
   m.index.resize(n);
@@ -181,7 +183,9 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> b
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         blockIdx = uint3{bx, by, bz};
         m.block = Barrier{n, 0, 0};
-        m.dynamic_smem.assign(smem, 0xCD);  // not zero: kernels must not rely on it
+        // Not zero: kernels must not rely on it. A guard zone follows, checked after the block.
+        m.dynamic_smem.assign(smem + kGuard, 0xCD);
+        std::memset(m.dynamic_smem.data() + smem, kGuardByte, kGuard);
         m.copies.assign(n, {});
         m.warps.assign((n + 31) / 32, Barrier{});
         for (int t = 0; t < n; ++t) {
@@ -206,6 +210,8 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> b
           }
           if (remaining > 0 && m.events == before) fail("deadlock: a barrier can never complete");
         }
+        for (size_t e = smem; e < smem + kGuard; ++e)
+          if (m.dynamic_smem[e] != kGuardByte) fail("shared memory written past the launch's size");
       }
 }
 
