@@ -1,6 +1,7 @@
-// The capsroute operator schemas, defined once. The CPU and CUDA implementations register
-// in their own TORCH_LIBRARY_IMPL blocks (csrc/cpu/, csrc/cuda/); fake kernels and autograd
-// are registered from Python (capsroute/_ops.py).
+// The capsroute library: defines the operators (schemas in csrc/schemas.h, documented here).
+// The CPU and CUDA implementations register in their own TORCH_LIBRARY_IMPL blocks
+// (csrc/cpu/, csrc/cuda/); fake kernels and autograd are registered from Python
+// (capsroute/_ops.py).
 //
 // Forward ops return (v, c, s):
 //   v [B, N_out, D_out]                    the output capsules of the last iteration
