@@ -936,11 +936,12 @@ __host__ __device__ inline void weight_grad_slot(int e, int lane, int& row, int&
   }
 }
 
-// Bytes of the kernel's shared memory: [g_uh and u tiles (float64) or the grad_W sum][W[i]].
+// Bytes of the kernel's shared memory: [the warps' grad_W accumulators (float32) or the g_uh
+// and u tiles (float64)][W[i]].
 template <typename scalar_t, typename acc_t>
 __host__ __device__ inline size_t weight_grad_smem(int64_t w_elems, bool w_shared) {
   const size_t tiles = std::is_same<acc_t, float>::value
-                           ? size_t(kFinalRows) * 8 * sizeof(acc_t)
+                           ? size_t(kFinalWarps) * 64 * 32 * sizeof(acc_t)
                            : size_t(kFinalWarps) * kTileB * (kFinalTileStride + 8) * sizeof(acc_t);
   return (tiles + 15) / 16 * 16 + (w_shared ? size_t(w_elems) * sizeof(scalar_t) : 0);
 }
@@ -971,9 +972,18 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
   }
   __syncthreads();
 
-  acc_t gW[64];
+  // A lane's 64 accumulators of grad_W (see weight_grad_slot): float32 keeps them in shared
+  // memory, in fragment order (gw_s[e * 32 + lane], conflict-free), so that they are not live
+  // in registers while prediction_grad runs; float64 in registers.
+  acc_t gW[kMatrixUnits ? 1 : 64];
+  acc_t* gw_s = reinterpret_cast<acc_t*>(smem) + warp * 64 * 32;
 #pragma unroll
-  for (int e = 0; e < 64; ++e) gW[e] = acc_t(0);
+  for (int e = 0; e < 64; ++e) {
+    if constexpr (kMatrixUnits)
+      gw_s[e * 32 + lane] = acc_t(0);
+    else
+      gW[e] = acc_t(0);
+  }
 
   acc_t g_uh[kGroupRows][4];
   for (int64_t b0 = int64_t(warp) * kTileB; b0 < n.B; b0 += kFinalWarps * kTileB) {
@@ -1037,8 +1047,12 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
         split_tf32<false>(g_uh[r][2], ah[1], al[1]);
         split_tf32<false>(g_uh[r][1], ah[2], al[2]);
         split_tf32<false>(g_uh[r][3], ah[3], al[3]);
-        float(&d)[4] = *reinterpret_cast<float(*)[4]>(&gW[4 * r]);
+        float d[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) d[q] = gw_s[(4 * r + q) * 32 + lane];
         mma_split<false>(d, ah, al, bh, bl);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) gw_s[(4 * r + q) * 32 + lane] = d[q];
       }
     } else {
       // Stage the tile: g_uh[b][(j, d)] and u[b][k], then lane's rows (lane + 32 m).
@@ -1077,21 +1091,45 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
     }
   }
 
-  // The warps' partial grad_W[i] ([256 rows][8 dims]), added in warp order at the start of
-  // shared memory (float64: the first g_uh tile's space, 8 x 257 >= 256 x 8 elements, which
-  // its owner, warp 0, writes only after its own loop).
+  // The warps' partial grad_W[i] ([256 rows][8 dims]), added in warp order into `sum`.
   acc_t* sum = reinterpret_cast<acc_t*>(smem);
-  for (int w = 0; w < kFinalWarps; ++w) {
-    if (warp == w) {
+  if constexpr (kMatrixUnits) {
+    // Every warp's accumulators are in shared memory: after the barrier each thread adds up
+    // its own (row, k) entries over the warps, then (second barrier) writes them over the
+    // first warp's area in row order.
+    __syncthreads();
+    acc_t mine[kFinalRows * 8 / (kFinalWarps * 32)];
 #pragma unroll
-      for (int e = 0; e < 64; ++e) {
-        int row, k;
-        weight_grad_slot<acc_t>(e, lane, row, k);
-        acc_t& x = sum[row * 8 + k];
-        x = (w == 0 ? acc_t(0) : x) + gW[e];
-      }
+    for (int m = 0; m < kFinalRows * 8 / (kFinalWarps * 32); ++m) {
+      const int e_out = threadIdx.x + m * kFinalWarps * 32, row = e_out / 8, k = e_out % 8;
+      // Fragment position of (row, k): r = row / 16, g = row % 8, q = 2 (row % 16 / 8) + k % 2,
+      // t = k / 2.
+      const int e = 4 * (row / kTileD) + 2 * ((row % kTileD) / 8) + k % 2;
+      const int ln = 4 * (row % 8) + k / 2;
+      acc_t x = 0;
+      for (int w = 0; w < kFinalWarps; ++w) x += sum[(w * 64 + e) * 32 + ln];
+      mine[m] = x;
     }
     __syncthreads();
+#pragma unroll
+    for (int m = 0; m < kFinalRows * 8 / (kFinalWarps * 32); ++m)
+      sum[threadIdx.x + m * kFinalWarps * 32] = mine[m];
+    __syncthreads();
+  } else {
+    // In the first g_uh tile's space (8 x 257 >= 256 x 8 elements), which its owner, warp 0,
+    // writes only after its own loop.
+    for (int w = 0; w < kFinalWarps; ++w) {
+      if (warp == w) {
+#pragma unroll
+        for (int e = 0; e < 64; ++e) {
+          int row, k;
+          weight_grad_slot<acc_t>(e, lane, row, k);
+          acc_t& x = sum[row * 8 + k];
+          x = (w == 0 ? acc_t(0) : x) + gW[e];
+        }
+      }
+      __syncthreads();
+    }
   }
   // Row (r, dd) of the group: capsule grp * GJ + r / DT, dim (r % DT) * 16 + dd.
   for (int e = threadIdx.x; e < kFinalRows * 8; e += blockDim.x) {
