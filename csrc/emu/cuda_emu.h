@@ -93,7 +93,6 @@ struct Machine {
   std::vector<char> done;
   std::vector<uint3> index;
   int current = 0;
-  int threads = 0;
   uint64_t events = 0;  // barrier releases and exits: progress, for deadlock detection
   Barrier block;
   std::vector<Barrier> warps;
@@ -175,7 +174,6 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> b
   m.slots.resize(n);
   while (static_cast<int>(m.stacks.size()) < n) m.stacks.emplace_back(kStack);
   m.body = std::move(body);
-  m.threads = n;
   gridDim = grid;
   blockDim = block;
   for (unsigned bz = 0; bz < grid.z; ++bz)
