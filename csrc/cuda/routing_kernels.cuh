@@ -1095,25 +1095,25 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
   acc_t* sum = reinterpret_cast<acc_t*>(smem);
   if constexpr (kMatrixUnits) {
     // Every warp's accumulators are in shared memory: after the barrier each thread adds up
-    // its own (row, k) entries over the warps, then (second barrier) writes them over the
-    // first warp's area in row order.
+    // 8 accumulator slots (e, lane) over the warps, then (second barrier) writes them over the
+    // first warp's area at their (row, k).
     __syncthreads();
-    acc_t mine[kFinalRows * 8 / (kFinalWarps * 32)];
+    constexpr int kPer = 64 * 32 / (kFinalWarps * 32);
+    acc_t mine[kPer];
 #pragma unroll
-    for (int m = 0; m < kFinalRows * 8 / (kFinalWarps * 32); ++m) {
-      const int e_out = threadIdx.x + m * kFinalWarps * 32, row = e_out / 8, k = e_out % 8;
-      // Fragment position of (row, k): r = row / 16, g = row % 8, q = 2 (row % 16 / 8) + k % 2,
-      // t = k / 2.
-      const int e = 4 * (row / kTileD) + 2 * ((row % kTileD) / 8) + k % 2;
-      const int ln = 4 * (row % 8) + k / 2;
+    for (int m = 0; m < kPer; ++m) {
+      const int e = (threadIdx.x >> 5) + m * kFinalWarps;
       acc_t x = 0;
-      for (int w = 0; w < kFinalWarps; ++w) x += sum[(w * 64 + e) * 32 + ln];
+      for (int w = 0; w < kFinalWarps; ++w) x += sum[(w * 64 + e) * 32 + lane];
       mine[m] = x;
     }
     __syncthreads();
 #pragma unroll
-    for (int m = 0; m < kFinalRows * 8 / (kFinalWarps * 32); ++m)
-      sum[threadIdx.x + m * kFinalWarps * 32] = mine[m];
+    for (int m = 0; m < kPer; ++m) {
+      int row, k;
+      weight_grad_slot<acc_t>((threadIdx.x >> 5) + m * kFinalWarps, lane, row, k);
+      sum[row * 8 + k] = mine[m];
+    }
     __syncthreads();
   } else {
     // In the first g_uh tile's space (8 x 257 >= 256 x 8 elements), which its owner, warp 0,
