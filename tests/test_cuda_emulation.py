@@ -5,13 +5,16 @@ host compiler with -DCAPSROUTE_EMULATE and registered as torch.ops.capsroute_emu
 tensors. Blocks run one after another and a block's threads as fibers that meet at every
 barrier, shuffle and warp-wide instruction, so indexing, fragment layouts, barriers and the
 fixed-order reductions are checked against the reference on a machine without a GPU (CI).
-It says nothing about speed, and cannot find races between threads that a barrier does not
-separate (compute-sanitizer's racecheck on a GPU does: tests/sanitize_cuda.sh).
+It says nothing about speed. Races show where the results change with the schedule
+(CAPSROUTE_EMULATION_SCHEDULE, test_thread_order_does_not_change_results); that finds only
+the races some order exposes (compute-sanitizer's racecheck on a GPU sees every conflicting
+access: tests/sanitize_cuda.sh).
 
-The build takes about a minute; CAPSROUTE_SKIP_EMULATION=1 skips this module.
-CAPSROUTE_EMULATION_SANITIZE=1 builds it with AddressSanitizer and UBSan (out-of-bounds reads
-and writes of the kernels in global memory; run with the ASan runtime preloaded, as
-`make sanitize` does). Shared memory has a guard zone checked after every block either way.
+The build takes about a minute, the tests about four; CAPSROUTE_SKIP_EMULATION=1 skips
+this module. CAPSROUTE_EMULATION_SANITIZE=1 builds it with AddressSanitizer and UBSan
+(out-of-bounds reads and writes of the kernels in global memory; run with the ASan runtime
+preloaded, as `make sanitize` does). Shared memory has a guard zone checked after every block
+either way.
 """
 from __future__ import annotations
 
@@ -172,3 +175,33 @@ def test_wide_capsules_are_refused(emu):
     w = torch.randn(4, 3, 33, 8)
     with pytest.raises(ValueError, match="at most 32 dims"):
         emu.dynamic_routing(u, w, None, 3, False, False, 1e-8, False)
+
+
+@pytest.mark.parametrize("op", ["dynamic_routing", "route"])
+@pytest.mark.parametrize("shape,dtype", [(SHAPES[0], torch.float32), (SHAPES[2], torch.float32),
+                                         (SHAPES[5], torch.float32), (SHAPES[3], torch.bfloat16),
+                                         (TINY_GROUPS, torch.float64)], ids=str)
+def test_thread_order_does_not_change_results(emu, monkeypatch, op, shape, dtype):
+    """Races: run forward and backward with the threads of every block (and the blocks of
+    every launch) in random orders, and with cp.async copies landing early or late
+    (CAPSROUTE_EMULATION_SCHEDULE); code that reads or writes what another thread writes with
+    no barrier between them gives different bits under different orders."""
+    gen = make_generator("emulation-schedule", op, tuple(shape), str(dtype))
+    make = make_routing_inputs if op == "dynamic_routing" else make_route_inputs
+    ins = make(shape, dtype, "cpu", bias=True, gen=gen)
+    args = list(ins[:-1])
+    grad_v = randn((shape.B, shape.N_out, shape.D_out), gen, dtype=dtype)
+    grad_c = randn((shape.B, shape.N_in, shape.N_out), gen, dtype=dtype)
+
+    def run():
+        fwd, bwd = getattr(emu, op), getattr(emu, op + "_backward")
+        v, c, s = fwd(*args, ins.bias, 3, True, False, 1e-8, True)
+        return [v, c, s, *bwd(grad_v, grad_c, *args, s, True, 3, True, False, 1e-8)]
+
+    monkeypatch.delenv("CAPSROUTE_EMULATION_SCHEDULE", raising=False)
+    expected = run()
+    for seed in ["1", "2"]:
+        monkeypatch.setenv("CAPSROUTE_EMULATION_SCHEDULE", seed)
+        got = run()
+        differ = [k for k, (a, b) in enumerate(zip(expected, got)) if not torch.equal(a, b)]
+        assert not differ, f"outputs {differ} (v, c, s, grads) change with schedule {seed}"

@@ -2,7 +2,8 @@
 // (csrc/cuda/routing_kernels.cuh) and their launch sequences (routing_launch.cuh) can be
 // compiled by the host compiler and run on a machine without a GPU. It exists to test the
 // kernels' logic (indexing, fragment layouts, barriers, reductions) against the reference in
-// CI; it says nothing about speed. Built only with -DCAPSROUTE_EMULATE (tests/test_cuda_emulation.py).
+// CI; it says nothing about speed. Built only with -DCAPSROUTE_EMULATE
+// (tests/test_cuda_emulation.py).
 //
 // Model: the blocks of a grid run one after another; the threads of a block run as fibers
 // (ucontext) on the calling thread, each until it reaches a barrier, so that __syncthreads,
@@ -11,6 +12,14 @@
 // block at a time uses them). Shuffles demand a full warp: a shuffle after some lanes of the
 // warp have exited, or a barrier that can never complete, aborts with a message instead of
 // returning garbage.
+//
+// Schedules: by default blocks run in index order and, between barriers, threads in index
+// order. CAPSROUTE_EMULATION_SCHEDULE=<seed> (a nonzero integer, read at every launch) runs
+// the blocks of each launch in a random order, lets warps run ahead of each other and threads
+// go in random orders (run_grid), and lands cp.async copies early or late. Code whose result
+// depends on that order reads or writes memory that another thread or block writes with no
+// barrier or launch between them (a race): its results differ between schedules, where
+// correct code gives bit-identical ones.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -29,6 +38,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <random>
 #include <vector>
 
 // --- language keywords -------------------------------------------------------------------
@@ -93,6 +103,9 @@ struct Machine {
   std::vector<char> done;
   std::vector<uint3> index;
   int current = 0;
+  bool shuffled = false;  // CAPSROUTE_EMULATION_SCHEDULE: random orders (see the top)
+  std::mt19937_64 random;
+  uint64_t launches = 0;  // varies the random schedule from launch to launch
   uint64_t events = 0;  // barrier releases and exits: progress, for deadlock detection
   Barrier block;
   std::vector<Barrier> warps;
@@ -176,41 +189,64 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> b
   m.body = std::move(body);
   gridDim = grid;
   blockDim = block;
+  const char* seed = std::getenv("CAPSROUTE_EMULATION_SCHEDULE");
+  const uint64_t seed_value = seed != nullptr ? std::strtoull(seed, nullptr, 10) : 0;
+  m.shuffled = seed_value != 0;
+  m.random.seed(seed_value + m.launches++);
+  const bool shuffled = m.shuffled;
+  auto& random = m.random;
+  std::vector<uint3> blocks;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        blockIdx = uint3{bx, by, bz};
-        m.block = Barrier{n, 0, 0};
-        // Not zero: kernels must not rely on it. A guard zone follows, checked after the block.
-        m.dynamic_smem.assign(smem + kGuard, 0xCD);
-        std::memset(m.dynamic_smem.data() + smem, kGuardByte, kGuard);
-        m.copies.assign(n, {});
-        m.warps.assign((n + 31) / 32, Barrier{});
-        for (int t = 0; t < n; ++t) {
-          ++m.warps[t / 32].alive;
-          m.done[t] = 0;
-          m.index[t] = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-          getcontext(&m.fibers[t]);
-          m.fibers[t].uc_stack.ss_sp = m.stacks[t].data();
-          m.fibers[t].uc_stack.ss_size = kStack;
-          m.fibers[t].uc_link = &m.scheduler;
-          makecontext(&m.fibers[t], fiber_main, 0);
-        }
-        int remaining = n;
-        while (remaining > 0) {
-          const uint64_t before = m.events;
-          for (int t = 0; t < n; ++t) {
-            if (m.done[t]) continue;
-            m.current = t;
-            threadIdx = m.index[t];
-            swapcontext(&m.scheduler, &m.fibers[t]);
-            if (m.done[t]) --remaining;
-          }
-          if (remaining > 0 && m.events == before) fail("deadlock: a barrier can never complete");
-        }
-        for (size_t e = smem; e < smem + kGuard; ++e)
-          if (m.dynamic_smem[e] != kGuardByte) fail("shared memory written past the launch's size");
+      for (unsigned bx = 0; bx < grid.x; ++bx) blocks.push_back(uint3{bx, by, bz});
+  if (shuffled) std::shuffle(blocks.begin(), blocks.end(), random);
+  std::vector<int> order(n);
+  for (int t = 0; t < n; ++t) order[t] = t;
+  for (const uint3& b : blocks) {
+    blockIdx = b;
+    m.block = Barrier{n, 0, 0};
+    // Not zero: kernels must not rely on it. A guard zone follows, checked after the block.
+    m.dynamic_smem.assign(smem + kGuard, 0xCD);
+    std::memset(m.dynamic_smem.data() + smem, kGuardByte, kGuard);
+    m.copies.assign(n, {});
+    m.warps.assign((n + 31) / 32, Barrier{});
+    for (int t = 0; t < n; ++t) {
+      ++m.warps[t / 32].alive;
+      m.done[t] = 0;
+      m.index[t] = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+      getcontext(&m.fibers[t]);
+      m.fibers[t].uc_stack.ss_sp = m.stacks[t].data();
+      m.fibers[t].uc_stack.ss_size = kStack;
+      m.fibers[t].uc_link = &m.scheduler;
+      makecontext(&m.fibers[t], fiber_main, 0);
+    }
+    // A round runs each live thread until it waits or exits. Under a random schedule a round
+    // runs the threads in a random order, and only those of a random half of the warps, so
+    // that warps run ahead of each other between block barriers (in plain rounds all warps
+    // advance one warp-wide step at a time, hiding races between warps); a round with no
+    // progress is followed by a round of all warps.
+    const int n_warps = (n + 31) / 32;
+    std::vector<char> runs(n_warps, 1);
+    bool everyone = true;
+    int remaining = n;
+    while (remaining > 0) {
+      const uint64_t before = m.events;
+      if (shuffled) std::shuffle(order.begin(), order.end(), random);
+      for (const int t : order) {
+        if (m.done[t] || !runs[t / 32]) continue;
+        m.current = t;
+        threadIdx = m.index[t];
+        swapcontext(&m.scheduler, &m.fibers[t]);
+        if (m.done[t]) --remaining;
       }
+      const bool stuck = m.events == before;
+      if (remaining > 0 && stuck && everyone) fail("deadlock: a barrier can never complete");
+      everyone = !shuffled || stuck;
+      for (char& r : runs) r = everyone || (random() & 1);
+    }
+    for (size_t e = smem; e < smem + kGuard; ++e)
+      if (m.dynamic_smem[e] != kGuardByte) fail("shared memory written past the launch's size");
+  }
 }
 
 // Every lane of the caller's warp publishes `x`; returns lane `src`'s value.
@@ -229,11 +265,18 @@ T exchange(T x, int src) {
 }
 
 // cp.async: a copy lands only when a wait_group says so, so that reading the destination
-// before the wait shows stale data (the shared memory starts as 0xCD bytes).
+// before the wait shows stale data (the shared memory starts as 0xCD bytes). Under a random
+// schedule half the copies land at once instead, as on a GPU they may: a copy issued into a
+// buffer that other threads still read changes what they read.
 inline void cp_async16(void* dst, const void* src) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16)
     fail("cp.async of 16 bytes from or to an address that is not 16-byte aligned");
-  machine().copies[machine().current].open.push_back({dst, src});
+  Machine& m = machine();
+  if (m.shuffled && (m.random() & 1)) {
+    std::memcpy(dst, src, 16);
+    return;
+  }
+  m.copies[m.current].open.push_back({dst, src});
 }
 inline void cp_async_commit() {
   auto& c = machine().copies[machine().current];
