@@ -6,9 +6,11 @@
 #   quick     the same on fewer cases
 #   bench     benchmarks/ratios.py --suite gpu: B=32/128/512, bf16, the scale shape, memory
 #   bench-ma  B=128 also against torch.compile(mode="max-autotune") (several minutes)
+#   profile   the fused op's per-kernel times and host overhead, canonical and scale shapes
 #   tests     the test suite's CUDA cases
 #   sanitize  compute-sanitizer memcheck/racecheck/initcheck/synccheck on a tiny case
-# First call on a fresh machine: `quick bench` (~8 min with the build); second: `tests sanitize`.
+# First call on a fresh machine: `quick bench` (~8 min with the build); second: `profile tests
+# sanitize`.
 set -uo pipefail
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -31,6 +33,9 @@ for step in "$@"; do
         echo "$tool: exit $? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
       done ;;
     bench) timeout 330 python3 benchmarks/ratios.py --suite gpu 2>&1 | grep -v Warning | tee "$OUT/bench.log" ;;
+    profile)
+      { timeout 60 python3 scripts/profile_cuda.py
+        timeout 90 python3 scripts/profile_cuda.py --n-in 32768 --n-out 64 --calls 3; } 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
     bench-ma) timeout 500 python3 benchmarks/ratios.py --device cuda --batch 128 --max-autotune 2>&1 | grep -v Warning | tee "$OUT/bench_ma.log" ;;
   esac
 done

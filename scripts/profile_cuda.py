@@ -1,0 +1,61 @@
+"""Where the fused op's time goes on a GPU: per-kernel CUDA times (torch.profiler) of one
+forward and one forward+backward of capsroute.dynamic_routing, and beside them the wall time
+of a call with its synchronisation, so that host overhead (launches, allocations) shows as
+the gap between the two. A diagnostic for kernel work, not the benchmark (benchmarks/ratios.py).
+
+    python scripts/profile_cuda.py [--batch 128] [--n-in 1152] [--n-out 10] [--dtype float32]
+"""
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import capsroute
+
+p = argparse.ArgumentParser()
+p.add_argument("--batch", type=int, default=128)
+p.add_argument("--n-in", type=int, default=1152)
+p.add_argument("--n-out", type=int, default=10)
+p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+p.add_argument("--calls", type=int, default=20)
+args = p.parse_args()
+
+dtype = getattr(torch, args.dtype)
+gen = torch.Generator(device="cuda").manual_seed(0)
+u = torch.randn(args.batch, args.n_in, 8, device="cuda", dtype=dtype, generator=gen)
+W = (torch.randn(args.n_in, args.n_out, 16, 8, device="cuda", dtype=dtype, generator=gen)
+     * (8 * args.n_in) ** -0.5 * 4).requires_grad_()
+u.requires_grad_()
+gv = torch.randn(args.batch, args.n_out, 16, device="cuda", dtype=dtype, generator=gen)
+
+
+def forward():
+    with torch.no_grad():
+        capsroute.dynamic_routing(u, W, 3)
+
+
+def forward_backward():
+    v = capsroute.dynamic_routing(u, W, 3)
+    torch.autograd.grad(v, (u, W), gv)
+
+
+for name, fn in [("forward", forward), ("forward+backward", forward_backward)]:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.calls):
+        fn()
+        torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - t0) / args.calls * 1e6
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.calls):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    kernel_us = sum(e.device_time_total for e in events) / args.calls
+    print(f"\n== {name}, B={args.batch} N_in={args.n_in} N_out={args.n_out} {args.dtype}: "
+          f"wall {wall_us:.1f} us per call (with sync), GPU busy {kernel_us:.1f} us")
+    for e in sorted(events, key=lambda e: -e.device_time_total):
+        print(f"  {e.device_time_total / args.calls:9.1f} us  {e.count / args.calls:4.1f}x  {e.key[:100]}")
