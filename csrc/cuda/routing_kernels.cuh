@@ -113,6 +113,12 @@ struct Dims {
                        // lanes hit distinct banks)
 };
 
+// Columns (capsule dims) of the widest group of output capsules: a group's slice of V or gs
+// has this many per batch row, and its rows of W[i] this many times D_in elements.
+__host__ __device__ __forceinline__ int64_t widest_group_cols(const Dims& n) {
+  return (n.N_out < n.caps_per_group ? n.N_out : n.caps_per_group) * n.D_out;
+}
+
 // Per-iteration state, all [B, N_out, D_out] in the accumulation type unless noted.
 template <typename acc_t>
 struct State {
@@ -569,7 +575,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   scalar_t* wbuf = reinterpret_cast<scalar_t*>(
       smem_raw + ((kTiles * tile_elems * sizeof(acc_t) + 15) / 16) * 16);
   // A buffer holds one group's rows of W[i] (as sized by plan_pass_smem).
-  const int64_t w_elems = min(int64_t(n.caps_per_group), n.N_out) * n.D_out * n.D_in;
+  const int64_t w_elems = widest_group_cols(n) * n.D_in;
 
   if constexpr (Src::kComputed)
     if (n.w_shared) {

@@ -91,7 +91,7 @@ inline Dims make_dims(const char* op, const RoutingSizes& n, bool leaky) {
   d.i_per_block = static_cast<int>(ceil_div(n.N_in, chunks));
   d.n_chunks = static_cast<int>(ceil_div(n.N_in, d.i_per_block));
   // Tiles of V / gs rows (a group's columns): stride % 32 == 4, so that lanes hit distinct banks.
-  const int64_t group_cols = std::min<int64_t>(n.N_out, d.caps_per_group) * n.D_out;
+  const int64_t group_cols = cuda::widest_group_cols(d);
   d.tile_stride = group_cols + ((4 - group_cols % 32) + 32) % 32;
   return d;
 }
@@ -101,7 +101,7 @@ constexpr size_t kPassSmem = 200 * 1024;
 template <typename T, typename acc_t>
 size_t plan_pass_smem(Dims& d, bool computed, int tiles) {
   // Two buffers of one group's rows of W[i].
-  const size_t w_bytes = 2 * size_t(std::min<int64_t>(d.N_out, d.caps_per_group) * d.D_out * d.D_in) * sizeof(T);
+  const size_t w_bytes = 2 * size_t(cuda::widest_group_cols(d) * d.D_in) * sizeof(T);
   d.w_shared = computed && w_bytes <= kPassSmem / 2;
   const size_t w = d.w_shared ? w_bytes : 0;
   const size_t tile_bytes = size_t(tiles) * d.warps * cuda::kTileB * d.tile_stride * sizeof(acc_t);
@@ -312,7 +312,7 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     if (has_bias) grad_bias = grad_bias_of(sr.gs, t_min, iterations, n, u.scalar_type());
     auto grad_u_part = at::empty({d.n_groups, n.B, n.N_in, n.D_in}, in.s.options());
     // W[i] is staged in shared memory when it fits beside the tiles.
-    const int64_t w_elems = std::min<int64_t>(n.N_out, d.caps_per_group) * n.D_out * n.D_in;
+    const int64_t w_elems = cuda::widest_group_cols(d) * n.D_in;
     d.w_shared = cuda::weight_grad_smem<T, acc_t>(w_elems, true) <= kPassSmem;
     const size_t smem = cuda::weight_grad_smem<T, acc_t>(w_elems, d.w_shared);
     const dim3 grid(static_cast<unsigned>(n.N_in), d.n_groups, static_cast<unsigned>(ceil_div(n.D_in, 8)));
