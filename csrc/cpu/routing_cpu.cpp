@@ -22,9 +22,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <new>
 #include <type_traits>
@@ -174,6 +174,16 @@ struct Blocked {
   int64_t active(int64_t blk) const { return std::min<int64_t>(L, B - blk * L); }
 };
 
+// The bits of `x` read as a `To`: std::bit_cast is C++20, and torch 2.11 (the GPU machine's)
+// builds extensions as C++17.
+template <typename To, typename From>
+inline To bit_cast(const From& x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
+  To y;
+  std::memcpy(&y, &x, sizeof y);
+  return y;
+}
+
 // exp(x) for x <= 0 (a logit minus the largest logit), on a whole register: libm's exp
 // is a scalar call that GCC vectorises only under -ffast-math, which would also break NaN
 // propagation. Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a polynomial for e^r,
@@ -198,8 +208,8 @@ inline Vec<float> exp_nonpositive(Vec<float> x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  const U e = (std::bit_cast<U>(t) - std::bit_cast<uint32_t>(round) + 127u) << 23;
-  const V y = p * std::bit_cast<V>(e);
+  const U e = (bit_cast<U>(t) - bit_cast<uint32_t>(round) + 127u) << 23;
+  const V y = p * bit_cast<V>(e);
   return x < lo ? V{} : y;
 }
 
@@ -228,8 +238,8 @@ inline Vec<double> exp_nonpositive(Vec<double> x) {
   p = p * r + 0.5;
   p = p * r + 1.0;
   p = p * r + 1.0;
-  const U e = (std::bit_cast<U>(t) - std::bit_cast<uint64_t>(round) + 1023u) << 52;
-  const V y = p * std::bit_cast<V>(e);
+  const U e = (bit_cast<U>(t) - bit_cast<uint64_t>(round) + 1023u) << 52;
+  const V y = p * bit_cast<V>(e);
   return x < lo ? V{} : y;
 }
 
