@@ -9,8 +9,9 @@
 #   profile   the fused op's per-kernel times and host overhead, canonical and scale shapes
 #   tests     the test suite's CUDA cases
 #   sanitize  compute-sanitizer memcheck/racecheck/initcheck/synccheck on a tiny case
-# First call on a fresh machine: `quick bench` (~8 min with the build); second: `profile tests
-# sanitize`.
+# First call on a fresh machine: `quick bench` (~8 min with the build, ~6 with a prebuilt
+# extension: scripts/prebuild_device.sh here, then carry ["build/device"]); second: `profile
+# tests sanitize`.
 set -uo pipefail
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -18,9 +19,21 @@ export CAPSROUTE_PTXAS_VERBOSE=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 git log --oneline -1 2>/dev/null | tee "$OUT/version.txt"
 t0=$(date +%s)
-python3 setup.py build_ext --inplace -j 16 > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"
-grep -A2 "Compiling entry" "$OUT/build.log" | grep -E "registers|spill" | sort | uniq -c | sort -rn | head -20 > "$OUT/ptxas.txt"
+# A prebuilt extension (scripts/prebuild_device.sh, carried as build/device) when it was built
+# from these sources and loads here with its CUDA kernels; else the build (~140 s).
+source scripts/device_build.sh
+prebuilt=build/device/capsroute/_C.abi3.so
+if [ -f "$prebuilt" ] && [ "$(cat build/device/sources.digest 2>/dev/null)" = "$(source_digest)" ] &&
+   cp "$prebuilt" capsroute/ && python3 -c "import torch, capsroute._C
+assert torch._C._dispatch_has_kernel_for_dispatch_key('capsroute::dynamic_routing', 'CUDA')" 2>> "$OUT/build.log"; then
+  echo "prebuilt extension (sources $(source_digest))"
+  cp build/device/ptxas.txt "$OUT/" 2>/dev/null
+else
+  rm -f capsroute/_C*.so
+  python3 setup.py build_ext --inplace -j 16 > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - t0 )) s"
+  ptxas_summary "$OUT/build.log" > "$OUT/ptxas.txt"
+fi
 for step in "$@"; do
   echo "=== $step ($(date +%T))"
   case $step in
