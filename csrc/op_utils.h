@@ -29,6 +29,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_outputs(const at::
   return {v, c, s};
 }
 
+// The bias gradient before any accumulation: zeros [N_out, D_out], or [0] without a bias.
+inline at::Tensor zero_grad_bias(const RoutingSizes& n, bool has_bias,
+                                 const at::TensorOptions& options) {
+  return has_bias ? at::zeros({n.N_out, n.D_out}, options) : at::empty({0}, options);
+}
+
 inline c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
   if (!t.has_value()) return c10::nullopt;
   return t->contiguous();

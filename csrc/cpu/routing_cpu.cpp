@@ -935,7 +935,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_routing_backward_cpu(
   const auto weight = weight_in.contiguous();
   auto grad_u = at::empty_like(u);
   auto grad_weight = at::empty_like(weight);
-  auto grad_bias = has_bias ? at::zeros({n.N_out, n.D_out}, u.options()) : at::empty({0}, u.options());
+  auto grad_bias = zero_grad_bias(n, has_bias, u.options());
   if (n.B == 0) return {grad_u, grad_weight.zero_(), grad_bias};
   const Problem p = make_problem(n, iterations, leaky, eps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "dynamic_routing_backward_cpu", [&] {
@@ -963,8 +963,7 @@ std::tuple<at::Tensor, at::Tensor> route_backward_cpu(const at::Tensor& grad_v,
                                   u_hat_in);
   const auto u_hat = u_hat_in.contiguous();
   auto grad_u_hat = at::empty_like(u_hat);
-  auto grad_bias = has_bias ? at::zeros({n.N_out, n.D_out}, u_hat.options())
-                            : at::empty({0}, u_hat.options());
+  auto grad_bias = zero_grad_bias(n, has_bias, u_hat.options());
   if (n.B == 0) return {grad_u_hat, grad_bias};
   const Problem p = make_problem(n, iterations, leaky, eps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_hat.scalar_type(), "route_backward_cpu", [&] {

@@ -60,10 +60,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_routing_backward_cuda(
                                   iterations, u_in);
   const auto u = u_in.contiguous();
   const auto weight = weight_in.contiguous();
-  auto grad_u = at::zeros_like(u);
-  auto grad_weight = at::zeros_like(weight);
-  auto grad_bias = has_bias ? at::zeros({n.N_out, n.D_out}, u.options()) : at::empty({0}, u.options());
-  if (n.B == 0) return {grad_u, grad_weight, grad_bias};
+  if (n.B == 0)
+    return {at::zeros_like(u), at::zeros_like(weight), zero_grad_bias(n, has_bias, u.options())};
+  // The kernels write every entry (grad_bias is made by the launch when has_bias).
+  auto grad_u = cuda::scratch(u.sizes(), u.options());
+  auto grad_weight = cuda::scratch(weight.sizes(), weight.options());
+  auto grad_bias = at::empty({0}, u.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "dynamic_routing_backward_cuda", [&] {
     cuda_launch::dynamic_routing_backward<scalar_t>(in, u, weight, n, iterations, leaky, detach, eps,
                                                     has_bias, grad_u, grad_weight, grad_bias);
@@ -82,10 +84,9 @@ std::tuple<at::Tensor, at::Tensor> route_backward_cuda(const at::Tensor& grad_v,
   const auto in = backward_inputs("capsroute.route_backward", n, grad_v, grad_c, s_in,
                                   iterations, u_hat_in);
   const auto u_hat = u_hat_in.contiguous();
-  auto grad_u_hat = at::zeros_like(u_hat);
-  auto grad_bias = has_bias ? at::zeros({n.N_out, n.D_out}, u_hat.options())
-                            : at::empty({0}, u_hat.options());
-  if (n.B == 0) return {grad_u_hat, grad_bias};
+  if (n.B == 0) return {at::zeros_like(u_hat), zero_grad_bias(n, has_bias, u_hat.options())};
+  auto grad_u_hat = cuda::scratch(u_hat.sizes(), u_hat.options());  // written in full
+  auto grad_bias = at::empty({0}, u_hat.options());  // made by the launch when has_bias
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_hat.scalar_type(), "route_backward_cuda", [&] {
     cuda_launch::route_backward<scalar_t>(in, u_hat, n, iterations, leaky, detach, eps, has_bias,
                                           grad_u_hat, grad_bias);

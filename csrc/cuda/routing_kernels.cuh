@@ -755,11 +755,11 @@ struct CapsuleLane {
 };
 
 // Forward, after a pass: s = bias + sum of the blocks' partials (in block order);
-// v = squash(s); V += v; v written on the last iteration.
+// v = squash(s); V += v (V = v on the first iteration); v written on the last iteration.
 template <typename scalar_t>
 __global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>::acc* partial,
                                         const scalar_t* __restrict__ bias, double eps,
-                                        typename Scalar<scalar_t>::acc* V,
+                                        bool first, typename Scalar<scalar_t>::acc* V,
                                         typename Scalar<scalar_t>::acc* s_out,
                                         scalar_t* __restrict__ v_out) {
   using acc_t = typename Scalar<scalar_t>::acc;
@@ -773,7 +773,7 @@ __global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>:
   const acc_t f = squash_scale(warp_sum(s * s), acc_t(eps));
   if (!c.valid) return;
   s_out[c.e] = s;
-  V[c.e] += f * s;
+  V[c.e] = (first ? acc_t(0) : V[c.e]) + f * s;
   if (v_out != nullptr) v_out[c.e] = Scalar<scalar_t>::store(f * s);
 }
 
@@ -787,8 +787,9 @@ __global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials,
   if (!c.active) return;
   acc_t s = 0, gv = 0;
   if (c.valid) {
-    acc_t g = G[c.e];
-    if (n_partials > 0) g += sum_partials(partial + c.e, n_partials, n.B * n.J);
+    // G starts at zero: the first step (t = r) has no partials and does not read it.
+    const acc_t g = n_partials > 0 ? G[c.e] + sum_partials(partial + c.e, n_partials, n.B * n.J)
+                                   : acc_t(0);
     G[c.e] = g;
     s = s_t[c.e];
     gv = g + (grad_v != nullptr ? grad_v[c.e] : acc_t(0));

@@ -142,10 +142,10 @@ void forward(const Src& src, const Dims& d, int64_t iterations, double eps, cons
              T* v, T* c, typename cuda::Scalar<T>::acc* s, const at::TensorOptions& acc_opts) {
   using acc_t = typename cuda::Scalar<T>::acc;
   cudaStream_t stream = cuda::current_stream();
-  auto V = at::zeros({d.B, d.J}, acc_opts);
-  auto partial = at::empty({d.n_chunks, d.B, d.J}, acc_opts);
+  auto V = cuda::scratch({d.B, d.J}, acc_opts);  // written first by iteration 1's finish
+  auto partial = cuda::scratch({d.n_chunks, d.B, d.J}, acc_opts);
   const bool groups = d.n_groups > 1;
-  auto stats = at::empty({groups ? d.B * d.N_in * 2 : 0}, acc_opts);
+  auto stats = cuda::scratch({groups ? d.B * d.N_in * 2 : 0}, acc_opts);
   for (int64_t t = 1; t <= iterations; ++t) {
     const bool last = t == iterations;
     cuda::State<acc_t> st{aptr<acc_t>(V), nullptr, nullptr, t == 1, 0, d.J};
@@ -157,8 +157,8 @@ void forward(const Src& src, const Dims& d, int64_t iterations, double eps, cons
     launch_pass<cuda::Pass::kForward, DT>(src, d, st, aptr<acc_t>(partial), last ? c : nullptr,
                                           stream);
     cuda::launch(cuda::finish_iteration_kernel<T>, capsule_grid(d), 256, 0, stream,
-                 d, aptr<acc_t>(partial), bias, eps, aptr<acc_t>(V), s + (t - 1) * d.B * d.J,
-                 last ? v : nullptr);
+                 d, aptr<acc_t>(partial), bias, eps, t == 1, aptr<acc_t>(V),
+                 s + (t - 1) * d.B * d.J, last ? v : nullptr);
   }
 }
 
@@ -186,15 +186,16 @@ SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_m
   cudaStream_t stream = cuda::current_stream();
   const int64_t stride = d.B * d.J, per_t = d.B * d.N_in;
   SweepResult out;
-  out.V_prev = at::empty({iterations, d.B, d.J}, s.options());
+  out.V_prev = cuda::scratch({iterations, d.B, d.J}, s.options());
   cuda::launch(cuda::running_sums_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
                d, static_cast<int>(iterations), aptr<acc_t>(s), eps, aptr<acc_t>(out.V_prev));
-  out.gs = at::zeros({iterations, d.B, d.J}, s.options());
+  // Written for the iterations t_min .. r that the last pass and grad_bias read.
+  out.gs = cuda::scratch({iterations, d.B, d.J}, s.options());
   const bool groups = d.n_groups > 1;
-  out.stats = at::zeros({groups ? iterations * per_t * 2 : 0}, s.options());
-  out.cg = at::zeros({groups ? iterations * per_t : 0}, s.options());
-  auto G = at::zeros({d.B, d.J}, s.options());
-  auto partial = at::empty({t_min < iterations ? d.n_chunks : 0, d.B, d.J}, s.options());
+  out.stats = cuda::scratch({groups ? iterations * per_t * 2 : 0}, s.options());
+  out.cg = cuda::scratch({groups ? iterations * per_t : 0}, s.options());
+  auto G = cuda::scratch({d.B, d.J}, s.options());  // written first by the first sweep step
+  auto partial = cuda::scratch({t_min < iterations ? d.n_chunks : 0, d.B, d.J}, s.options());
   const acc_t* s_ = aptr<acc_t>(s);
   acc_t* gs_ = aptr<acc_t>(out.gs);
   cuda::launch(cuda::sweep_step_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
@@ -310,7 +311,11 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     const SweepResult sr = sweep<DT, decltype(src), T>(src, d, iterations, t_min, eps, in.grad_v,
                                                        in.grad_c, in.s);
     if (has_bias) grad_bias = grad_bias_of(sr.gs, t_min, iterations, n, u.scalar_type());
-    auto grad_u_part = at::empty({d.n_groups, n.B, n.N_in, n.D_in}, in.s.options());
+    // grad_u's part of each group (added up below), or with one group of output capsules
+    // and grad_u in the accumulation type, grad_u itself.
+    const bool direct = std::is_same<T, acc_t>::value && d.n_groups == 1;
+    auto grad_u_part = direct ? grad_u.view({1, n.B, n.N_in, n.D_in})
+                              : cuda::scratch({d.n_groups, n.B, n.N_in, n.D_in}, in.s.options());
     // W[i] is staged in shared memory when it fits beside the tiles.
     const int64_t w_elems = cuda::widest_group_cols(d) * n.D_in;
     d.w_shared = cuda::weight_grad_smem<T, acc_t>(w_elems, true) <= kPassSmem;
@@ -322,7 +327,7 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
                  dptr<scalar_t>(grad_weight));
     // With several groups of output capsules their contributions to grad_u are added here,
     // in group order.
-    grad_u.copy_(d.n_groups == 1 ? grad_u_part[0] : grad_u_part.sum(0));
+    if (!direct) grad_u.copy_(d.n_groups == 1 ? grad_u_part[0] : grad_u_part.sum(0));
   });
 }
 

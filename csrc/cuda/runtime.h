@@ -1,5 +1,5 @@
 // The few CUDA runtime services the launch code uses (current stream, device properties,
-// kernel launch with its error check, device guard), in one place so that the same launch
+// kernel launch with its error check, device guard, scratch memory), in one place so that the same launch
 // code builds for a GPU or, with -DCAPSROUTE_EMULATE, for the CPU emulation that tests the
 // kernels on machines without one (csrc/emu/cuda_emu.h).
 #pragma once
@@ -7,6 +7,7 @@
 #ifdef CAPSROUTE_EMULATE
 #include "../emu/cuda_emu.h"
 #else
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -39,6 +40,12 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaS
 }
 
 using DeviceGuard = c10::cuda::CUDAGuard;
+
+// Memory that the kernels write in full before they read it (no fill: at::empty). The
+// emulation fills it with NaN, so that a read of an entry never written shows in the results.
+inline at::Tensor scratch(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
+}
 
 }  // namespace cuda
 }  // namespace capsroute

@@ -22,6 +22,7 @@
 // correct code gives bit-identical ones.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -35,10 +36,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
+#include <random>
 #include <tuple>
 #include <type_traits>
 #include <utility>
-#include <random>
 #include <vector>
 
 // --- language keywords -------------------------------------------------------------------
@@ -397,6 +399,11 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaS
 struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}
 };
+
+// Memory the kernels must write before they read it: NaN until then (see runtime.h).
+inline at::Tensor scratch(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+}
 
 }  // namespace cuda
 }  // namespace capsroute
