@@ -340,30 +340,40 @@ __device__ __forceinline__ void predict_tile(const GivenSource<scalar_t>& src, c
   }
 }
 
-// out[jl][h] = <u_hat[b, i, j], x[b, j]> for the group's capsules j = grp * GJ + jl and the
-// lane's two batch elements h (every lane of the 8 that share t gets the full sum); 0 for
-// capsules past N_out.
-template <int DT, typename Src, typename acc_t>
+// out[k][jl][h] = <u_hat[b, i, j], x[k][b, j]> for the group's capsules j = grp * GJ + jl,
+// the lane's two batch elements h (every lane of the 8 that share t gets the full sum) and
+// K arrays x laid out as V: V alone (the logits), or V and gs in the backward, where each
+// prediction tile is made once for both dot products. 0 for capsules past N_out.
+template <int DT, int K, typename Src, typename acc_t>
 __device__ __forceinline__ void agreements(const Src& src, const Dims& n, const Lane& L,
-                                           const State<acc_t>& st, const acc_t* x, int64_t i,
-                                           int64_t b0, int grp, acc_t (&out)[kGroupRows / DT][2]) {
+                                           const State<acc_t>& st, const acc_t* const (&x)[K],
+                                           int64_t i, int64_t b0, int grp,
+                                           acc_t (&out)[K][kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT;
 #pragma unroll
   for (int jl = 0; jl < GJ; ++jl) {
     const int64_t j = int64_t(grp) * GJ + jl;
-    out[jl][0] = out[jl][1] = acc_t(0);
+#pragma unroll
+    for (int k = 0; k < K; ++k) out[k][jl][0] = out[k][jl][1] = acc_t(0);
     if (j >= n.N_out) continue;  // warp-uniform
-    acc_t p0 = 0, p1 = 0;
+    acc_t p[K][2] = {};
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {
-      acc_t uh[4], f[4];
+      acc_t uh[4];
       predict_tile<DT>(src, n, L, i, b0, grp, jl * DT + dt, uh);
-      load_frag(x, st, n, L, b0, j, dt, f);
-      p0 += uh[0] * f[0] + uh[2] * f[2];
-      p1 += uh[1] * f[1] + uh[3] * f[3];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        acc_t f[4];
+        load_frag(x[k], st, n, L, b0, j, dt, f);
+        p[k][0] += uh[0] * f[0] + uh[2] * f[2];
+        p[k][1] += uh[1] * f[1] + uh[3] * f[3];
+      }
     }
-    out[jl][0] = sum_over_dims(p0);
-    out[jl][1] = sum_over_dims(p1);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      out[k][jl][0] = sum_over_dims(p[k][0]);
+      out[k][jl][1] = sum_over_dims(p[k][1]);
+    }
   }
 }
 
@@ -414,21 +424,14 @@ struct SoftmaxStats {
   }
 };
 
-// The coupling coefficients c[b, i, j] of the group's capsules, for the lane's two batch
-// elements, at iteration t. With several groups the softmax statistics over all capsules
-// come from group_stats_kernel (st.stats, which the launch code always provides then).
-template <int DT, typename Src, typename acc_t>
-__device__ __forceinline__ void coupling(const Src& src, const Dims& n, const Lane& L,
-                                         const State<acc_t>& st, int64_t i, int64_t b0,
-                                         int grp, acc_t (&c)[kGroupRows / DT][2]) {
+// The group's logits in c (agreements with V) become its coupling coefficients: the softmax
+// over all capsules, whose statistics with several groups come from group_stats_kernel
+// (st.stats, which the launch code always provides then).
+template <int DT, typename acc_t>
+__device__ __forceinline__ void softmax_coupling(const Dims& n, const Lane& L,
+                                                 const State<acc_t>& st, int64_t i, int64_t b0,
+                                                 int grp, acc_t (&c)[kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT;
-  if (st.first) {
-    const acc_t uniform = acc_t(1) / acc_t(n.N_out + (n.leaky ? 1 : 0));
-#pragma unroll
-    for (int jl = 0; jl < GJ; ++jl) c[jl][0] = c[jl][1] = uniform;
-    return;
-  }
-  agreements<DT>(src, n, L, st, st.V, i, b0, grp, c);
   SoftmaxStats<acc_t> s;
   if (n.n_groups > 1) {
 #pragma unroll
@@ -448,13 +451,33 @@ __device__ __forceinline__ void coupling(const Src& src, const Dims& n, const La
       c[jl][h] = int64_t(grp) * GJ + jl < n.N_out ? exp_(c[jl][h] - s.m[h]) / s.l[h] : acc_t(0);
 }
 
-// dL/dc (before the softmax backward) for the group: <gs[b, j], u_hat[b, i, j]> + grad_c.
+// The coupling coefficients c[b, i, j] of the group's capsules, for the lane's two batch
+// elements, at iteration t.
 template <int DT, typename Src, typename acc_t>
-__device__ __forceinline__ void coupling_dots(const Src& src, const Dims& n, const Lane& L,
-                                              const State<acc_t>& st, int64_t i, int64_t b0,
-                                              int grp, acc_t (&g)[kGroupRows / DT][2]) {
+__device__ __forceinline__ void coupling(const Src& src, const Dims& n, const Lane& L,
+                                         const State<acc_t>& st, int64_t i, int64_t b0,
+                                         int grp, acc_t (&c)[kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT;
-  agreements<DT>(src, n, L, st, st.gs, i, b0, grp, g);
+  if (st.first) {
+    const acc_t uniform = acc_t(1) / acc_t(n.N_out + (n.leaky ? 1 : 0));
+#pragma unroll
+    for (int jl = 0; jl < GJ; ++jl) c[jl][0] = c[jl][1] = uniform;
+    return;
+  }
+  acc_t a[1][GJ][2];
+  agreements<DT, 1>(src, n, L, st, {st.V}, i, b0, grp, a);
+#pragma unroll
+  for (int jl = 0; jl < GJ; ++jl) c[jl][0] = a[0][jl][0], c[jl][1] = a[0][jl][1];
+  softmax_coupling<DT>(n, L, st, i, b0, grp, c);
+}
+
+// dL/dc (before the softmax backward) for the group: g holds <gs[b, j], u_hat[b, i, j]>, to
+// which grad_c (iteration r only) is added.
+template <int DT, typename acc_t>
+__device__ __forceinline__ void add_grad_c(const Dims& n, const Lane& L, const State<acc_t>& st,
+                                           int64_t i, int64_t b0, int grp,
+                                           acc_t (&g)[kGroupRows / DT][2]) {
+  constexpr int GJ = kGroupRows / DT;
   if (st.grad_c != nullptr) {
 #pragma unroll
     for (int jl = 0; jl < GJ; ++jl)
@@ -467,8 +490,8 @@ __device__ __forceinline__ void coupling_dots(const Src& src, const Dims& n, con
 }
 
 // Back through the softmax for the group: g <- c * (g - sum_k c_k g_k), the sum over ALL
-// capsules k (with several groups: st.cg, from group_stats_kernel). On entry g holds
-// coupling_dots.
+// capsules k (with several groups: st.cg, from group_stats_kernel). On entry g holds dL/dc
+// (add_grad_c).
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void coupling_grad(const Src& src, const Dims& n, const Lane& L,
                                               const State<acc_t>& st, int64_t i, int64_t b0,
@@ -492,6 +515,25 @@ __device__ __forceinline__ void coupling_grad(const Src& src, const Dims& n, con
   for (int jl = 0; jl < GJ; ++jl)
 #pragma unroll
     for (int h = 0; h < 2; ++h) g[jl][h] = c[jl][h] * (g[jl][h] - cg[h]);
+}
+
+// The backward's per-(b, i) quantities at an iteration t >= 2: the coupling coefficients c
+// and the logit gradient g = dL/db (through the softmax), from one set of prediction tiles.
+template <int DT, typename Src, typename acc_t>
+__device__ __forceinline__ void coupling_and_grad(const Src& src, const Dims& n, const Lane& L,
+                                                  const State<acc_t>& st, int64_t i, int64_t b0,
+                                                  int grp, acc_t (&c)[kGroupRows / DT][2],
+                                                  acc_t (&g)[kGroupRows / DT][2]) {
+  constexpr int GJ = kGroupRows / DT;
+  acc_t a[2][GJ][2];
+  agreements<DT, 2>(src, n, L, st, {st.V, st.gs}, i, b0, grp, a);
+#pragma unroll
+  for (int jl = 0; jl < GJ; ++jl)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) c[jl][h] = a[0][jl][h], g[jl][h] = a[1][jl][h];
+  softmax_coupling<DT>(n, L, st, i, b0, grp, c);
+  add_grad_c<DT>(n, L, st, i, b0, grp, g);
+  coupling_grad<DT>(src, n, L, st, i, b0, grp, c, g);
 }
 
 // --- asynchronous copies to shared memory (sm_80+) ------------------------------------
@@ -619,8 +661,8 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
       }
     }
     if (has_rows) {
-      coupling<DT>(src, n, L, st, i, b0, grp, c);
       if constexpr (kPass == Pass::kForward) {
+        coupling<DT>(src, n, L, st, i, b0, grp, c);
         if (c_out != nullptr && L.g == 0) {
 #pragma unroll
           for (int jl = 0; jl < GJ; ++jl)
@@ -632,10 +674,9 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
             }
         }
         accumulate<DT>(src, n, L, i, b0, grp, c, acc);
-      } else {
+      } else {  // t >= 2
         acc_t g[GJ][2];
-        coupling_dots<DT>(src, n, L, st, i, b0, grp, g);
-        coupling_grad<DT>(src, n, L, st, i, b0, grp, c, g);
+        coupling_and_grad<DT>(src, n, L, st, i, b0, grp, c, g);
         accumulate<DT>(src, n, L, i, b0, grp, g, acc);
       }
     }
@@ -660,8 +701,8 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
 
 // Several groups of output capsules: the softmax statistics over all capsules for each
 // (b, i) at iteration t, stats[b, i] = (max, sum of exp) of the logits <u_hat, V>, and with
-// cg_out the softmax backward's sum_k c_k g_k (g = coupling_dots), so that the passes of each
-// group need only their own capsules' predictions. A block's warps take 8 batch elements each
+// cg_out the softmax backward's sum_k c_k g_k (g = dL/dc = <u_hat, gs> + grad_c), so that the
+// passes of each group need only their own capsules' predictions. A block's warps take 8 batch elements each
 // and share one input capsule, whose whole W[i] is staged in shared memory when w_shared.
 // grid = (N_in, ceil(B / (8 * kWarps))); dynamic shared memory: J * D_in elements or none.
 template <int DT, typename Src, typename scalar_t>
@@ -687,21 +728,22 @@ group_stats_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   SoftmaxStats<acc_t> s;
   s.init(n.leaky);
   for (int grp = 0; grp < n.n_groups; ++grp) {
-    acc_t a[GJ][2];
-    agreements<DT>(src, n, L, st, st.V, i, b0, grp, a);
-    s.add(a, int64_t(grp) * GJ, n.N_out);
+    acc_t a[1][GJ][2];
+    agreements<DT, 1>(src, n, L, st, {st.V}, i, b0, grp, a);
+    s.add(a[0], int64_t(grp) * GJ, n.N_out);
   }
   acc_t cg[2] = {0, 0};
-  if (cg_out != nullptr) {
+  if (cg_out != nullptr) {  // a second walk, now that the statistics are known
     for (int grp = 0; grp < n.n_groups; ++grp) {
-      acc_t a[GJ][2], g[GJ][2];
-      agreements<DT>(src, n, L, st, st.V, i, b0, grp, a);
-      coupling_dots<DT>(src, n, L, st, i, b0, grp, g);
+      acc_t ag[2][GJ][2];  // logits, dL/dc
+      agreements<DT, 2>(src, n, L, st, {st.V, st.gs}, i, b0, grp, ag);
+      add_grad_c<DT>(n, L, st, i, b0, grp, ag[1]);
 #pragma unroll
       for (int jl = 0; jl < GJ; ++jl)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          if (int64_t(grp) * GJ + jl < n.N_out) cg[h] += exp_(a[jl][h] - s.m[h]) / s.l[h] * g[jl][h];
+          if (int64_t(grp) * GJ + jl < n.N_out)
+            cg[h] += exp_(ag[0][jl][h] - s.m[h]) / s.l[h] * ag[1][jl][h];
     }
   }
   if (L.g != 0) return;
@@ -858,8 +900,13 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
                           t == sw.iterations ? sw.grad_c : nullptr, t == 1, 0, n.J, 0,
                           sw.stats != nullptr ? sw.stats + (t - 1) * per_t * 2 : nullptr,
                           sw.cg != nullptr ? sw.cg + (t - 1) * per_t : nullptr};
-    acc_t c[GJ][2];
-    coupling<DT>(src, n, L, st, i, b0, grp, c);
+    // The logit gradient's term: none at t = 1 (V^(0) = 0) or with detach (c^(r) constant).
+    const bool logit_grad = t > 1 && !sw.detach;
+    acc_t c[GJ][2], g[GJ][2];
+    if (logit_grad)
+      coupling_and_grad<DT>(src, n, L, st, i, b0, grp, c, g);
+    else
+      coupling<DT>(src, n, L, st, i, b0, grp, c);
 #pragma unroll
     for (int r = 0; r < kGroupRows; ++r) {
       acc_t f[4];
@@ -867,10 +914,7 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
 #pragma unroll
       for (int q = 0; q < 4; ++q) g_uh[r][q] += c[r / DT][q & 1] * f[q];
     }
-    if (t == 1 || sw.detach) continue;  // V^(0) = 0; with detach c^(r) is a constant
-    acc_t g[GJ][2];
-    coupling_dots<DT>(src, n, L, st, i, b0, grp, g);
-    coupling_grad<DT>(src, n, L, st, i, b0, grp, c, g);
+    if (!logit_grad) continue;
 #pragma unroll
     for (int r = 0; r < kGroupRows; ++r) {
       acc_t f[4];
