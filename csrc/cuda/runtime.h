@@ -1,7 +1,7 @@
 // The few CUDA runtime services the launch code uses (current stream, device properties,
-// kernel launch with its error check, device guard, scratch memory), in one place so that the same launch
-// code builds for a GPU or, with -DCAPSROUTE_EMULATE, for the CPU emulation that tests the
-// kernels on machines without one (csrc/emu/cuda_emu.h).
+// kernel launch with its error check, device guard, scratch memory), in one place so that
+// the same launch code builds for a GPU or, with -DCAPSROUTE_EMULATE, for the CPU emulation
+// that tests the kernels on machines without one (csrc/emu/cuda_emu.h).
 #pragma once
 
 #ifdef CAPSROUTE_EMULATE
