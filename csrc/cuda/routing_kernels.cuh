@@ -518,20 +518,30 @@ __device__ __forceinline__ void coupling_grad(const Src& src, const Dims& n, con
 }
 
 // The backward's per-(b, i) quantities at an iteration t >= 2: the coupling coefficients c
-// and the logit gradient g = dL/db (through the softmax), from one set of prediction tiles.
+// and the logit gradient g = dL/db (through the softmax). Computed predictions serve both
+// dot products from one set of tiles; given ones (route) are loads, and two walks over them
+// keep fewer values live (ptxas: half the spills of one walk).
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void coupling_and_grad(const Src& src, const Dims& n, const Lane& L,
                                                   const State<acc_t>& st, int64_t i, int64_t b0,
                                                   int grp, acc_t (&c)[kGroupRows / DT][2],
                                                   acc_t (&g)[kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT;
-  acc_t a[2][GJ][2];
-  agreements<DT, 2>(src, n, L, st, {st.V, st.gs}, i, b0, grp, a);
+  if constexpr (Src::kComputed) {
+    acc_t a[2][GJ][2];
+    agreements<DT, 2>(src, n, L, st, {st.V, st.gs}, i, b0, grp, a);
 #pragma unroll
-  for (int jl = 0; jl < GJ; ++jl)
+    for (int jl = 0; jl < GJ; ++jl)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) c[jl][h] = a[0][jl][h], g[jl][h] = a[1][jl][h];
-  softmax_coupling<DT>(n, L, st, i, b0, grp, c);
+      for (int h = 0; h < 2; ++h) c[jl][h] = a[0][jl][h], g[jl][h] = a[1][jl][h];
+    softmax_coupling<DT>(n, L, st, i, b0, grp, c);
+  } else {
+    coupling<DT>(src, n, L, st, i, b0, grp, c);
+    acc_t a[1][GJ][2];
+    agreements<DT, 1>(src, n, L, st, {st.gs}, i, b0, grp, a);
+#pragma unroll
+    for (int jl = 0; jl < GJ; ++jl) g[jl][0] = a[0][jl][0], g[jl][1] = a[0][jl][1];
+  }
   add_grad_c<DT>(n, L, st, i, b0, grp, g);
   coupling_grad<DT>(src, n, L, st, i, b0, grp, c, g);
 }
@@ -907,18 +917,16 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
       coupling_and_grad<DT>(src, n, L, st, i, b0, grp, c, g);
     else
       coupling<DT>(src, n, L, st, i, b0, grp, c);
+    // One walk over the rows for both terms, so that c and g die row tile by row tile.
 #pragma unroll
     for (int r = 0; r < kGroupRows; ++r) {
+      const int64_t j = int64_t(grp) * GJ + r / DT;
       acc_t f[4];
-      load_frag(st.gs, st, n, L, b0, int64_t(grp) * GJ + r / DT, r % DT, f);
+      load_frag(st.gs, st, n, L, b0, j, r % DT, f);
 #pragma unroll
       for (int q = 0; q < 4; ++q) g_uh[r][q] += c[r / DT][q & 1] * f[q];
-    }
-    if (!logit_grad) continue;
-#pragma unroll
-    for (int r = 0; r < kGroupRows; ++r) {
-      acc_t f[4];
-      load_frag(st.V, st, n, L, b0, int64_t(grp) * GJ + r / DT, r % DT, f);
+      if (!logit_grad) continue;
+      load_frag(st.V, st, n, L, b0, j, r % DT, f);
 #pragma unroll
       for (int q = 0; q < 4; ++q) g_uh[r][q] += g[r / DT][q & 1] * f[q];
     }
