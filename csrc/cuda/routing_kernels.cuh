@@ -206,14 +206,7 @@ struct GivenSource {
 
 #ifdef CAPSROUTE_EMULATE
 using emu::mma_tf32;
-using emu::to_tf32;
 #else
-// x rounded to TF32 (to nearest, ties away from zero), as a float32 bit pattern.
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return r;
-}
 // d += A B for one 16 x 8 x 8 tile (layout above).
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
                                          const uint32_t (&b)[2]) {
@@ -225,14 +218,23 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
 }
 #endif
 
-// x = hi + lo with hi, lo in TF32; lo = 0 when x is exact in TF32 (kExact: half types).
+// x = hi + lo as operands of the matrix units, which read a .tf32 operand's sign, exponent and
+// top 10 mantissa bits and ignore the low 13 (truncation). hi is x rounded to the nearest
+// TF32 value by adding half a TF32 unit to the bit pattern and clearing the low bits: two
+// integer instructions, where cvt.rna.tf32.f32 costs five on sm_90 (no native instruction).
+// lo = x - hi is exact in float32 and handed over as it is: the hardware's truncation of it
+// errs by at most 2^-10 of lo, i.e. 2^-21 of x, the size of the lo*lo term that 3xTF32 drops.
+// Non-finite x: inf stays inf; a NaN may lose its payload in hi, but lo = x - hi is NaN, so
+// the products stay NaN. kExact (half types, exact in TF32): hi = x, lo unused.
 template <bool kExact>
 __device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
-  hi = to_tf32(x);
+  memcpy(&hi, &x, sizeof hi);
   if (!kExact) {
+    hi = (hi + 0x1000u) & 0xffffe000u;
     float h;
     memcpy(&h, &hi, sizeof h);
-    lo = to_tf32(x - h);
+    const float rest = x - h;
+    memcpy(&lo, &rest, sizeof lo);
   }
 }
 
@@ -266,20 +268,23 @@ __device__ __forceinline__ void predict_tile(const WeightSource<scalar_t>& src, 
   using S = Scalar<scalar_t>;
   constexpr bool kExact = !std::is_same<scalar_t, float>::value;
   constexpr int GJ = kGroupRows / DT;
+  // Offsets within one capsule's rows in 32 bits (D_out * D_in < 2^31: make_dims).
+  const int D_in = static_cast<int>(n.D_in), D_out = static_cast<int>(n.D_out);
   const int64_t j = int64_t(grp) * GJ + r / DT;
   const int d0 = (r % DT) * kTileD + L.g, d1 = d0 + 8;  // A's rows of this lane
-  const scalar_t* w = src.Wi + (j - src.wi_j0) * n.D_out * n.D_in;
+  const scalar_t* w = src.Wi + (j - src.wi_j0) * (D_out * D_in);
   const int64_t b = b0 + L.g;                          // B's column of this lane
-  const scalar_t* u_row = src.u + ((b < n.B ? b : 0) * n.N_in + i) * n.D_in;
+  const bool b_in = b < n.B;
+  const scalar_t* u_row = src.u + ((b_in ? b : 0) * n.N_in + i) * D_in;
 #pragma unroll
   for (int q = 0; q < 4; ++q) uh[q] = 0.f;
-  for (int64_t k0 = 0; k0 < n.D_in; k0 += 8) {
-    const int64_t ka = k0 + L.t, kb = ka + 4;  // B's rows (and A's columns) of this lane
+  for (int k0 = 0; k0 < D_in; k0 += 8) {
+    const int ka = k0 + L.t, kb = ka + 4;  // B's rows (and A's columns) of this lane
     uint32_t bh[2], bl[2] = {0, 0};
-    split_tf32<kExact>(b < n.B && ka < n.D_in ? S::load(u_row + ka) : 0.f, bh[0], bl[0]);
-    split_tf32<kExact>(b < n.B && kb < n.D_in ? S::load(u_row + kb) : 0.f, bh[1], bl[1]);
-    auto at = [&](int d, int64_t k) {
-      return d < n.D_out && k < n.D_in ? S::load(w + d * n.D_in + k) : 0.f;
+    split_tf32<kExact>(b_in && ka < D_in ? S::load(u_row + ka) : 0.f, bh[0], bl[0]);
+    split_tf32<kExact>(b_in && kb < D_in ? S::load(u_row + kb) : 0.f, bh[1], bl[1]);
+    auto at = [&](int d, int k) {
+      return d < D_out && k < D_in ? S::load(w + (d * D_in + k)) : 0.f;
     };
     uint32_t ah[4], al[4] = {0, 0, 0, 0};
     split_tf32<kExact>(at(d0, ka), ah[0], al[0]);

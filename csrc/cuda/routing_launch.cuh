@@ -75,6 +75,10 @@ inline Dims make_dims(const char* op, const RoutingSizes& n, bool leaky) {
   d.D_out = n.D_out;
   d.J = n.N_out * n.D_out;
   d.leaky = leaky;
+  // Offsets within one capsule's weights are 32-bit in the kernels.
+  TORCH_CHECK_VALUE(n.D_out * n.D_in < (int64_t(1) << 31), op,
+                    ": the CUDA kernels need D_out * D_in < 2^31, but got D_out = ", n.D_out,
+                    ", D_in = ", n.D_in);
   d.caps_per_group = cuda::kGroupRows / dim_tiles(op, n.D_out);
   d.n_groups = static_cast<int>(ceil_div(n.N_out, d.caps_per_group));
   const int64_t b_tiles = ceil_div(n.B, cuda::kTileB);

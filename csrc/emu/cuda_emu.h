@@ -305,15 +305,6 @@ T peek(int lane) {
   return r;
 }
 
-// cvt.rna.tf32.f32: x rounded to 10 mantissa bits, to nearest with ties away from zero (the
-// magnitude is rounded: add half a unit of the last kept bit, then truncate).
-inline uint32_t to_tf32(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  if ((bits & 0x7f800000u) == 0x7f800000u) return bits;  // inf, nan
-  return (bits + 0x1000u) & ~0x1fffu;
-}
-
 inline float tf32_value(uint32_t bits) {
   float x;
   std::memcpy(&x, &bits, sizeof x);
