@@ -224,3 +224,27 @@ def test_unaligned_weight(emu):
                                                              False, False, 1e-8)[:2]])
     for name, a, b in zip(["v", "c", "grad_u", "grad_weight"], *results):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("bad", ["nan", "nan_all_bits", "inf"])
+def test_non_finite_weight_propagates(emu, dtype, bad):
+    """A NaN or Inf in the weights survives the TF32 split of the matrix units (a NaN whose
+    mantissa bits are all set rounds to a finite hi part; its lo part stays NaN): v, c and
+    the gradients are non-finite exactly where the reference's are."""
+    shape = SHAPES[0]
+    ins = make_routing_inputs(shape, dtype, "cpu", bias=False, gen=make_generator("emu-nonfinite"))
+    w = ins.weight.clone()
+    value = {"nan": torch.tensor(float("nan")), "inf": torch.tensor(float("inf")),
+             "nan_all_bits": torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)}[bad]
+    w[3, 2, 5, 1] = value.to(dtype)
+    v, c, s = emu.dynamic_routing(ins.u, w, None, 3, False, False, 1e-8, True)
+    grad_u, grad_w, _ = emu.dynamic_routing_backward(torch.ones_like(v), None, ins.u, w, s, False,
+                                                     3, False, False, 1e-8)
+    u64, w64 = as_reference(ins.u).requires_grad_(), as_reference(w).requires_grad_()
+    v_ref, c_ref = reference.dynamic_routing(u64, w64, 3, return_coupling=True)
+    ref_grads = torch.autograd.grad(v_ref, (u64, w64), torch.ones_like(v_ref))
+    for name, got, want in [("v", v, v_ref), ("c", c, c_ref), ("grad_u", grad_u, ref_grads[0]),
+                            ("grad_weight", grad_w, ref_grads[1])]:
+        assert torch.equal(got.isfinite(), want.isfinite()), name
+        assert not got.isfinite().all(), name
