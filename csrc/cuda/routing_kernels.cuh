@@ -163,8 +163,9 @@ __device__ __forceinline__ void load_frag(const acc_t* a, const State<acc_t>& st
   for (int q = 0; q < 4; ++q) {
     const int64_t b = b0 + L.col(q);
     const int d = L.dim(dt, q);
-    f[q] = (b < n.B && j < n.N_out && d < n.D_out) ? a[(b - st.b_base) * st.stride + (j - st.j_base) * n.D_out + d]
-                                                   : acc_t(0);
+    f[q] = (b < n.B && j < n.N_out && d < n.D_out)
+               ? a[(b - st.b_base) * st.stride + (j - st.j_base) * n.D_out + d]
+               : acc_t(0);
   }
 }
 
@@ -382,6 +383,18 @@ __device__ __forceinline__ void agreements(const Src& src, const Dims& n, const 
   }
 }
 
+// The same for one array x, into a group-shaped out[jl][h].
+template <int DT, typename Src, typename acc_t>
+__device__ __forceinline__ void agreements(const Src& src, const Dims& n, const Lane& L,
+                                           const State<acc_t>& st, const acc_t* x, int64_t i,
+                                           int64_t b0, int grp, acc_t (&out)[kGroupRows / DT][2]) {
+  constexpr int GJ = kGroupRows / DT;
+  acc_t a[1][GJ][2];
+  agreements<DT, 1>(src, n, L, st, {x}, i, b0, grp, a);
+#pragma unroll
+  for (int jl = 0; jl < GJ; ++jl) out[jl][0] = a[0][jl][0], out[jl][1] = a[0][jl][1];
+}
+
 // acc[r][q] += w[capsule of r][batch half of q] * u_hat[r][q] over the group's row tiles.
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void accumulate(const Src& src, const Dims& n, const Lane& L,
@@ -469,10 +482,7 @@ __device__ __forceinline__ void coupling(const Src& src, const Dims& n, const La
     for (int jl = 0; jl < GJ; ++jl) c[jl][0] = c[jl][1] = uniform;
     return;
   }
-  acc_t a[1][GJ][2];
-  agreements<DT, 1>(src, n, L, st, {st.V}, i, b0, grp, a);
-#pragma unroll
-  for (int jl = 0; jl < GJ; ++jl) c[jl][0] = a[0][jl][0], c[jl][1] = a[0][jl][1];
+  agreements<DT>(src, n, L, st, st.V, i, b0, grp, c);
   softmax_coupling<DT>(n, L, st, i, b0, grp, c);
 }
 
@@ -542,10 +552,7 @@ __device__ __forceinline__ void coupling_and_grad(const Src& src, const Dims& n,
     softmax_coupling<DT>(n, L, st, i, b0, grp, c);
   } else {
     coupling<DT>(src, n, L, st, i, b0, grp, c);
-    acc_t a[1][GJ][2];
-    agreements<DT, 1>(src, n, L, st, {st.gs}, i, b0, grp, a);
-#pragma unroll
-    for (int jl = 0; jl < GJ; ++jl) g[jl][0] = a[0][jl][0], g[jl][1] = a[0][jl][1];
+    agreements<DT>(src, n, L, st, st.gs, i, b0, grp, g);
   }
   add_grad_c<DT>(n, L, st, i, b0, grp, g);
   coupling_grad<DT>(src, n, L, st, i, b0, grp, c, g);
@@ -556,6 +563,7 @@ __device__ __forceinline__ void coupling_and_grad(const Src& src, const Dims& n,
 #ifdef CAPSROUTE_EMULATE
 using emu::cp_async16;
 using emu::cp_async_commit;
+using emu::cp_async_wait_all;
 using emu::cp_async_wait_one;
 #else
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
@@ -565,6 +573,8 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits until at most one group (the newest) of this thread's copies is still in flight.
 __device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+// Waits until all of this thread's copies have landed.
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 #endif
 
 // Output capsules of group grp: the first, and how many (the last group may be short).
@@ -717,8 +727,9 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
 // Several groups of output capsules: the softmax statistics over all capsules for each
 // (b, i) at iteration t, stats[b, i] = (max, sum of exp) of the logits <u_hat, V>, and with
 // cg_out the softmax backward's sum_k c_k g_k (g = dL/dc = <u_hat, gs> + grad_c), so that the
-// passes of each group need only their own capsules' predictions. A block's warps take 8 batch elements each
-// and share one input capsule, whose whole W[i] is staged in shared memory when w_shared.
+// passes of each group need only their own capsules' predictions. A block's warps take 8
+// batch elements each and share one input capsule, whose whole W[i] is staged in shared
+// memory when w_shared.
 // grid = (N_in, ceil(B / (8 * kWarps))); dynamic shared memory: J * D_in elements or none.
 template <int DT, typename Src, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -743,9 +754,9 @@ group_stats_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   SoftmaxStats<acc_t> s;
   s.init(n.leaky);
   for (int grp = 0; grp < n.n_groups; ++grp) {
-    acc_t a[1][GJ][2];
-    agreements<DT, 1>(src, n, L, st, {st.V}, i, b0, grp, a);
-    s.add(a[0], int64_t(grp) * GJ, n.N_out);
+    acc_t a[GJ][2];
+    agreements<DT>(src, n, L, st, st.V, i, b0, grp, a);
+    s.add(a, int64_t(grp) * GJ, n.N_out);
   }
   acc_t cg[2] = {0, 0};
   if (cg_out != nullptr) {  // a second walk, now that the statistics are known
@@ -972,8 +983,9 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
 // and grad_W[i, j, d, k] = sum_b g_uh[b,i,j,d] u[b,i,k] for the group's (j, d).
 // A block owns one input capsule, one group and one chunk of 8 input dims: its warps share
 // W[i] (staged once in shared memory when it fits) and take the batch tiles in turn (warp w:
-// tiles w, w + kFinalWarps, ...). Each warp sums its share of grad_W[i] in registers; at the
-// end the warps' partial sums are added in warp order (deterministic, no atomics).
+// tiles w, w + kFinalWarps, ...). Each warp sums its share of grad_W[i] (float32: in shared
+// memory, float64: in registers); at the end the warps' partial sums are added in warp order
+// (deterministic, no atomics).
 // grid = (N_in, n_groups, ceil(D_in / 8)); dynamic shared memory: weight_grad_smem().
 //
 // grad_W's sum over the batch is a matrix product per row tile r (16 (j, d) rows):
@@ -1028,11 +1040,12 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
   unsigned char* smem = dynamic_smem<unsigned char>();
   src.Wi = src.W + i * n.J * n.D_in;
   if (n.w_shared) {  // the group's rows of W[i]
-    const int64_t j0 = group_j0(n, grp), elems = group_caps(n, grp) * n.D_out * n.D_in;
     scalar_t* w = reinterpret_cast<scalar_t*>(smem + weight_grad_smem<scalar_t, acc_t>(0, false));
-    for (int64_t e = threadIdx.x; e < elems; e += blockDim.x) w[e] = src.Wi[j0 * n.D_out * n.D_in + e];
+    stage_weight(src, n, i, grp, w);
+    cp_async_commit();
+    cp_async_wait_all();
     src.Wi = w;
-    src.wi_j0 = j0;
+    src.wi_j0 = group_j0(n, grp);
   }
   __syncthreads();
 

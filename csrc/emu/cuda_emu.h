@@ -294,6 +294,7 @@ inline void cp_async_wait(int n) {
   if (land > 0) c.committed.erase(c.committed.begin(), c.committed.begin() + land);
 }
 inline void cp_async_wait_one() { cp_async_wait(1); }
+inline void cp_async_wait_all() { cp_async_wait(0); }
 
 // What lane `lane` of the caller's warp published in the exchange in progress (call between
 // the two barriers of a collective; see mma below).
