@@ -51,8 +51,9 @@ demo: build
 
 # make sanitize: the CPU kernels built with AddressSanitizer and UndefinedBehaviorSanitizer in
 # their own folder ($(SAN_DIR); the installed build is untouched), then the CPU tests against
-# that build, the CUDA kernels' CPU emulation (tests/test_cuda_emulation.py) built likewise. Python is not instrumented, so libasan is preloaded, and libstdc++ with it so
-# that ASan can intercept C++ throws (the ops' input checks); Python leaks by design.
+# that build, the CUDA kernels' CPU emulation (tests/test_cuda_emulation.py) built likewise.
+# Python is not instrumented, so libasan is preloaded, and libstdc++ with it so that ASan can
+# intercept C++ throws (the ops' input checks); Python leaks by design.
 # UBSan stops at the first error. Any report makes the run fail.
 SAN_DIR   ?= build/sanitize
 SAN_TESTS ?= tests
