@@ -154,6 +154,17 @@ def test_shapes_float64(emu, op, shape, detach):
                  detach=detach, return_coupling=True)
 
 
+# float32 and the half types stage W[i] as the matrix units' operands (FragmentSource) on
+# every shape above; W[i] of a very wide D_in does not fit there and is read from global memory.
+WIDE_IN = Shape(3, 4, 16, 72, 16)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [WIDE_IN], ids=str)
+def test_shapes_float32(emu, shape):
+    run_emulated(emu, "dynamic_routing", shape, torch.float32, iterations=3, bias=True,
+                 leaky=shape.N_out > 9, detach=False, return_coupling=True)
+
+
 @pytest.mark.parametrize("op", ["dynamic_routing", "route"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
 def test_dtypes(emu, op, dtype):

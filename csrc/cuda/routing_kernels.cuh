@@ -105,6 +105,7 @@ struct Dims {
   // A pass: a block of `warps` warps (one batch tile each) walks `i_per_block` input
   // capsules; `n_chunks` blocks along N_in.
   int warps, i_per_block, n_chunks;
+  int k_chunks;        // ceil(D_in / 8): chunks of 8 input dims, one matrix product each
   bool leaky;
   bool rows8;          // D_in % 8 == 0 and W 16-byte aligned: W[i] copies in 16-byte pieces
   bool w_shared;       // a pass stages W[i] in shared memory, double-buffered
@@ -175,6 +176,7 @@ __device__ __forceinline__ void load_frag(const acc_t* a, const State<acc_t>& st
 template <typename scalar_t>
 struct WeightSource {
   static constexpr bool kComputed = true;
+  static constexpr bool kFragments = false;
   const scalar_t* __restrict__ u;  // [B, N_in, D_in]
   const scalar_t* __restrict__ W;  // [N_in, N_out, D_out, D_in]
   // W[i] of the capsule at hand, from output capsule wi_j0 on: all of it in global memory
@@ -183,10 +185,27 @@ struct WeightSource {
   int64_t wi_j0 = 0;
 };
 
+// dynamic_routing with W[i] staged in shared memory as the matrix units' operands (float,
+// half, bfloat16; see build_fragments), for a pass kernel whose group's rows fit there.
+template <typename scalar_t>
+struct FragmentSource {
+  static constexpr bool kComputed = true;
+  static constexpr bool kFragments = true;
+  // TF32 parts per operand: float32 values are split into hi + lo; half types are exact.
+  static constexpr int kParts = std::is_same<scalar_t, float>::value ? 2 : 1;
+  const scalar_t* __restrict__ u;  // [B, N_in, D_in]
+  const scalar_t* __restrict__ W;  // [N_in, N_out, D_out, D_in]
+  // Shared memory: the group's rows of W[i] as A operands, [16 row tiles][k_chunks][kParts]
+  // [32 lanes], and the warp's u[b, i] as B operands (hi pair, lo pair), [k_chunks][32 lanes].
+  uint4* Wf = nullptr;
+  uint4* Uf = nullptr;
+};
+
 // route: u_hat given by the caller.
 template <typename scalar_t>
 struct GivenSource {
   static constexpr bool kComputed = false;
+  static constexpr bool kFragments = false;
   const scalar_t* __restrict__ u_hat;  // [B, N_in, N_out, D_out]
 };
 
@@ -293,6 +312,34 @@ __device__ __forceinline__ void predict_tile(const WeightSource<scalar_t>& src, 
     split_tf32<kExact>(at(d0, kb), ah[2], al[2]);
     split_tf32<kExact>(at(d1, kb), ah[3], al[3]);
     mma_split<kExact>(uh, ah, al, bh, bl);
+  }
+}
+
+// The same from operands staged in shared memory (FragmentSource): per chunk of 8 input
+// dims, one 16-byte load per operand part and the products; no bounds tests (the staged
+// operands are zero past D_out and D_in), no index arithmetic beyond a stride, no conversion.
+template <int DT, typename scalar_t>
+__device__ __forceinline__ void predict_tile(const FragmentSource<scalar_t>& src, const Dims& n,
+                                             const Lane&, int64_t, int64_t, int, int r,
+                                             float (&uh)[4]) {
+  constexpr bool kExact = !std::is_same<scalar_t, float>::value;
+  constexpr int P = FragmentSource<scalar_t>::kParts;
+  const int lane = threadIdx.x & 31;
+  const uint4* a = src.Wf + r * n.k_chunks * P * 32 + lane;
+  const uint4* b = src.Uf + lane;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) uh[q] = 0.f;
+#pragma unroll 1
+  for (int c = 0; c < n.k_chunks; ++c, a += P * 32, b += 32) {
+    const uint4 ah = a[0], bu = b[0];
+    const uint32_t a_hi[4] = {ah.x, ah.y, ah.z, ah.w}, b_hi[2] = {bu.x, bu.y},
+                   b_lo[2] = {bu.z, bu.w};
+    uint32_t a_lo[4] = {0, 0, 0, 0};
+    if (!kExact) {
+      const uint4 al = a[32];
+      a_lo[0] = al.x, a_lo[1] = al.y, a_lo[2] = al.z, a_lo[3] = al.w;
+    }
+    mma_split<kExact>(uh, a_hi, a_lo, b_hi, b_lo);
   }
 }
 
@@ -603,17 +650,104 @@ __device__ __forceinline__ void stage_weight(const WeightSource<scalar_t>& src, 
   }
 }
 template <typename scalar_t>
+__device__ __forceinline__ void stage_weight(const FragmentSource<scalar_t>& src, const Dims& n,
+                                             int64_t i, int grp, scalar_t* dst) {
+  stage_weight(WeightSource<scalar_t>{src.u, src.W}, n, i, grp, dst);
+}
+template <typename scalar_t>
 __device__ __forceinline__ void stage_weight(const GivenSource<scalar_t>&, const Dims&, int64_t,
                                              int, scalar_t*) {}
+
+// Group grp's rows of W[i], as staged by stage_weight in `raw`, rewritten as the A operands
+// of predict_tile (layout in FragmentSource): lane (g, t) of row tile r and chunk c holds
+// rows (r % DT) * 16 + {g, g + 8} and input dims 8c + {t, t + 4}, split into TF32 parts, with
+// zeros past D_out and D_in. Made once per input capsule by the whole block, instead of by
+// every warp at every use of a tile. Row tiles of capsules past N_out are not written (never
+// read).
+template <int DT, typename scalar_t>
+__device__ __forceinline__ void build_fragments(const scalar_t* raw, const Dims& n, int grp,
+                                                uint4* Wf) {
+  using S = Scalar<scalar_t>;
+  constexpr bool kExact = !std::is_same<scalar_t, float>::value;
+  constexpr int P = FragmentSource<scalar_t>::kParts;
+  const int D_in = static_cast<int>(n.D_in), D_out = static_cast<int>(n.D_out);
+  const int KC = n.k_chunks;
+  const int items = static_cast<int>(group_caps(n, grp)) * DT * KC * 32;
+  for (int e = threadIdx.x; e < items; e += blockDim.x) {
+    const int lane = e & 31, c = (e >> 5) % KC, r = (e >> 5) / KC;
+    const int d0 = (r % DT) * kTileD + (lane >> 2), k0 = c * 8 + (lane & 3);
+    const scalar_t* w = raw + (r / DT) * (D_out * D_in);
+    auto at = [&](int d, int k) {
+      return d < D_out && k < D_in ? S::load(w + (d * D_in + k)) : 0.f;
+    };
+    uint32_t hi[4], lo[4] = {0, 0, 0, 0};
+    split_tf32<kExact>(at(d0, k0), hi[0], lo[0]);
+    split_tf32<kExact>(at(d0 + 8, k0), hi[1], lo[1]);
+    split_tf32<kExact>(at(d0, k0 + 4), hi[2], lo[2]);
+    split_tf32<kExact>(at(d0 + 8, k0 + 4), hi[3], lo[3]);
+    uint4* f = Wf + (r * KC + c) * P * 32 + lane;
+    f[0] = uint4{hi[0], hi[1], hi[2], hi[3]};
+    if (P == 2) f[32] = uint4{lo[0], lo[1], lo[2], lo[3]};
+  }
+}
+
+// The warp's u[b, i] as B operands of predict_tile: lane (g, t) holds batch element b0 + g,
+// input dims 8c + {t, t + 4} of each chunk c, split into TF32 parts (zeros past B and D_in).
+// Each lane reads back only what it wrote: no synchronisation needed.
+template <typename scalar_t>
+__device__ __forceinline__ void stage_u(const FragmentSource<scalar_t>& src, const Dims& n,
+                                        const Lane& L, int64_t i, int64_t b0) {
+  using S = Scalar<scalar_t>;
+  constexpr bool kExact = !std::is_same<scalar_t, float>::value;
+  const int D_in = static_cast<int>(n.D_in);
+  const int64_t b = b0 + L.g;
+  const bool b_in = b < n.B;
+  const scalar_t* u_row = src.u + ((b_in ? b : 0) * n.N_in + i) * D_in;
+  for (int c = 0; c < n.k_chunks; ++c) {
+    const int ka = c * 8 + L.t, kb = ka + 4;
+    uint32_t h[2], l[2] = {0, 0};
+    split_tf32<kExact>(b_in && ka < D_in ? S::load(u_row + ka) : 0.f, h[0], l[0]);
+    split_tf32<kExact>(b_in && kb < D_in ? S::load(u_row + kb) : 0.f, h[1], l[1]);
+    src.Uf[c * 32 + (threadIdx.x & 31)] = uint4{h[0], h[1], l[0], l[1]};
+  }
+}
 
 // --- kernels ---------------------------------------------------------------------------
 
 enum class Pass { kForward, kGradient };
 
+// Byte offsets in a pass kernel's shared memory: [V tile][gs tile] (tiles_shared), then the
+// group's rows of W[i] as copied (w_shared: two buffers, or one with fragments), then with
+// fragments (FragmentSource) the A operands and each warp's B operands. The launch code sizes
+// the allocation with the same function.
+struct PassLayout {
+  size_t w, wf, uf, end;
+};
+template <typename scalar_t, typename acc_t>
+__host__ __device__ inline PassLayout pass_layout(const Dims& n, int tiles, bool fragments) {
+  auto up16 = [](size_t x) { return (x + 15) / 16 * 16; };
+  const size_t tile_bytes =
+      n.tiles_shared ? size_t(tiles) * n.warps * kTileB * n.tile_stride * sizeof(acc_t) : 0;
+  const size_t w_bytes =
+      n.w_shared ? size_t(fragments ? 1 : 2) * widest_group_cols(n) * n.D_in * sizeof(scalar_t)
+                 : 0;
+  const size_t operand = size_t(n.k_chunks) * 32 * sizeof(uint4);  // a chunk, all lanes
+  const size_t parts = !fragments ? 0 : std::is_same<scalar_t, float>::value ? 2 : 1;
+  PassLayout p;
+  p.w = up16(tile_bytes);
+  p.wf = up16(p.w + w_bytes);
+  p.uf = p.wf + kGroupRows * parts * operand;
+  p.end = p.uf + (fragments ? n.warps * operand : 0);
+  return p;
+}
+
 // One pass over the input capsules for iteration t. A block owns `warps` batch tiles (a warp
 // each) and a chunk of input capsules; all its warps read the same W[i], staged once in
-// shared memory for the block (double-buffered, the next capsule's copy in flight while this
-// one is used), and the block's rows of V (and gs) sit in shared memory too.
+// shared memory for the block, and the block's rows of V (and gs) sit in shared memory too.
+// W[i] is staged in one of two ways: for FragmentSource, copied (the next capsule's copy in
+// flight while this one is used) and rewritten by the block as the matrix units' operands
+// (build_fragments); otherwise double-buffered as it is (float64), or read from global memory
+// where it does not fit.
 // grid = (n_chunks, ceil(B / (8 * warps)), n_groups).
 //   kForward:  partial[chunk] = sum_i c_ij u_hat_ij;  c written when c_out != null.
 //   kGradient: partial[chunk] = sum_i gbeta_ij u_hat_ij (the logit-gradient term G).
@@ -635,14 +769,17 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   const int64_t i_begin = int64_t(blockIdx.x) * n.i_per_block;
   const int64_t i_end = min(i_begin + n.i_per_block, n.N_in);
 
-  // Shared memory: [V tile][gs tile] then two W[i] buffers.
+  const PassLayout smem = pass_layout<scalar_t, acc_t>(n, kTiles, Src::kFragments);
   const int64_t tile_rows = int64_t(n.warps) * kTileB;
   const int64_t tile_elems = n.tiles_shared ? tile_rows * n.tile_stride : 0;
   acc_t* tiles = reinterpret_cast<acc_t*>(smem_raw);
-  scalar_t* wbuf = reinterpret_cast<scalar_t*>(
-      smem_raw + ((kTiles * tile_elems * sizeof(acc_t) + 15) / 16) * 16);
-  // A buffer holds one group's rows of W[i] (as sized by plan_pass_smem).
+  scalar_t* wbuf = reinterpret_cast<scalar_t*>(smem_raw + smem.w);
+  // A buffer holds one group's rows of W[i].
   const int64_t w_elems = widest_group_cols(n) * n.D_in;
+  if constexpr (Src::kFragments) {
+    src.Wf = reinterpret_cast<uint4*>(smem_raw + smem.wf);
+    src.Uf = reinterpret_cast<uint4*>(smem_raw + smem.uf) + warp * n.k_chunks * 32;
+  }
 
   if constexpr (Src::kComputed)
     if (n.w_shared) {
@@ -672,7 +809,18 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
     for (int q = 0; q < 4; ++q) acc[r][q] = acc_t(0);
 
   for (int64_t i = i_begin; i < i_end; ++i) {
-    if constexpr (Src::kComputed) {
+    if constexpr (Src::kFragments) {
+      // W[i] has landed (this thread's copies; after the barrier, everyone's) and no warp
+      // reads the previous capsule's operands any more: rewrite W[i] as operands, then
+      // (second barrier: the copy is read) fetch W[i + 1] into the same buffer.
+      cp_async_wait_all();
+      __syncthreads();
+      build_fragments<DT>(wbuf, n, grp, src.Wf);
+      __syncthreads();
+      if (i + 1 < i_end) stage_weight(src, n, i + 1, grp, wbuf);
+      cp_async_commit();
+      if (has_rows) stage_u(src, n, L, i, b0);
+    } else if constexpr (Src::kComputed) {
       if (n.w_shared) {
         if (i + 1 < i_end)
           stage_weight(src, n, i + 1, grp, wbuf + ((i + 1 - i_begin) & 1) * w_elems);
@@ -705,7 +853,8 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
         accumulate<DT>(src, n, L, i, b0, grp, g, acc);
       }
     }
-    if (Src::kComputed && n.w_shared) __syncthreads();  // the buffer is refilled next round
+    if (Src::kComputed && !Src::kFragments && n.w_shared)
+      __syncthreads();  // the buffer is refilled next round
   }
 
   // The block's partial sum over its capsules, for the warp's batch tile.

@@ -79,6 +79,7 @@ inline Dims make_dims(const char* op, const RoutingSizes& n, bool leaky) {
   TORCH_CHECK_VALUE(n.D_out * n.D_in < (int64_t(1) << 31), op,
                     ": the CUDA kernels need D_out * D_in < 2^31, but got D_out = ", n.D_out,
                     ", D_in = ", n.D_in);
+  d.k_chunks = static_cast<int>(ceil_div(n.D_in, 8));
   d.caps_per_group = cuda::kGroupRows / dim_tiles(op, n.D_out);
   d.n_groups = static_cast<int>(ceil_div(n.N_out, d.caps_per_group));
   const int64_t b_tiles = ceil_div(n.B, cuda::kTileB);
@@ -100,29 +101,52 @@ inline Dims make_dims(const char* op, const RoutingSizes& n, bool leaky) {
   return d;
 }
 
-// Shared memory of a pass, deciding what is staged there (at most kPassSmem bytes).
+// Shared memory of a pass (bytes), deciding what is staged there (at most kPassSmem bytes):
+// W[i] (with fragments, which the launch chooses only where they fit, always), then V (and gs)
+// tiles if they fit beside it.
 constexpr size_t kPassSmem = 200 * 1024;
 template <typename T, typename acc_t>
-size_t plan_pass_smem(Dims& d, bool computed, int tiles) {
-  // Two buffers of one group's rows of W[i].
-  const size_t w_bytes = 2 * size_t(cuda::widest_group_cols(d) * d.D_in) * sizeof(T);
-  d.w_shared = computed && w_bytes <= kPassSmem / 2;
-  const size_t w = d.w_shared ? w_bytes : 0;
-  const size_t tile_bytes = size_t(tiles) * d.warps * cuda::kTileB * d.tile_stride * sizeof(acc_t);
-  d.tiles_shared = w + tile_bytes + 16 <= kPassSmem;
-  return (d.tiles_shared ? (tile_bytes + 15) / 16 * 16 : 0) + w;
+size_t plan_pass_smem(Dims& d, bool computed, bool fragments, int tiles) {
+  // Without fragments: two buffers of one group's rows of W[i], in at most half the space.
+  d.w_shared = computed && (fragments || 2 * size_t(cuda::widest_group_cols(d) * d.D_in) *
+                                                 sizeof(T) <= kPassSmem / 2);
+  d.tiles_shared = true;
+  if (cuda::pass_layout<T, acc_t>(d, tiles, fragments).end > kPassSmem) d.tiles_shared = false;
+  return cuda::pass_layout<T, acc_t>(d, tiles, fragments).end;
+}
+
+// Whether a pass can stage W[i] as the matrix units' operands (FragmentSource; float32 and
+// half types, where W[i] and the operands fit in shared memory).
+template <typename T, typename acc_t>
+bool fragments_fit(Dims d, int tiles) {
+  if (std::is_same<T, double>::value) return false;
+  d.w_shared = true;
+  d.tiles_shared = false;
+  return cuda::pass_layout<T, acc_t>(d, tiles, true).end <= kPassSmem;
 }
 
 // One warp per (b, j) output capsule.
 inline dim3 capsule_grid(const Dims& d) { return dim3(static_cast<unsigned>(ceil_div(d.B * d.N_out, 8))); }
 
-// One pass over the input capsules (see routing_pass_kernel).
+// One pass over the input capsules (see routing_pass_kernel). dynamic_routing's passes
+// stage W[i] as operands of the matrix units where they fit (all but very wide D_in).
 template <cuda::Pass kPass, int DT, typename Src, typename T, typename acc_t>
 void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* partial,
                  T* c_out, cudaStream_t stream) {
-  const size_t smem = plan_pass_smem<T, acc_t>(d, Src::kComputed, kPass == cuda::Pass::kGradient ? 2 : 1);
+  constexpr int tiles = kPass == cuda::Pass::kGradient ? 2 : 1;
   const dim3 grid(d.n_chunks, static_cast<unsigned>(ceil_div(ceil_div(d.B, cuda::kTileB), d.warps)),
                   d.n_groups);
+  if constexpr (std::is_same<Src, cuda::WeightSource<T>>::value &&
+                !std::is_same<T, double>::value) {
+    if (fragments_fit<T, acc_t>(d, tiles)) {
+      const cuda::FragmentSource<T> frag{src.u, src.W};
+      const size_t smem = plan_pass_smem<T, acc_t>(d, true, true, tiles);
+      cuda::launch(cuda::routing_pass_kernel<kPass, DT, cuda::FragmentSource<T>, T>, grid,
+                   d.warps * 32, smem, stream, frag, d, st, partial, c_out);
+      return;
+    }
+  }
+  const size_t smem = plan_pass_smem<T, acc_t>(d, Src::kComputed, false, tiles);
   cuda::launch(cuda::routing_pass_kernel<kPass, DT, Src, T>, grid, d.warps * 32, smem, stream,
                src, d, st, partial, c_out);
 }
