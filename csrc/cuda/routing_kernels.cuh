@@ -199,6 +199,8 @@ struct FragmentSource {
   // [32 lanes], and the warp's u[b, i] as B operands (hi pair, lo pair), [k_chunks][32 lanes].
   uint4* Wf = nullptr;
   uint4* Uf = nullptr;
+  // Elements of Wf between the operands of consecutive groups (0: one group's are staged).
+  int group_stride = 0;
 };
 
 // route: u_hat given by the caller.
@@ -320,12 +322,12 @@ __device__ __forceinline__ void predict_tile(const WeightSource<scalar_t>& src, 
 // operands are zero past D_out and D_in), no index arithmetic beyond a stride, no conversion.
 template <int DT, typename scalar_t>
 __device__ __forceinline__ void predict_tile(const FragmentSource<scalar_t>& src, const Dims& n,
-                                             const Lane&, int64_t, int64_t, int, int r,
+                                             const Lane&, int64_t, int64_t, int grp, int r,
                                              float (&uh)[4]) {
   constexpr bool kExact = !std::is_same<scalar_t, float>::value;
   constexpr int P = FragmentSource<scalar_t>::kParts;
   const int lane = threadIdx.x & 31;
-  const uint4* a = src.Wf + r * n.k_chunks * P * 32 + lane;
+  const uint4* a = src.Wf + grp * src.group_stride + r * n.k_chunks * P * 32 + lane;
   const uint4* b = src.Uf + lane;
 #pragma unroll
   for (int q = 0; q < 4; ++q) uh[q] = 0.f;
@@ -716,29 +718,37 @@ __device__ __forceinline__ void stage_u(const FragmentSource<scalar_t>& src, con
 
 enum class Pass { kForward, kGradient };
 
-// Byte offsets in a pass kernel's shared memory: [V tile][gs tile] (tiles_shared), then the
-// group's rows of W[i] as copied (w_shared: two buffers, or one with fragments), then with
-// fragments (FragmentSource) the A operands and each warp's B operands. The launch code sizes
-// the allocation with the same function.
-struct PassLayout {
+// Byte offsets in the shared memory of a kernel that computes predictions from W[i]:
+// [head: the kernel's own tiles][W[i] as copied][with fragments (FragmentSource): the A
+// operands, kGroupRows row tiles per group of `groups`][each of `warps` warps' B operands].
+// The launch code sizes the allocation with the same function.
+struct SmemLayout {
   size_t w, wf, uf, end;
 };
-template <typename scalar_t, typename acc_t>
-__host__ __device__ inline PassLayout pass_layout(const Dims& n, int tiles, bool fragments) {
+template <typename scalar_t>
+__host__ __device__ inline SmemLayout smem_layout(const Dims& n, size_t head, size_t w_bytes,
+                                                  bool fragments, int groups, int warps) {
   auto up16 = [](size_t x) { return (x + 15) / 16 * 16; };
+  const size_t operand = size_t(n.k_chunks) * 32 * sizeof(uint4);  // a chunk, all lanes
+  const size_t parts = !fragments ? 0 : std::is_same<scalar_t, float>::value ? 2 : 1;
+  SmemLayout p;
+  p.w = up16(head);
+  p.wf = up16(p.w + w_bytes);
+  p.uf = p.wf + size_t(groups) * kGroupRows * parts * operand;
+  p.end = p.uf + (fragments ? warps * operand : 0);
+  return p;
+}
+
+// A pass kernel's: head = [V tile][gs tile] (tiles_shared); W[i]: w_shared, two buffers
+// (double-buffered copies) or one with fragments (rewritten before the next copy lands).
+template <typename scalar_t, typename acc_t>
+__host__ __device__ inline SmemLayout pass_layout(const Dims& n, int tiles, bool fragments) {
   const size_t tile_bytes =
       n.tiles_shared ? size_t(tiles) * n.warps * kTileB * n.tile_stride * sizeof(acc_t) : 0;
   const size_t w_bytes =
       n.w_shared ? size_t(fragments ? 1 : 2) * widest_group_cols(n) * n.D_in * sizeof(scalar_t)
                  : 0;
-  const size_t operand = size_t(n.k_chunks) * 32 * sizeof(uint4);  // a chunk, all lanes
-  const size_t parts = !fragments ? 0 : std::is_same<scalar_t, float>::value ? 2 : 1;
-  PassLayout p;
-  p.w = up16(tile_bytes);
-  p.wf = up16(p.w + w_bytes);
-  p.uf = p.wf + kGroupRows * parts * operand;
-  p.end = p.uf + (fragments ? n.warps * operand : 0);
-  return p;
+  return smem_layout<scalar_t>(n, tile_bytes, w_bytes, fragments, 1, n.warps);
 }
 
 // One pass over the input capsules for iteration t. A block owns `warps` batch tiles (a warp
@@ -769,7 +779,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   const int64_t i_begin = int64_t(blockIdx.x) * n.i_per_block;
   const int64_t i_end = min(i_begin + n.i_per_block, n.N_in);
 
-  const PassLayout smem = pass_layout<scalar_t, acc_t>(n, kTiles, Src::kFragments);
+  const SmemLayout smem = pass_layout<scalar_t, acc_t>(n, kTiles, Src::kFragments);
   const int64_t tile_rows = int64_t(n.warps) * kTileB;
   const int64_t tile_elems = n.tiles_shared ? tile_rows * n.tile_stride : 0;
   acc_t* tiles = reinterpret_cast<acc_t*>(smem_raw);
@@ -879,7 +889,13 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
 // passes of each group need only their own capsules' predictions. A block's warps take 8
 // batch elements each and share one input capsule, whose whole W[i] is staged in shared
 // memory when w_shared.
-// grid = (N_in, ceil(B / (8 * kWarps))); dynamic shared memory: J * D_in elements or none.
+// grid = (N_in, ceil(B / (8 * kWarps))); dynamic shared memory: group_stats_layout().
+template <typename scalar_t>
+__host__ __device__ inline SmemLayout group_stats_layout(const Dims& n, bool fragments) {
+  const size_t w_bytes = n.w_shared ? n.J * n.D_in * sizeof(scalar_t) : 0;
+  return smem_layout<scalar_t>(n, 0, w_bytes, fragments, n.n_groups, kWarps);
+}
+
 template <int DT, typename Src, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 group_stats_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
@@ -891,15 +907,29 @@ group_stats_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   const int64_t i = blockIdx.x;
   const int64_t b0 = (int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5)) * kTileB;
   if constexpr (Src::kComputed) {
-    src.Wi = src.W + i * n.J * n.D_in;
+    const scalar_t* w_all = src.W + i * n.J * n.D_in;
+    unsigned char* smem = dynamic_smem<unsigned char>();
     if (n.w_shared) {
-      scalar_t* w = dynamic_smem<scalar_t>();
-      for (int64_t e = threadIdx.x; e < n.J * n.D_in; e += blockDim.x) w[e] = src.Wi[e];
-      src.Wi = w;
+      scalar_t* w = reinterpret_cast<scalar_t*>(smem);
+      for (int64_t e = threadIdx.x; e < n.J * n.D_in; e += blockDim.x) w[e] = w_all[e];
+      w_all = w;
+    }
+    if constexpr (Src::kFragments) {  // every group's operands (always staged W[i])
+      __syncthreads();
+      const SmemLayout layout = group_stats_layout<scalar_t>(n, true);
+      src.Wf = reinterpret_cast<uint4*>(smem + layout.wf);
+      src.group_stride = kGroupRows * Src::kParts * n.k_chunks * 32;
+      src.Uf = reinterpret_cast<uint4*>(smem + layout.uf) + (threadIdx.x >> 5) * n.k_chunks * 32;
+      for (int grp = 0; grp < n.n_groups; ++grp)
+        build_fragments<DT>(w_all + group_j0(n, grp) * n.D_out * n.D_in, n, grp,
+                            src.Wf + grp * src.group_stride);
+    } else {
+      src.Wi = w_all;
     }
     __syncthreads();
   }
-  if (b0 >= n.B) return;  // whole warps, after the block's only barrier
+  if (b0 >= n.B) return;  // whole warps, after the block's last barrier
+  if constexpr (Src::kFragments) stage_u(src, n, L, i, b0);
   SoftmaxStats<acc_t> s;
   s.init(n.leaky);
   for (int grp = 0; grp < n.n_groups; ++grp) {
@@ -1135,7 +1165,7 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
 // tiles w, w + kFinalWarps, ...). Each warp sums its share of grad_W[i] (float32: in shared
 // memory, float64: in registers); at the end the warps' partial sums are added in warp order
 // (deterministic, no atomics).
-// grid = (N_in, n_groups, ceil(D_in / 8)); dynamic shared memory: weight_grad_smem().
+// grid = (N_in, n_groups, ceil(D_in / 8)); dynamic shared memory: weight_grad_layout().
 //
 // grad_W's sum over the batch is a matrix product per row tile r (16 (j, d) rows):
 // gW_r[16 x 8 dims k] += g_uh_r[16 x 8 batch] u[8 batch x 8 dims k]. In float32 it runs on the
@@ -1161,19 +1191,20 @@ __host__ __device__ inline void weight_grad_slot(int e, int lane, int& row, int&
   }
 }
 
-// Bytes of the kernel's shared memory: [the warps' grad_W accumulators (float32) or the g_uh
-// and u tiles (float64)][W[i]].
+// The kernel's shared memory: head = the warps' grad_W accumulators (float32) or the g_uh and
+// u tiles (float64); W[i] = the group's rows (w_shared), then the operands with fragments.
 template <typename scalar_t, typename acc_t>
-__host__ __device__ inline size_t weight_grad_smem(int64_t w_elems, bool w_shared) {
+__host__ __device__ inline SmemLayout weight_grad_layout(const Dims& n, bool fragments) {
   const size_t tiles = std::is_same<acc_t, float>::value
                            ? size_t(kFinalWarps) * 64 * 32 * sizeof(acc_t)
                            : size_t(kFinalWarps) * kTileB * (kFinalTileStride + 8) * sizeof(acc_t);
-  return (tiles + 15) / 16 * 16 + (w_shared ? size_t(w_elems) * sizeof(scalar_t) : 0);
+  const size_t w_bytes = n.w_shared ? widest_group_cols(n) * n.D_in * sizeof(scalar_t) : 0;
+  return smem_layout<scalar_t>(n, tiles, w_bytes, fragments, 1, kFinalWarps);
 }
 
-template <int DT, typename scalar_t>
+template <int DT, typename Src, typename scalar_t>
 __global__ void __launch_bounds__(kFinalWarps * 32, 1)
-weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
+weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
                    typename Scalar<scalar_t>::acc* __restrict__ grad_u_part,
                    scalar_t* __restrict__ grad_W) {
   using acc_t = typename Scalar<scalar_t>::acc;
@@ -1187,16 +1218,29 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
   const int64_t k0 = int64_t(blockIdx.z) * 8;
 
   unsigned char* smem = dynamic_smem<unsigned char>();
-  src.Wi = src.W + i * n.J * n.D_in;
-  if (n.w_shared) {  // the group's rows of W[i]
-    scalar_t* w = reinterpret_cast<scalar_t*>(smem + weight_grad_smem<scalar_t, acc_t>(0, false));
+  const SmemLayout layout = weight_grad_layout<scalar_t, acc_t>(n, Src::kFragments);
+  // W[i]'s rows from output capsule w_j0 on (for grad_u): all of them in global memory, or
+  // the group's in shared memory (always with fragments).
+  const scalar_t* w_rows = src.W + i * n.J * n.D_in;
+  int64_t w_j0 = 0;
+  if (n.w_shared) {
+    scalar_t* w = reinterpret_cast<scalar_t*>(smem + layout.w);
     stage_weight(src, n, i, grp, w);
     cp_async_commit();
     cp_async_wait_all();
-    src.Wi = w;
-    src.wi_j0 = group_j0(n, grp);
+    w_rows = w;
+    w_j0 = group_j0(n, grp);
   }
   __syncthreads();
+  if constexpr (Src::kFragments) {  // the predictions' operands (one input capsule: once)
+    src.Wf = reinterpret_cast<uint4*>(smem + layout.wf);
+    src.Uf = reinterpret_cast<uint4*>(smem + layout.uf) + warp * n.k_chunks * 32;
+    build_fragments<DT>(w_rows, n, grp, src.Wf);
+    __syncthreads();
+  } else {
+    src.Wi = w_rows;
+    src.wi_j0 = w_j0;
+  }
 
   // A lane's 64 accumulators of grad_W (see weight_grad_slot): float32 keeps them in shared
   // memory, in fragment order (gw_s[e * 32 + lane], conflict-free), so that they are not live
@@ -1213,6 +1257,7 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
 
   acc_t g_uh[kGroupRows][4];
   for (int64_t b0 = int64_t(warp) * kTileB; b0 < n.B; b0 += kFinalWarps * kTileB) {
+    if constexpr (Src::kFragments) stage_u(src, n, L, i, b0);
     prediction_grad<DT>(src, n, L, sw, i, b0, grp, g_uh);
 
     // grad_u over this group's (j, d): each lane sums its fragment, then the 8 lanes that
@@ -1230,7 +1275,7 @@ weight_grad_kernel(WeightSource<scalar_t> src, Dims n, Sweep<typename Scalar<sca
       for (int dh = 0; dh < 2; ++dh) {
         const int d = L.dim(r % DT, 2 * dh);
         if (d >= n.D_out) continue;
-        const scalar_t* w = src.Wi + ((j - src.wi_j0) * n.D_out + d) * n.D_in + k0;
+        const scalar_t* w = w_rows + ((j - w_j0) * n.D_out + d) * n.D_in + k0;
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
           if (k0 + k >= n.D_in) break;

@@ -157,12 +157,23 @@ void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* pa
 template <int DT, typename T, typename Src, typename acc_t>
 void launch_group_stats(const Src& src, Dims d, cuda::State<acc_t> st, acc_t* stats, acc_t* cg,
                         cudaStream_t stream) {
-  const size_t w_bytes = size_t(d.J * d.D_in) * sizeof(T);
-  d.w_shared = Src::kComputed && w_bytes <= kPassSmem;
   const dim3 grid(static_cast<unsigned>(d.N_in),
                   static_cast<unsigned>(ceil_div(d.B, cuda::kTileB * cuda::kWarps)));
+  // W[i] staged in shared memory where it fits, as the matrix units' operands where those
+  // fit too (float32 and half types).
+  d.w_shared = Src::kComputed;
+  if constexpr (std::is_same<Src, cuda::WeightSource<T>>::value &&
+                !std::is_same<T, double>::value) {
+    if (cuda::group_stats_layout<T>(d, true).end <= kPassSmem) {
+      cuda::launch(cuda::group_stats_kernel<DT, cuda::FragmentSource<T>, T>, grid, cuda::kThreads,
+                   cuda::group_stats_layout<T>(d, true).end, stream,
+                   cuda::FragmentSource<T>{src.u, src.W}, d, st, stats, cg);
+      return;
+    }
+  }
+  if (cuda::group_stats_layout<T>(d, false).end > kPassSmem) d.w_shared = false;
   cuda::launch(cuda::group_stats_kernel<DT, Src, T>, grid, cuda::kThreads,
-               d.w_shared ? w_bytes : 0, stream, src, d, st, stats, cg);
+               cuda::group_stats_layout<T>(d, false).end, stream, src, d, st, stats, cg);
 }
 
 template <int DT, typename Src, typename T>
@@ -344,15 +355,27 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     const bool direct = std::is_same<T, acc_t>::value && d.n_groups == 1;
     auto grad_u_part = direct ? grad_u.view({1, n.B, n.N_in, n.D_in})
                               : cuda::scratch({d.n_groups, n.B, n.N_in, n.D_in}, in.s.options());
-    // W[i] is staged in shared memory when it fits beside the tiles.
-    const int64_t w_elems = cuda::widest_group_cols(d) * n.D_in;
-    d.w_shared = cuda::weight_grad_smem<T, acc_t>(w_elems, true) <= kPassSmem;
-    const size_t smem = cuda::weight_grad_smem<T, acc_t>(w_elems, d.w_shared);
     const dim3 grid(static_cast<unsigned>(n.N_in), d.n_groups, static_cast<unsigned>(ceil_div(n.D_in, 8)));
     const cuda::Sweep<acc_t> sw = sr.view<acc_t>(in.grad_c, t_min, iterations, detach);
-    cuda::launch(cuda::weight_grad_kernel<DT, T>, grid, cuda::kFinalWarps * 32, smem,
-                 cuda::current_stream(), src, d, sw, aptr<acc_t>(grad_u_part),
-                 dptr<scalar_t>(grad_weight));
+    // W[i]'s rows are staged in shared memory where they fit beside the tiles, and rewritten
+    // as the matrix units' operands where those fit too (float32 and half types).
+    auto last_pass = [&](auto source) {
+      using Src = decltype(source);
+      d.w_shared = true;
+      if (cuda::weight_grad_layout<T, acc_t>(d, Src::kFragments).end > kPassSmem)
+        d.w_shared = false;
+      cuda::launch(cuda::weight_grad_kernel<DT, Src, T>, grid, cuda::kFinalWarps * 32,
+                   cuda::weight_grad_layout<T, acc_t>(d, Src::kFragments).end,
+                   cuda::current_stream(), source, d, sw, aptr<acc_t>(grad_u_part),
+                   dptr<scalar_t>(grad_weight));
+    };
+    bool fragments = false;
+    if constexpr (!std::is_same<T, double>::value) {
+      d.w_shared = true;
+      fragments = cuda::weight_grad_layout<T, acc_t>(d, true).end <= kPassSmem;
+      if (fragments) last_pass(cuda::FragmentSource<T>{src.u, src.W});
+    }
+    if (!fragments) last_pass(src);
     // With several groups of output capsules their contributions to grad_u are added here,
     // in group order.
     if (!direct) grad_u.copy_(d.n_groups == 1 ? grad_u_part[0] : grad_u_part.sum(0));
