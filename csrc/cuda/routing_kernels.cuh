@@ -186,9 +186,14 @@ struct WeightSource {
 };
 
 // dynamic_routing with W[i] staged in shared memory as the matrix units' operands (float,
-// half, bfloat16; see build_fragments), for a pass kernel whose group's rows fit there.
-template <typename scalar_t>
+// half, bfloat16; see build_fragments), for kernels where they fit there. kChunks > 0: the
+// number of chunks of 8 input dims, k_chunks, known at compile time (1: D_in <= 8, the usual
+// capsule), so that a prediction tile is straight-line code that the compiler can interleave
+// with the next tiles' (the matrix units' latency hidden by independent work, not by other
+// warps: a pass runs 8 warps per SM); 0: any D_in, a loop over the chunks.
+template <typename scalar_t, int kChunks_ = 0>
 struct FragmentSource {
+  static constexpr int kChunks = kChunks_;
   static constexpr bool kComputed = true;
   static constexpr bool kFragments = true;
   // TF32 parts per operand: float32 values are split into hi + lo; half types are exact.
@@ -320,28 +325,35 @@ __device__ __forceinline__ void predict_tile(const WeightSource<scalar_t>& src, 
 // The same from operands staged in shared memory (FragmentSource): per chunk of 8 input
 // dims, one 16-byte load per operand part and the products; no bounds tests (the staged
 // operands are zero past D_out and D_in), no index arithmetic beyond a stride, no conversion.
-template <int DT, typename scalar_t>
-__device__ __forceinline__ void predict_tile(const FragmentSource<scalar_t>& src, const Dims& n,
-                                             const Lane&, int64_t, int64_t, int grp, int r,
-                                             float (&uh)[4]) {
+template <int DT, typename scalar_t, int kChunks>
+__device__ __forceinline__ void predict_tile(const FragmentSource<scalar_t, kChunks>& src,
+                                             const Dims& n, const Lane&, int64_t, int64_t,
+                                             int grp, int r, float (&uh)[4]) {
   constexpr bool kExact = !std::is_same<scalar_t, float>::value;
   constexpr int P = FragmentSource<scalar_t>::kParts;
   const int lane = threadIdx.x & 31;
-  const uint4* a = src.Wf + grp * src.group_stride + r * n.k_chunks * P * 32 + lane;
+  const int chunks = kChunks > 0 ? kChunks : n.k_chunks;
+  const uint4* a = src.Wf + grp * src.group_stride + r * chunks * P * 32 + lane;
   const uint4* b = src.Uf + lane;
 #pragma unroll
   for (int q = 0; q < 4; ++q) uh[q] = 0.f;
-#pragma unroll 1
-  for (int c = 0; c < n.k_chunks; ++c, a += P * 32, b += 32) {
-    const uint4 ah = a[0], bu = b[0];
+  auto chunk = [&](int c) {
+    const uint4 ah = a[c * P * 32], bu = b[c * 32];
     const uint32_t a_hi[4] = {ah.x, ah.y, ah.z, ah.w}, b_hi[2] = {bu.x, bu.y},
                    b_lo[2] = {bu.z, bu.w};
     uint32_t a_lo[4] = {0, 0, 0, 0};
     if (!kExact) {
-      const uint4 al = a[32];
+      const uint4 al = a[c * P * 32 + 32];
       a_lo[0] = al.x, a_lo[1] = al.y, a_lo[2] = al.z, a_lo[3] = al.w;
     }
     mma_split<kExact>(uh, a_hi, a_lo, b_hi, b_lo);
+  };
+  if constexpr (kChunks > 0) {
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) chunk(c);
+  } else {
+#pragma unroll 1
+    for (int c = 0; c < chunks; ++c) chunk(c);
   }
 }
 
@@ -651,9 +663,9 @@ __device__ __forceinline__ void stage_weight(const WeightSource<scalar_t>& src, 
     for (int64_t e = threadIdx.x; e < elems; e += blockDim.x) dst[e] = from[e];
   }
 }
-template <typename scalar_t>
-__device__ __forceinline__ void stage_weight(const FragmentSource<scalar_t>& src, const Dims& n,
-                                             int64_t i, int grp, scalar_t* dst) {
+template <typename scalar_t, int kChunks>
+__device__ __forceinline__ void stage_weight(const FragmentSource<scalar_t, kChunks>& src,
+                                             const Dims& n, int64_t i, int grp, scalar_t* dst) {
   stage_weight(WeightSource<scalar_t>{src.u, src.W}, n, i, grp, dst);
 }
 template <typename scalar_t>
@@ -696,8 +708,8 @@ __device__ __forceinline__ void build_fragments(const scalar_t* raw, const Dims&
 // The warp's u[b, i] as B operands of predict_tile: lane (g, t) holds batch element b0 + g,
 // input dims 8c + {t, t + 4} of each chunk c, split into TF32 parts (zeros past B and D_in).
 // Each lane reads back only what it wrote: no synchronisation needed.
-template <typename scalar_t>
-__device__ __forceinline__ void stage_u(const FragmentSource<scalar_t>& src, const Dims& n,
+template <typename scalar_t, int kChunks>
+__device__ __forceinline__ void stage_u(const FragmentSource<scalar_t, kChunks>& src, const Dims& n,
                                         const Lane& L, int64_t i, int64_t b0) {
   using S = Scalar<scalar_t>;
   constexpr bool kExact = !std::is_same<scalar_t, float>::value;
@@ -705,7 +717,8 @@ __device__ __forceinline__ void stage_u(const FragmentSource<scalar_t>& src, con
   const int64_t b = b0 + L.g;
   const bool b_in = b < n.B;
   const scalar_t* u_row = src.u + ((b_in ? b : 0) * n.N_in + i) * D_in;
-  for (int c = 0; c < n.k_chunks; ++c) {
+  const int chunks = kChunks > 0 ? kChunks : n.k_chunks;
+  for (int c = 0; c < chunks; ++c) {
     const int ka = c * 8 + L.t, kb = ka + 4;
     uint32_t h[2], l[2] = {0, 0};
     split_tf32<kExact>(b_in && ka < D_in ? S::load(u_row + ka) : 0.f, h[0], l[0]);

@@ -128,6 +128,16 @@ bool fragments_fit(Dims d, int tiles) {
 // One warp per (b, j) output capsule.
 inline dim3 capsule_grid(const Dims& d) { return dim3(static_cast<unsigned>(ceil_div(d.B * d.N_out, 8))); }
 
+// f(source) with dynamic_routing's operands staged for the matrix units (FragmentSource),
+// the number of chunks of 8 input dims compiled in where it is 1 (D_in <= 8).
+template <typename T, typename F>
+void with_fragments(const cuda::WeightSource<T>& src, const Dims& d, F&& f) {
+  if (d.k_chunks == 1)
+    f(cuda::FragmentSource<T, 1>{src.u, src.W});
+  else
+    f(cuda::FragmentSource<T, 0>{src.u, src.W});
+}
+
 // One pass over the input capsules (see routing_pass_kernel). dynamic_routing's passes
 // stage W[i] as operands of the matrix units where they fit (all but very wide D_in).
 template <cuda::Pass kPass, int DT, typename Src, typename T, typename acc_t>
@@ -139,10 +149,11 @@ void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* pa
   if constexpr (std::is_same<Src, cuda::WeightSource<T>>::value &&
                 !std::is_same<T, double>::value) {
     if (fragments_fit<T, acc_t>(d, tiles)) {
-      const cuda::FragmentSource<T> frag{src.u, src.W};
       const size_t smem = plan_pass_smem<T, acc_t>(d, true, true, tiles);
-      cuda::launch(cuda::routing_pass_kernel<kPass, DT, cuda::FragmentSource<T>, T>, grid,
-                   d.warps * 32, smem, stream, frag, d, st, partial, c_out);
+      with_fragments(src, d, [&](auto frag) {
+        cuda::launch(cuda::routing_pass_kernel<kPass, DT, decltype(frag), T>, grid, d.warps * 32,
+                     smem, stream, frag, d, st, partial, c_out);
+      });
       return;
     }
   }
@@ -165,9 +176,10 @@ void launch_group_stats(const Src& src, Dims d, cuda::State<acc_t> st, acc_t* st
   if constexpr (std::is_same<Src, cuda::WeightSource<T>>::value &&
                 !std::is_same<T, double>::value) {
     if (cuda::group_stats_layout<T>(d, true).end <= kPassSmem) {
-      cuda::launch(cuda::group_stats_kernel<DT, cuda::FragmentSource<T>, T>, grid, cuda::kThreads,
-                   cuda::group_stats_layout<T>(d, true).end, stream,
-                   cuda::FragmentSource<T>{src.u, src.W}, d, st, stats, cg);
+      with_fragments(src, d, [&](auto frag) {
+        cuda::launch(cuda::group_stats_kernel<DT, decltype(frag), T>, grid, cuda::kThreads,
+                     cuda::group_stats_layout<T>(d, true).end, stream, frag, d, st, stats, cg);
+      });
       return;
     }
   }
@@ -373,7 +385,7 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     if constexpr (!std::is_same<T, double>::value) {
       d.w_shared = true;
       fragments = cuda::weight_grad_layout<T, acc_t>(d, true).end <= kPassSmem;
-      if (fragments) last_pass(cuda::FragmentSource<T>{src.u, src.W});
+      if (fragments) with_fragments(src, d, last_pass);
     }
     if (!fragments) last_pass(src);
     // With several groups of output capsules their contributions to grad_u are added here,
