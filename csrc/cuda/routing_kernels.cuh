@@ -146,6 +146,20 @@ struct Lane {
   __device__ __forceinline__ int col(int q) const { return 2 * t + (q & 1); }
 };
 
+// The same for N values at once, shuffle by shuffle across them (independent instructions
+// back to back, instead of N chains of dependent ones).
+template <typename T, int N>
+__device__ __forceinline__ void sum_over_dims(T (&x)[N]) {
+#pragma unroll
+  for (int o = 4; o <= 16; o <<= 1) {
+    T y[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) y[k] = __shfl_xor_sync(0xffffffffu, x[k], o);
+#pragma unroll
+    for (int k = 0; k < N; ++k) x[k] += y[k];
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ T sum_over_dims(T x) {
   // The 8 lanes sharing t hold the 16 dims of one row tile (2 each).
@@ -177,6 +191,7 @@ template <typename scalar_t>
 struct WeightSource {
   static constexpr bool kComputed = true;
   static constexpr bool kFragments = false;
+  static constexpr int kChunks = 0;  // (see FragmentSource)
   const scalar_t* __restrict__ u;  // [B, N_in, D_in]
   const scalar_t* __restrict__ W;  // [N_in, N_out, D_out, D_in]
   // W[i] of the capsule at hand, from output capsule wi_j0 on: all of it in global memory
@@ -213,6 +228,7 @@ template <typename scalar_t>
 struct GivenSource {
   static constexpr bool kComputed = false;
   static constexpr bool kFragments = false;
+  static constexpr int kChunks = 0;  // (see FragmentSource)
   const scalar_t* __restrict__ u_hat;  // [B, N_in, N_out, D_out]
 };
 
@@ -234,10 +250,11 @@ struct GivenSource {
 #ifdef CAPSROUTE_EMULATE
 using emu::mma_tf32;
 #else
-// d += A B for one 16 x 8 x 8 tile (layout above).
+// d += A B for one 16 x 8 x 8 tile (layout above). Not volatile: the product has no side
+// effects, and the compiler may move it among other work.
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
                                          const uint32_t (&b)[2]) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -407,6 +424,61 @@ __device__ __forceinline__ void predict_tile(const GivenSource<scalar_t>& src, c
   }
 }
 
+// Capsules of a group whose prediction tiles are made together, as independent chains of
+// matrix and shuffle instructions that the compiler interleaves (a pass has 8 warps per SM:
+// too few to hide those latencies by switching warps). Staged operands (FragmentSource) are
+// zeros past the group's capsules, so a batch may run past N_out (results dropped); other
+// sources read memory that exists only up to N_out, so they go one tested capsule at a time.
+template <typename Src, int GJ>
+constexpr int capsule_batch() {
+  return !Src::kFragments ? 1 : GJ < 4 ? GJ : 4;
+}
+
+// Row tiles r0 .. r0 + N - 1 of predict_tile, made together. From staged operands with the
+// chunk count compiled in, the matrix instructions go stage by stage across the tiles, so
+// that each is independent of the one before it (the matrix units' latency overlaps).
+template <int DT, int N, typename Src, typename acc_t>
+__device__ __forceinline__ void predict_tiles(const Src& src, const Dims& n, const Lane& L,
+                                              int64_t i, int64_t b0, int grp, int r0,
+                                              acc_t (&uh)[N][4]) {
+  if constexpr (Src::kFragments && Src::kChunks > 0) {
+    constexpr bool kExact = Src::kParts == 1;
+    constexpr int P = Src::kParts, KC = Src::kChunks;
+    const int lane = threadIdx.x & 31;
+    const uint4* a = src.Wf + grp * src.group_stride + r0 * KC * P * 32 + lane;
+#pragma unroll
+    for (int t = 0; t < N; ++t)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) uh[t][q] = 0.f;
+#pragma unroll
+    for (int c = 0; c < KC; ++c) {
+      const uint4 bu = src.Uf[c * 32 + lane];
+      const uint32_t b_hi[2] = {bu.x, bu.y}, b_lo[2] = {bu.z, bu.w};
+      uint32_t a_hi[N][4], a_lo[N][4];
+#pragma unroll
+      for (int t = 0; t < N; ++t) {
+        const uint4 ah = a[(t * KC + c) * P * 32];
+        a_hi[t][0] = ah.x, a_hi[t][1] = ah.y, a_hi[t][2] = ah.z, a_hi[t][3] = ah.w;
+        if (!kExact) {
+          const uint4 al = a[(t * KC + c) * P * 32 + 32];
+          a_lo[t][0] = al.x, a_lo[t][1] = al.y, a_lo[t][2] = al.z, a_lo[t][3] = al.w;
+        }
+      }
+      if (!kExact) {  // small terms first, as in mma_split
+#pragma unroll
+        for (int t = 0; t < N; ++t) mma_tf32(uh[t], a_lo[t], b_hi);
+#pragma unroll
+        for (int t = 0; t < N; ++t) mma_tf32(uh[t], a_hi[t], b_lo);
+      }
+#pragma unroll
+      for (int t = 0; t < N; ++t) mma_tf32(uh[t], a_hi[t], b_hi);
+    }
+  } else {
+#pragma unroll
+    for (int t = 0; t < N; ++t) predict_tile<DT>(src, n, L, i, b0, grp, r0 + t, uh[t]);
+  }
+}
+
 // out[k][jl][h] = <u_hat[b, i, j], x[k][b, j]> for the group's capsules j = grp * GJ + jl,
 // the lane's two batch elements h (every lane of the 8 that share t gets the full sum) and
 // K arrays x laid out as V: V alone (the logits), or V and gs in the backward, where each
@@ -416,30 +488,38 @@ __device__ __forceinline__ void agreements(const Src& src, const Dims& n, const 
                                            const State<acc_t>& st, const acc_t* const (&x)[K],
                                            int64_t i, int64_t b0, int grp,
                                            acc_t (&out)[K][kGroupRows / DT][2]) {
-  constexpr int GJ = kGroupRows / DT;
+  constexpr int GJ = kGroupRows / DT, KB = capsule_batch<Src, GJ>();
 #pragma unroll
-  for (int jl = 0; jl < GJ; ++jl) {
-    const int64_t j = int64_t(grp) * GJ + jl;
+  for (int jl = 0; jl < GJ; ++jl)
 #pragma unroll
     for (int k = 0; k < K; ++k) out[k][jl][0] = out[k][jl][1] = acc_t(0);
-    if (j >= n.N_out) continue;  // warp-uniform
-    acc_t p[K][2] = {};
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      acc_t uh[4];
-      predict_tile<DT>(src, n, L, i, b0, grp, jl * DT + dt, uh);
+  for (int jb = 0; jb < GJ; jb += KB) {
+    if (int64_t(grp) * GJ + jb >= n.N_out) break;  // warp-uniform
+    acc_t uh[KB * DT][4];
+    predict_tiles<DT>(src, n, L, i, b0, grp, jb * DT, uh);
+    // p[(jl * K + k) * 2 + h]: the lane's partial sums, after the shuffles the whole ones.
+    acc_t p[KB * K * 2] = {};
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        acc_t f[4];
-        load_frag(x[k], st, n, L, b0, j, dt, f);
-        p[k][0] += uh[0] * f[0] + uh[2] * f[2];
-        p[k][1] += uh[1] * f[1] + uh[3] * f[3];
-      }
-    }
+    for (int jl = 0; jl < KB; ++jl)
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      out[k][jl][0] = sum_over_dims(p[k][0]);
-      out[k][jl][1] = sum_over_dims(p[k][1]);
+      for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          acc_t f[4];
+          load_frag(x[k], st, n, L, b0, int64_t(grp) * GJ + jb + jl, dt, f);
+          const acc_t(&u)[4] = uh[jl * DT + dt];
+          p[(jl * K + k) * 2] += u[0] * f[0] + u[2] * f[2];
+          p[(jl * K + k) * 2 + 1] += u[1] * f[1] + u[3] * f[3];
+        }
+    sum_over_dims(p);
+#pragma unroll
+    for (int jl = 0; jl < KB; ++jl) {
+      const bool in = int64_t(grp) * GJ + jb + jl < n.N_out;
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) out[k][jb + jl][h] = in ? p[(jl * K + k) * 2 + h] : acc_t(0);
     }
   }
 }
@@ -462,14 +542,16 @@ __device__ __forceinline__ void accumulate(const Src& src, const Dims& n, const 
                                            int64_t i, int64_t b0, int grp,
                                            const acc_t (&w)[kGroupRows / DT][2],
                                            acc_t (&acc)[kGroupRows][4]) {
-  constexpr int GJ = kGroupRows / DT;
+  constexpr int GJ = kGroupRows / DT, RB = capsule_batch<Src, GJ>() * DT;
 #pragma unroll
-  for (int r = 0; r < kGroupRows; ++r) {
-    if (int64_t(grp) * GJ + r / DT >= n.N_out) break;  // warp-uniform
-    acc_t uh[4];
-    predict_tile<DT>(src, n, L, i, b0, grp, r, uh);
+  for (int rb = 0; rb < kGroupRows; rb += RB) {
+    if (int64_t(grp) * GJ + rb / DT >= n.N_out) break;  // warp-uniform
+    acc_t uh[RB][4];
+    predict_tiles<DT>(src, n, L, i, b0, grp, rb, uh);
 #pragma unroll
-    for (int q = 0; q < 4; ++q) acc[r][q] += w[r / DT][q & 1] * uh[q];
+    for (int r = rb; r < rb + RB; ++r)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[r][q] += w[r / DT][q & 1] * uh[r - rb][q];
   }
 }
 
@@ -675,9 +757,9 @@ __device__ __forceinline__ void stage_weight(const GivenSource<scalar_t>&, const
 // Group grp's rows of W[i], as staged by stage_weight in `raw`, rewritten as the A operands
 // of predict_tile (layout in FragmentSource): lane (g, t) of row tile r and chunk c holds
 // rows (r % DT) * 16 + {g, g + 8} and input dims 8c + {t, t + 4}, split into TF32 parts, with
-// zeros past D_out and D_in. Made once per input capsule by the whole block, instead of by
-// every warp at every use of a tile. Row tiles of capsules past N_out are not written (never
-// read).
+// zeros past D_out and D_in, and for the row tiles past the group's capsules (made in
+// batches, see capsule_batch). Made once per input capsule by the whole block, instead of by
+// every warp at every use of a tile.
 template <int DT, typename scalar_t>
 __device__ __forceinline__ void build_fragments(const scalar_t* raw, const Dims& n, int grp,
                                                 uint4* Wf) {
@@ -686,13 +768,13 @@ __device__ __forceinline__ void build_fragments(const scalar_t* raw, const Dims&
   constexpr int P = FragmentSource<scalar_t>::kParts;
   const int D_in = static_cast<int>(n.D_in), D_out = static_cast<int>(n.D_out);
   const int KC = n.k_chunks;
-  const int items = static_cast<int>(group_caps(n, grp)) * DT * KC * 32;
-  for (int e = threadIdx.x; e < items; e += blockDim.x) {
+  const int caps = static_cast<int>(group_caps(n, grp));
+  for (int e = threadIdx.x; e < kGroupRows * KC * 32; e += blockDim.x) {
     const int lane = e & 31, c = (e >> 5) % KC, r = (e >> 5) / KC;
     const int d0 = (r % DT) * kTileD + (lane >> 2), k0 = c * 8 + (lane & 3);
     const scalar_t* w = raw + (r / DT) * (D_out * D_in);
     auto at = [&](int d, int k) {
-      return d < D_out && k < D_in ? S::load(w + (d * D_in + k)) : 0.f;
+      return r / DT < caps && d < D_out && k < D_in ? S::load(w + (d * D_in + k)) : 0.f;
     };
     uint32_t hi[4], lo[4] = {0, 0, 0, 0};
     split_tf32<kExact>(at(d0, k0), hi[0], lo[0]);
