@@ -587,29 +587,63 @@ struct SoftmaxStats {
 
 // The group's logits in c (agreements with V) become its coupling coefficients: the softmax
 // over all capsules, whose statistics with several groups come from group_stats_kernel
-// (st.stats, which the launch code always provides then).
+// (st.stats, which the launch code always provides then). One exp per capsule and one
+// division per batch element: expf and IEEE division are ~10 instructions each, and with
+// 32 logits per lane they outweighed the predictions. Capsules past N_out are skipped four
+// at a time (warp-uniform) and give 0.
 template <int DT, typename acc_t>
 __device__ __forceinline__ void softmax_coupling(const Dims& n, const Lane& L,
                                                  const State<acc_t>& st, int64_t i, int64_t b0,
                                                  int grp, acc_t (&c)[kGroupRows / DT][2]) {
-  constexpr int GJ = kGroupRows / DT;
-  SoftmaxStats<acc_t> s;
+  constexpr int GJ = kGroupRows / DT, kBatch = 4;
+  const int64_t j0 = int64_t(grp) * GJ;
+  acc_t m[2], l[2];
   if (n.n_groups > 1) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t b = b0 + 2 * L.t + h;
-      s.m[h] = b < n.B ? st.stats[(b * n.N_in + i) * 2] : acc_t(0);
-      s.l[h] = b < n.B ? st.stats[(b * n.N_in + i) * 2 + 1] : acc_t(1);
+      m[h] = b < n.B ? st.stats[(b * n.N_in + i) * 2] : acc_t(0);
+      l[h] = b < n.B ? st.stats[(b * n.N_in + i) * 2 + 1] : acc_t(1);
     }
   } else {
-    s.init(n.leaky);
-    s.add(c, int64_t(grp) * GJ, n.N_out);
+    // Leaky routing: an extra logit 0 joins the softmax (its coefficient is dropped).
+#pragma unroll
+    for (int h = 0; h < 2; ++h) m[h] = n.leaky ? acc_t(0) : acc_t(-INFINITY);
+#pragma unroll
+    for (int jb = 0; jb < GJ; jb += kBatch) {
+      if (j0 + jb >= n.N_out) break;  // warp-uniform
+#pragma unroll
+      for (int jl = jb; jl < jb + kBatch; ++jl)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          if (j0 + jl < n.N_out) m[h] = fmax(m[h], c[jl][h]);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) l[h] = n.leaky ? exp_(-m[h]) : acc_t(0);
+  }
+  const bool sum = n.n_groups == 1;
+#pragma unroll
+  for (int jb = 0; jb < GJ; jb += kBatch) {
+    if (j0 + jb >= n.N_out) {  // warp-uniform
+#pragma unroll
+      for (int jl = jb; jl < jb + kBatch; ++jl) c[jl][0] = c[jl][1] = acc_t(0);
+      continue;
+    }
+#pragma unroll
+    for (int jl = jb; jl < jb + kBatch; ++jl)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const acc_t e = j0 + jl < n.N_out ? exp_(c[jl][h] - m[h]) : acc_t(0);
+        c[jl][h] = e;
+        if (sum) l[h] += e;
+      }
   }
 #pragma unroll
-  for (int jl = 0; jl < GJ; ++jl)
+  for (int h = 0; h < 2; ++h) {
+    const acc_t inv = acc_t(1) / l[h];
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
-      c[jl][h] = int64_t(grp) * GJ + jl < n.N_out ? exp_(c[jl][h] - s.m[h]) / s.l[h] : acc_t(0);
+    for (int jl = 0; jl < GJ; ++jl) c[jl][h] *= inv;
+  }
 }
 
 // The coupling coefficients c[b, i, j] of the group's capsules, for the lane's two batch
@@ -1043,8 +1077,10 @@ group_stats_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
 #pragma unroll
         for (int h = 0; h < 2; ++h)
           if (int64_t(grp) * GJ + jl < n.N_out)
-            cg[h] += exp_(ag[0][jl][h] - s.m[h]) / s.l[h] * ag[1][jl][h];
+            cg[h] += exp_(ag[0][jl][h] - s.m[h]) * ag[1][jl][h];
     }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) cg[h] /= s.l[h];  // c_k = exp(logit_k - m) / l
   }
   if (L.g != 0) return;
 #pragma unroll
