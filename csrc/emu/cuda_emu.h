@@ -349,6 +349,13 @@ inline void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[
   std::memcpy(d, out, sizeof out);
 }
 
+// ex2.approx.ftz.f32: 2^x, results below the smallest normal flushed to zero. The hardware's
+// own error (about 2 ulp) is not modelled: exact 2^x rounded to float.
+inline float ex2_approx_ftz(float x) {
+  const float y = std::exp2(x);
+  return std::fabs(y) < std::numeric_limits<float>::min() ? 0.f : y;
+}
+
 }  // namespace emu
 }  // namespace capsroute
 
