@@ -115,11 +115,10 @@ size_t plan_pass_smem(Dims& d, bool computed, bool fragments, int tiles) {
   return cuda::pass_layout<T, acc_t>(d, tiles, fragments).end;
 }
 
-// Whether a pass can stage W[i] as the matrix units' operands (FragmentSource; float32 and
-// half types, where W[i] and the operands fit in shared memory).
+// Whether a pass can stage W[i] as the matrix units' operands (FragmentSource): W[i]'s copy
+// and the operands fit in shared memory.
 template <typename T, typename acc_t>
 bool fragments_fit(Dims d, int tiles) {
-  if (std::is_same<T, double>::value) return false;
   d.w_shared = true;
   d.tiles_shared = false;
   return cuda::pass_layout<T, acc_t>(d, tiles, true).end <= kPassSmem;
@@ -128,38 +127,44 @@ bool fragments_fit(Dims d, int tiles) {
 // One warp per (b, j) output capsule.
 inline dim3 capsule_grid(const Dims& d) { return dim3(static_cast<unsigned>(ceil_div(d.B * d.N_out, 8))); }
 
-// f(source) with dynamic_routing's operands staged for the matrix units (FragmentSource),
-// the number of chunks of 8 input dims compiled in where it is 1 (D_in <= 8).
-template <typename T, typename F>
-void with_fragments(const cuda::WeightSource<T>& src, const Dims& d, F&& f) {
-  if (d.k_chunks == 1)
-    f(cuda::FragmentSource<T, 1>{src.u, src.W});
-  else
-    f(cuda::FragmentSource<T, 0>{src.u, src.W});
+// launch(source) with the source a kernel makes its predictions from: for dynamic_routing in
+// float32 and the half types, W[i] staged as the matrix units' operands (FragmentSource, with
+// its chunk count compiled in where D_in <= 8) if fits() says they fit in shared memory;
+// otherwise (float64, route, very wide D_in) src itself.
+template <typename Src, typename Fits, typename Launch>
+void launch_with_source(const Src& src, const Dims&, Fits&&, Launch&& launch) {
+  launch(src);
+}
+template <typename T, typename Fits, typename Launch>
+void launch_with_source(const cuda::WeightSource<T>& src, const Dims& d, Fits&& fits,
+                        Launch&& launch) {
+  if constexpr (!std::is_same<T, double>::value) {
+    if (fits()) {
+      if (d.k_chunks == 1)
+        launch(cuda::FragmentSource<T, 1>{src.u, src.W});
+      else
+        launch(cuda::FragmentSource<T, 0>{src.u, src.W});
+      return;
+    }
+  }
+  launch(src);
 }
 
-// One pass over the input capsules (see routing_pass_kernel). dynamic_routing's passes
-// stage W[i] as operands of the matrix units where they fit (all but very wide D_in).
+// One pass over the input capsules (see routing_pass_kernel).
 template <cuda::Pass kPass, int DT, typename Src, typename T, typename acc_t>
 void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* partial,
                  T* c_out, cudaStream_t stream) {
   constexpr int tiles = kPass == cuda::Pass::kGradient ? 2 : 1;
   const dim3 grid(d.n_chunks, static_cast<unsigned>(ceil_div(ceil_div(d.B, cuda::kTileB), d.warps)),
                   d.n_groups);
-  if constexpr (std::is_same<Src, cuda::WeightSource<T>>::value &&
-                !std::is_same<T, double>::value) {
-    if (fragments_fit<T, acc_t>(d, tiles)) {
-      const size_t smem = plan_pass_smem<T, acc_t>(d, true, true, tiles);
-      with_fragments(src, d, [&](auto frag) {
-        cuda::launch(cuda::routing_pass_kernel<kPass, DT, decltype(frag), T>, grid, d.warps * 32,
-                     smem, stream, frag, d, st, partial, c_out);
+  launch_with_source(
+      src, d, [&] { return fragments_fit<T, acc_t>(d, tiles); },
+      [&](auto source) {
+        using S = decltype(source);
+        const size_t smem = plan_pass_smem<T, acc_t>(d, S::kComputed, S::kFragments, tiles);
+        cuda::launch(cuda::routing_pass_kernel<kPass, DT, S, T>, grid, d.warps * 32, smem,
+                     stream, source, d, st, partial, c_out);
       });
-      return;
-    }
-  }
-  const size_t smem = plan_pass_smem<T, acc_t>(d, Src::kComputed, false, tiles);
-  cuda::launch(cuda::routing_pass_kernel<kPass, DT, Src, T>, grid, d.warps * 32, smem, stream,
-               src, d, st, partial, c_out);
 }
 
 // Several groups of output capsules: the softmax statistics (and with cg, the softmax
@@ -170,22 +175,21 @@ void launch_group_stats(const Src& src, Dims d, cuda::State<acc_t> st, acc_t* st
                         cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(d.N_in),
                   static_cast<unsigned>(ceil_div(d.B, cuda::kTileB * cuda::kWarps)));
-  // W[i] staged in shared memory where it fits, as the matrix units' operands where those
-  // fit too (float32 and half types).
-  d.w_shared = Src::kComputed;
-  if constexpr (std::is_same<Src, cuda::WeightSource<T>>::value &&
-                !std::is_same<T, double>::value) {
-    if (cuda::group_stats_layout<T>(d, true).end <= kPassSmem) {
-      with_fragments(src, d, [&](auto frag) {
-        cuda::launch(cuda::group_stats_kernel<DT, decltype(frag), T>, grid, cuda::kThreads,
-                     cuda::group_stats_layout<T>(d, true).end, stream, frag, d, st, stats, cg);
+  // W[i] staged in shared memory where it fits (always with operands).
+  auto staged = [&](bool fragments) {
+    Dims e = d;
+    e.w_shared = true;
+    return cuda::group_stats_layout<T>(e, fragments).end <= kPassSmem;
+  };
+  launch_with_source(
+      src, d, [&] { return staged(true); },
+      [&](auto source) {
+        using S = decltype(source);
+        d.w_shared = S::kComputed && staged(S::kFragments);
+        cuda::launch(cuda::group_stats_kernel<DT, S, T>, grid, cuda::kThreads,
+                     cuda::group_stats_layout<T>(d, S::kFragments).end, stream, source, d, st,
+                     stats, cg);
       });
-      return;
-    }
-  }
-  if (cuda::group_stats_layout<T>(d, false).end > kPassSmem) d.w_shared = false;
-  cuda::launch(cuda::group_stats_kernel<DT, Src, T>, grid, cuda::kThreads,
-               cuda::group_stats_layout<T>(d, false).end, stream, src, d, st, stats, cg);
 }
 
 template <int DT, typename Src, typename T>
@@ -369,25 +373,23 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
                               : cuda::scratch({d.n_groups, n.B, n.N_in, n.D_in}, in.s.options());
     const dim3 grid(static_cast<unsigned>(n.N_in), d.n_groups, static_cast<unsigned>(ceil_div(n.D_in, 8)));
     const cuda::Sweep<acc_t> sw = sr.view<acc_t>(in.grad_c, t_min, iterations, detach);
-    // W[i]'s rows are staged in shared memory where they fit beside the tiles, and rewritten
-    // as the matrix units' operands where those fit too (float32 and half types).
-    auto last_pass = [&](auto source) {
-      using Src = decltype(source);
-      d.w_shared = true;
-      if (cuda::weight_grad_layout<T, acc_t>(d, Src::kFragments).end > kPassSmem)
-        d.w_shared = false;
-      cuda::launch(cuda::weight_grad_kernel<DT, Src, T>, grid, cuda::kFinalWarps * 32,
-                   cuda::weight_grad_layout<T, acc_t>(d, Src::kFragments).end,
-                   cuda::current_stream(), source, d, sw, aptr<acc_t>(grad_u_part),
-                   dptr<scalar_t>(grad_weight));
+    // W[i]'s rows are staged in shared memory where they fit beside the tiles (always with
+    // operands).
+    auto staged = [&](bool fragments) {
+      Dims e = d;
+      e.w_shared = true;
+      return cuda::weight_grad_layout<T, acc_t>(e, fragments).end <= kPassSmem;
     };
-    bool fragments = false;
-    if constexpr (!std::is_same<T, double>::value) {
-      d.w_shared = true;
-      fragments = cuda::weight_grad_layout<T, acc_t>(d, true).end <= kPassSmem;
-      if (fragments) with_fragments(src, d, last_pass);
-    }
-    if (!fragments) last_pass(src);
+    launch_with_source(
+        src, d, [&] { return staged(true); },
+        [&](auto source) {
+          using S = decltype(source);
+          d.w_shared = staged(S::kFragments);
+          cuda::launch(cuda::weight_grad_kernel<DT, S, T>, grid, cuda::kFinalWarps * 32,
+                       cuda::weight_grad_layout<T, acc_t>(d, S::kFragments).end,
+                       cuda::current_stream(), source, d, sw, aptr<acc_t>(grad_u_part),
+                       dptr<scalar_t>(grad_weight));
+        });
     // With several groups of output capsules their contributions to grad_u are added here,
     // in group order.
     if (!direct) grad_u.copy_(d.n_groups == 1 ? grad_u_part[0] : grad_u_part.sum(0));
