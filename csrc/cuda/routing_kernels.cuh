@@ -184,16 +184,22 @@ __device__ __forceinline__ T sum_over_dims(T x) {
   return x;
 }
 
+// Whether output capsule j exists, in 32 bits (N_out < 2^31: make_dims limits the groups;
+// the tests run in the kernels' inner loops).
+__device__ __forceinline__ bool has_capsule(const Dims& n, int j) {
+  return j < static_cast<int>(n.N_out);
+}
+
 // Reads a [B, N_out, D_out] array at a lane's fragment positions of row tile (j, dt).
 template <typename acc_t>
 __device__ __forceinline__ void load_frag(const acc_t* a, const State<acc_t>& st, const Dims& n,
-                                          const Lane& L, int64_t b0, int64_t j, int dt,
+                                          const Lane& L, int64_t b0, int j, int dt,
                                           acc_t (&f)[4]) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     const int64_t b = b0 + L.col(q);
     const int d = L.dim(dt, q);
-    f[q] = (b < n.B && j < n.N_out && d < n.D_out)
+    f[q] = (b < n.B && has_capsule(n, j) && d < n.D_out)
                ? a[(b - st.b_base) * st.stride + (j - st.j_base) * n.D_out + d]
                : acc_t(0);
   }
@@ -510,7 +516,7 @@ __device__ __forceinline__ void agreements(const Src& src, const Dims& n, const 
     for (int k = 0; k < K; ++k) out[k][jl][0] = out[k][jl][1] = acc_t(0);
 #pragma unroll
   for (int jb = 0; jb < GJ; jb += KB) {
-    if (int64_t(grp) * GJ + jb >= n.N_out) break;  // warp-uniform
+    if (!has_capsule(n, grp * GJ + jb)) break;  // warp-uniform
     acc_t uh[KB * DT][4];
     predict_tiles<DT>(src, n, L, i, b0, grp, jb * DT, uh);
     // p[(jl * K + k) * 2 + h]: the lane's partial sums, after the shuffles the whole ones.
@@ -522,7 +528,7 @@ __device__ __forceinline__ void agreements(const Src& src, const Dims& n, const 
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           acc_t f[4];
-          load_frag(x[k], st, n, L, b0, int64_t(grp) * GJ + jb + jl, dt, f);
+          load_frag(x[k], st, n, L, b0, grp * GJ + jb + jl, dt, f);
           const acc_t(&u)[4] = uh[jl * DT + dt];
           p[(jl * K + k) * 2] += u[0] * f[0] + u[2] * f[2];
           p[(jl * K + k) * 2 + 1] += u[1] * f[1] + u[3] * f[3];
@@ -530,7 +536,7 @@ __device__ __forceinline__ void agreements(const Src& src, const Dims& n, const 
     sum_over_dims(p);
 #pragma unroll
     for (int jl = 0; jl < KB; ++jl) {
-      const bool in = int64_t(grp) * GJ + jb + jl < n.N_out;
+      const bool in = has_capsule(n, grp * GJ + jb + jl);
 #pragma unroll
       for (int k = 0; k < K; ++k)
 #pragma unroll
@@ -560,7 +566,7 @@ __device__ __forceinline__ void accumulate(const Src& src, const Dims& n, const 
   constexpr int GJ = kGroupRows / DT, RB = capsule_batch<Src, GJ>() * DT;
 #pragma unroll
   for (int rb = 0; rb < kGroupRows; rb += RB) {
-    if (int64_t(grp) * GJ + rb / DT >= n.N_out) break;  // warp-uniform
+    if (!has_capsule(n, grp * GJ + rb / DT)) break;  // warp-uniform
     acc_t uh[RB][4];
     predict_tiles<DT>(src, n, L, i, b0, grp, rb, uh);
 #pragma unroll
@@ -611,7 +617,7 @@ __device__ __forceinline__ void softmax_coupling(const Dims& n, const Lane& L,
                                                  const State<acc_t>& st, int64_t i, int64_t b0,
                                                  int grp, acc_t (&c)[kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT, kBatch = 4;
-  const int64_t j0 = int64_t(grp) * GJ;
+  const int j0 = grp * GJ;
   acc_t m[2], l[2];
   if (n.n_groups > 1) {
 #pragma unroll
@@ -626,12 +632,12 @@ __device__ __forceinline__ void softmax_coupling(const Dims& n, const Lane& L,
     for (int h = 0; h < 2; ++h) m[h] = n.leaky ? acc_t(0) : acc_t(-INFINITY);
 #pragma unroll
     for (int jb = 0; jb < GJ; jb += kBatch) {
-      if (j0 + jb >= n.N_out) break;  // warp-uniform
+      if (!has_capsule(n, j0 + jb)) break;  // warp-uniform
 #pragma unroll
       for (int jl = jb; jl < jb + kBatch; ++jl)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          if (j0 + jl < n.N_out) m[h] = fmax(m[h], c[jl][h]);
+          if (has_capsule(n, j0 + jl)) m[h] = fmax(m[h], c[jl][h]);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) l[h] = n.leaky ? exp_(-m[h]) : acc_t(0);
@@ -639,7 +645,7 @@ __device__ __forceinline__ void softmax_coupling(const Dims& n, const Lane& L,
   const bool sum = n.n_groups == 1;
 #pragma unroll
   for (int jb = 0; jb < GJ; jb += kBatch) {
-    if (j0 + jb >= n.N_out) {  // warp-uniform
+    if (!has_capsule(n, j0 + jb)) {  // warp-uniform
 #pragma unroll
       for (int jl = jb; jl < jb + kBatch; ++jl) c[jl][0] = c[jl][1] = acc_t(0);
       continue;
@@ -648,7 +654,7 @@ __device__ __forceinline__ void softmax_coupling(const Dims& n, const Lane& L,
     for (int jl = jb; jl < jb + kBatch; ++jl)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const acc_t e = j0 + jl < n.N_out ? exp_(c[jl][h] - m[h]) : acc_t(0);
+        const acc_t e = has_capsule(n, j0 + jl) ? exp_(c[jl][h] - m[h]) : acc_t(0);
         c[jl][h] = e;
         if (sum) l[h] += e;
       }
@@ -1261,7 +1267,7 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
     // One walk over the rows for both terms, so that c and g die row tile by row tile.
 #pragma unroll
     for (int r = 0; r < kGroupRows; ++r) {
-      const int64_t j = int64_t(grp) * GJ + r / DT;
+      const int j = grp * GJ + r / DT;
       acc_t f[4];
       load_frag(st.gs, st, n, L, b0, j, r % DT, f);
 #pragma unroll
