@@ -815,14 +815,14 @@ __device__ __forceinline__ void stage_weight(const GivenSource<scalar_t>&, const
 // zeros past D_out and D_in, and for the row tiles past the group's capsules (made in
 // batches, see capsule_batch). Made once per input capsule by the whole block, instead of by
 // every warp at every use of a tile.
-template <int DT, typename scalar_t>
+template <int DT, int kChunks, typename scalar_t>
 __device__ __forceinline__ void build_fragments(const scalar_t* raw, const Dims& n, int grp,
                                                 uint4* Wf) {
   using S = Scalar<scalar_t>;
   constexpr bool kExact = !std::is_same<scalar_t, float>::value;
   constexpr int P = FragmentSource<scalar_t>::kParts;
   const int D_in = static_cast<int>(n.D_in), D_out = static_cast<int>(n.D_out);
-  const int KC = n.k_chunks;
+  const int KC = kChunks > 0 ? kChunks : n.k_chunks;  // (a division below)
   const int caps = static_cast<int>(group_caps(n, grp));
   for (int e = threadIdx.x; e < kGroupRows * KC * 32; e += blockDim.x) {
     const int lane = e & 31, c = (e >> 5) % KC, r = (e >> 5) / KC;
@@ -975,7 +975,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
       // (second barrier: the copy is read) fetch W[i + 1] into the same buffer.
       cp_async_wait_all();
       __syncthreads();
-      build_fragments<DT>(wbuf, n, grp, src.Wf);
+      build_fragments<DT, Src::kChunks>(wbuf, n, grp, src.Wf);
       __syncthreads();
       if (i + 1 < i_end) stage_weight(src, n, i + 1, grp, wbuf);
       cp_async_commit();
@@ -1071,7 +1071,7 @@ group_stats_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
       src.group_stride = kGroupRows * Src::kParts * n.k_chunks * 32;
       src.Uf = reinterpret_cast<uint4*>(smem + layout.uf) + (threadIdx.x >> 5) * n.k_chunks * 32;
       for (int grp = 0; grp < n.n_groups; ++grp)
-        build_fragments<DT>(w_all + group_j0(n, grp) * n.D_out * n.D_in, n, grp,
+        build_fragments<DT, Src::kChunks>(w_all + group_j0(n, grp) * n.D_out * n.D_in, n, grp,
                             src.Wf + grp * src.group_stride);
     } else {
       src.Wi = w_all;
@@ -1387,7 +1387,7 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   if constexpr (Src::kFragments) {  // the predictions' operands (one input capsule: once)
     src.Wf = reinterpret_cast<uint4*>(smem + layout.wf);
     src.Uf = reinterpret_cast<uint4*>(smem + layout.uf) + warp * n.k_chunks * 32;
-    build_fragments<DT>(w_rows, n, grp, src.Wf);
+    build_fragments<DT, Src::kChunks>(w_rows, n, grp, src.Wf);
     __syncthreads();
   } else {
     src.Wi = w_rows;
