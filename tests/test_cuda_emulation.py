@@ -156,10 +156,13 @@ def test_shapes_float64(emu, op, shape, detach):
 
 # float32 and the half types stage W[i] as the matrix units' operands (FragmentSource) on
 # every shape above; W[i] of a very wide D_in does not fit there and is read from global memory.
+# GROUPS_WIDE_IN: several groups with two chunks of input dims (the operands' chunk count not
+# compiled in) in every kernel, the group statistics' included.
 WIDE_IN = Shape(3, 4, 16, 72, 16)
+GROUPS_WIDE_IN = Shape(5, 6, 18, 12, 8)
 
 
-@pytest.mark.parametrize("shape", SHAPES + [WIDE_IN], ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [WIDE_IN, GROUPS_WIDE_IN], ids=str)
 def test_shapes_float32(emu, shape):
     run_emulated(emu, "dynamic_routing", shape, torch.float32, iterations=3, bias=True,
                  leaky=shape.N_out > 9, detach=False, return_coupling=True)
