@@ -123,7 +123,7 @@ struct Dims {
   int k_chunks;        // ceil(D_in / 8): chunks of 8 input dims, one matrix product each
   bool leaky;
   bool rows8;          // D_in % 8 == 0 and W 16-byte aligned: W[i] copies in 16-byte pieces
-  bool w_shared;       // a pass stages W[i] in shared memory, double-buffered
+  bool w_shared;       // a kernel stages W[i] (its group's rows) in shared memory
   bool tiles_shared;   // a pass keeps V (and gs) of its batch rows in shared memory
   int64_t tile_stride; // row stride of those tiles (a group's N_out * D_out, padded so that
                        // lanes hit distinct banks)
@@ -360,9 +360,10 @@ __device__ __forceinline__ void predict_tile(const WeightSource<scalar_t>& src, 
   }
 }
 
-// The same from operands staged in shared memory (FragmentSource): per chunk of 8 input
-// dims, one 16-byte load per operand part and the products; no bounds tests (the staged
-// operands are zero past D_out and D_in), no index arithmetic beyond a stride, no conversion.
+// The same from operands staged in shared memory (FragmentSource), any number of chunks of 8
+// input dims (predict_tiles makes the tiles itself where the count is compiled in): per chunk
+// one 16-byte load per operand part and the products; no bounds tests (the staged operands
+// are zero past D_out and D_in), no index arithmetic beyond a stride, no conversion.
 template <int DT, typename scalar_t, int kChunks>
 __device__ __forceinline__ void predict_tile(const FragmentSource<scalar_t, kChunks>& src,
                                              const Dims& n, const Lane&, int64_t, int64_t,
@@ -370,28 +371,21 @@ __device__ __forceinline__ void predict_tile(const FragmentSource<scalar_t, kChu
   constexpr bool kExact = !std::is_same<scalar_t, float>::value;
   constexpr int P = FragmentSource<scalar_t>::kParts;
   const int lane = threadIdx.x & 31;
-  const int chunks = kChunks > 0 ? kChunks : n.k_chunks;
-  const uint4* a = src.Wf + grp * src.group_stride + r * chunks * P * 32 + lane;
+  const uint4* a = src.Wf + grp * src.group_stride + r * n.k_chunks * P * 32 + lane;
   const uint4* b = src.Uf + lane;
 #pragma unroll
   for (int q = 0; q < 4; ++q) uh[q] = 0.f;
-  auto chunk = [&](int c) {
-    const uint4 ah = a[c * P * 32], bu = b[c * 32];
+#pragma unroll 1
+  for (int c = 0; c < n.k_chunks; ++c, a += P * 32, b += 32) {
+    const uint4 ah = a[0], bu = b[0];
     const uint32_t a_hi[4] = {ah.x, ah.y, ah.z, ah.w}, b_hi[2] = {bu.x, bu.y},
                    b_lo[2] = {bu.z, bu.w};
     uint32_t a_lo[4] = {0, 0, 0, 0};
     if (!kExact) {
-      const uint4 al = a[c * P * 32 + 32];
+      const uint4 al = a[32];
       a_lo[0] = al.x, a_lo[1] = al.y, a_lo[2] = al.z, a_lo[3] = al.w;
     }
     mma_split<kExact>(uh, a_hi, a_lo, b_hi, b_lo);
-  };
-  if constexpr (kChunks > 0) {
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) chunk(c);
-  } else {
-#pragma unroll 1
-    for (int c = 0; c < chunks; ++c) chunk(c);
   }
 }
 
@@ -468,35 +462,35 @@ __device__ __forceinline__ void predict_tiles(const Src& src, const Dims& n, con
     const int lane = threadIdx.x & 31;
     const uint4* a = src.Wf + grp * src.group_stride + r0 * KC * P * 32 + lane;
 #pragma unroll
-    for (int t = 0; t < N; ++t)
+    for (int m = 0; m < N; ++m)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) uh[t][q] = 0.f;
+      for (int q = 0; q < 4; ++q) uh[m][q] = 0.f;
 #pragma unroll
     for (int c = 0; c < KC; ++c) {
       const uint4 bu = src.Uf[c * 32 + lane];
       const uint32_t b_hi[2] = {bu.x, bu.y}, b_lo[2] = {bu.z, bu.w};
       uint32_t a_hi[N][4], a_lo[N][4];
 #pragma unroll
-      for (int t = 0; t < N; ++t) {
-        const uint4 ah = a[(t * KC + c) * P * 32];
-        a_hi[t][0] = ah.x, a_hi[t][1] = ah.y, a_hi[t][2] = ah.z, a_hi[t][3] = ah.w;
+      for (int m = 0; m < N; ++m) {
+        const uint4 ah = a[(m * KC + c) * P * 32];
+        a_hi[m][0] = ah.x, a_hi[m][1] = ah.y, a_hi[m][2] = ah.z, a_hi[m][3] = ah.w;
         if (!kExact) {
-          const uint4 al = a[(t * KC + c) * P * 32 + 32];
-          a_lo[t][0] = al.x, a_lo[t][1] = al.y, a_lo[t][2] = al.z, a_lo[t][3] = al.w;
+          const uint4 al = a[(m * KC + c) * P * 32 + 32];
+          a_lo[m][0] = al.x, a_lo[m][1] = al.y, a_lo[m][2] = al.z, a_lo[m][3] = al.w;
         }
       }
       if (!kExact) {  // small terms first, as in mma_split
 #pragma unroll
-        for (int t = 0; t < N; ++t) mma_tf32(uh[t], a_lo[t], b_hi);
+        for (int m = 0; m < N; ++m) mma_tf32(uh[m], a_lo[m], b_hi);
 #pragma unroll
-        for (int t = 0; t < N; ++t) mma_tf32(uh[t], a_hi[t], b_lo);
+        for (int m = 0; m < N; ++m) mma_tf32(uh[m], a_hi[m], b_lo);
       }
 #pragma unroll
-      for (int t = 0; t < N; ++t) mma_tf32(uh[t], a_hi[t], b_hi);
+      for (int m = 0; m < N; ++m) mma_tf32(uh[m], a_hi[m], b_hi);
     }
   } else {
 #pragma unroll
-    for (int t = 0; t < N; ++t) predict_tile<DT>(src, n, L, i, b0, grp, r0 + t, uh[t]);
+    for (int m = 0; m < N; ++m) predict_tile<DT>(src, n, L, i, b0, grp, r0 + m, uh[m]);
   }
 }
 
@@ -1071,8 +1065,8 @@ group_stats_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
       src.group_stride = kGroupRows * Src::kParts * n.k_chunks * 32;
       src.Uf = reinterpret_cast<uint4*>(smem + layout.uf) + (threadIdx.x >> 5) * n.k_chunks * 32;
       for (int grp = 0; grp < n.n_groups; ++grp)
-        build_fragments<DT, Src::kChunks>(w_all + group_j0(n, grp) * n.D_out * n.D_in, n, grp,
-                            src.Wf + grp * src.group_stride);
+        build_fragments<DT, Src::kChunks>(w_all + group_j0(n, grp) * n.D_out * n.D_in, n,
+                                          grp, src.Wf + grp * src.group_stride);
     } else {
       src.Wi = w_all;
     }
