@@ -190,19 +190,53 @@ __device__ __forceinline__ bool has_capsule(const Dims& n, int j) {
   return j < static_cast<int>(n.N_out);
 }
 
-// Reads a [B, N_out, D_out] array at a lane's fragment positions of row tile (j, dt).
+// A lane's two rows (batch elements b0 + 2t + h, h = 0, 1) of a [B, N_out, D_out] array laid
+// out as State says (V or gs, in global memory or a block's shared-memory tile), found once per
+// batch tile: a fragment load is then one 32-bit offset from them, where the full index
+// (64-bit, with b) was rebuilt for every element, ~15 instructions each (ncu: three quarters of
+// the last backward pass's instructions). A row past B reads as zeros.
 template <typename acc_t>
-__device__ __forceinline__ void load_frag(const acc_t* a, const State<acc_t>& st, const Dims& n,
-                                          const Lane& L, int64_t b0, int j, int dt,
-                                          acc_t (&f)[4]) {
+struct LaneRows {
+  const acc_t* row[2];
+  bool in[2];
+};
+// A pointer the compiler cannot see through: without it, it folds each 32-bit offset back into
+// one 64-bit index from the kernel argument (5 instructions a load, seen in the SASS) rather
+// than keep the row pointers in registers.
+template <typename T>
+__device__ __forceinline__ const T* opaque(const T* p) {
+#ifndef CAPSROUTE_EMULATE
+  asm("mov.b64 %0, %0;" : "+l"(p));
+#endif
+  return p;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ LaneRows<acc_t> lane_rows(const acc_t* a, const State<acc_t>& st,
+                                                     const Dims& n, const Lane& L, int64_t b0) {
+  LaneRows<acc_t> x;
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const int64_t b = b0 + L.col(q);
-    const int d = L.dim(dt, q);
-    f[q] = (b < n.B && has_capsule(n, j) && d < n.D_out)
-               ? a[(b - st.b_base) * st.stride + (j - st.j_base) * n.D_out + d]
-               : acc_t(0);
+  for (int h = 0; h < 2; ++h) {
+    const int64_t b = b0 + 2 * L.t + h;
+    x.in[h] = b < n.B;
+    x.row[h] = opaque(a + (x.in[h] ? (b - st.b_base) * st.stride : 0));
   }
+  return x;
+}
+
+// Reads row tile (j, dt) at the lane's fragment positions: slot q holds batch half q & 1 and
+// dim dt * 16 + g + 8 (q >> 1). Offsets within a row are 32-bit (N_out * D_out < 2^31).
+template <typename acc_t>
+__device__ __forceinline__ void load_frag(const LaneRows<acc_t>& x, const State<acc_t>& st,
+                                          const Dims& n, const Lane& L, int j, int dt,
+                                          acc_t (&f)[4]) {
+  const int d = L.dim(dt, 0);
+  const int at = (j - static_cast<int>(st.j_base)) * static_cast<int>(n.D_out) + d;
+  const bool lo = has_capsule(n, j) && d < n.D_out, hi = has_capsule(n, j) && d + 8 < n.D_out;
+  f[0] = x.in[0] && lo ? x.row[0][at] : acc_t(0);
+  f[1] = x.in[1] && lo ? x.row[1][at] : acc_t(0);
+  f[2] = x.in[0] && hi ? x.row[0][at + 8] : acc_t(0);
+  f[3] = x.in[1] && hi ? x.row[1][at + 8] : acc_t(0);
 }
 
 // --- prediction sources ---------------------------------------------------------------
@@ -504,6 +538,9 @@ __device__ __forceinline__ void agreements(const Src& src, const Dims& n, const 
                                            int64_t i, int64_t b0, int grp,
                                            acc_t (&out)[K][kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT, KB = capsule_batch<Src, GJ>();
+  LaneRows<acc_t> rows[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) rows[k] = lane_rows(x[k], st, n, L, b0);
 #pragma unroll
   for (int jl = 0; jl < GJ; ++jl)
 #pragma unroll
@@ -522,7 +559,7 @@ __device__ __forceinline__ void agreements(const Src& src, const Dims& n, const 
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           acc_t f[4];
-          load_frag(x[k], st, n, L, b0, grp * GJ + jb + jl, dt, f);
+          load_frag(rows[k], st, n, L, grp * GJ + jb + jl, dt, f);
           const acc_t(&u)[4] = uh[jl * DT + dt];
           p[(jl * K + k) * 2] += u[0] * f[0] + u[2] * f[2];
           p[(jl * K + k) * 2 + 1] += u[1] * f[1] + u[3] * f[3];
@@ -1234,17 +1271,48 @@ struct Sweep {
   const acc_t* cg = nullptr;
 };
 
-// g_uh of the warp's group for (i, b0), in the accumulator layout.
-template <int DT, typename Src, typename acc_t>
+// Where prediction_grad sums a warp's g_uh (the group's 16 row tiles, accumulator layout):
+// in registers, or (weight_grad, float32) in the warp's slot of shared memory, [row][lane]
+// as float4. Registers run out in the last pass otherwise: g_uh (64) live beside c and g (64)
+// and the predictions made the compiler spill and rebuild every V and gs address per load
+// (ncu: ~3900 instructions per batch tile and iteration, three quarters of them integer).
+template <typename acc_t>
+struct RegisterRows {
+  acc_t v[kGroupRows][4];
+  __device__ __forceinline__ void get(int r, acc_t (&f)[4]) const {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) f[q] = v[r][q];
+  }
+  __device__ __forceinline__ void set(int r, const acc_t (&f)[4]) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) v[r][q] = f[q];
+  }
+};
+struct SharedRows {
+  float4* p;  // the lane's row 0; row r at p[r * 32]
+  __device__ __forceinline__ void get(int r, float (&f)[4]) const {
+    const float4 x = p[r * 32];
+    f[0] = x.x, f[1] = x.y, f[2] = x.z, f[3] = x.w;
+  }
+  __device__ __forceinline__ void set(int r, const float (&f)[4]) {
+    p[r * 32] = float4{f[0], f[1], f[2], f[3]};
+  }
+};
+
+// g_uh of the warp's group for (i, b0), into `g_uh` (RegisterRows or SharedRows). Rows of
+// capsules past N_out are not touched.
+template <int DT, typename Src, typename acc_t, typename Rows>
 __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, const Lane& L,
                                                 const Sweep<acc_t>& sw, int64_t i, int64_t b0,
-                                                int grp, acc_t (&g_uh)[kGroupRows][4]) {
+                                                int grp, Rows& g_uh) {
   constexpr int GJ = kGroupRows / DT;
   const int64_t stride = n.B * n.J;
 #pragma unroll
-  for (int r = 0; r < kGroupRows; ++r)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) g_uh[r][q] = acc_t(0);
+  for (int r = 0; r < kGroupRows; ++r) {
+    if (!has_capsule(n, grp * GJ + r / DT)) break;  // warp-uniform
+    const acc_t zero[4] = {0, 0, 0, 0};
+    g_uh.set(r, zero);
+  }
   for (int t = sw.t_min; t <= sw.iterations; ++t) {
     const int64_t per_t = n.B * n.N_in;
     const State<acc_t> st{sw.V_prev + (t - 1) * stride, sw.gs + (t - 1) * stride,
@@ -1259,17 +1327,23 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
     else
       coupling<DT>(src, n, L, st, i, b0, grp, c);
     // One walk over the rows for both terms, so that c and g die row tile by row tile.
+    const LaneRows<acc_t> gs_rows = lane_rows(st.gs, st, n, L, b0);
+    const LaneRows<acc_t> v_rows = lane_rows(logit_grad ? st.V : st.gs, st, n, L, b0);
 #pragma unroll
     for (int r = 0; r < kGroupRows; ++r) {
       const int j = grp * GJ + r / DT;
-      acc_t f[4];
-      load_frag(st.gs, st, n, L, b0, j, r % DT, f);
+      if (!has_capsule(n, j)) break;  // warp-uniform
+      acc_t a[4], f[4];
+      g_uh.get(r, a);
+      load_frag(gs_rows, st, n, L, j, r % DT, f);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) g_uh[r][q] += c[r / DT][q & 1] * f[q];
-      if (!logit_grad) continue;
-      load_frag(st.V, st, n, L, b0, j, r % DT, f);
+      for (int q = 0; q < 4; ++q) a[q] += c[r / DT][q & 1] * f[q];
+      if (logit_grad) {
+        load_frag(v_rows, st, n, L, j, r % DT, f);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) g_uh[r][q] += g[r / DT][q & 1] * f[q];
+        for (int q = 0; q < 4; ++q) a[q] += g[r / DT][q & 1] * f[q];
+      }
+      g_uh.set(r, a);
     }
   }
 }
@@ -1285,7 +1359,7 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
   const int64_t i = int64_t(blockIdx.x) * final_warps<acc_t>() + (threadIdx.x >> 5);
   const int grp = blockIdx.y;
   if (i >= n.N_in) return;
-  acc_t g_uh[kGroupRows][4];
+  RegisterRows<acc_t> g_uh;
   for (int64_t b0 = 0; b0 < n.B; b0 += kTileB) {
     prediction_grad<DT>(src, n, L, sw, i, b0, grp, g_uh);
 #pragma unroll
@@ -1297,7 +1371,7 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
         const int d = L.dim(r % DT, q);
         if (j < n.N_out && b < n.B && d < n.D_out)
           grad_u_hat[((b * n.N_in + i) * n.N_out + j) * n.D_out + d] =
-              Scalar<scalar_t>::store(g_uh[r][q]);
+              Scalar<scalar_t>::store(g_uh.v[r][q]);
       }
     }
   }
@@ -1337,12 +1411,12 @@ __host__ __device__ inline void weight_grad_slot(int e, int lane, int& row, int&
   }
 }
 
-// The kernel's shared memory: head = the warps' grad_W accumulators (float32) or the g_uh and
-// u tiles (float64); W[i] = the group's rows (w_shared), then the operands with fragments.
+// The kernel's shared memory: head = the warps' grad_W accumulators and g_uh (float32) or the
+// g_uh and u tiles (float64); W[i] = the group's rows (w_shared), then the operands with fragments.
 template <typename scalar_t, typename acc_t>
 __host__ __device__ inline SmemLayout weight_grad_layout(const Dims& n, bool fragments) {
   const size_t tiles = std::is_same<acc_t, float>::value
-                           ? size_t(kFinalWarps) * 64 * 32 * sizeof(acc_t)
+                           ? size_t(kFinalWarps) * (64 * 32 * sizeof(acc_t) + kGroupRows * 32 * sizeof(float4))
                            : size_t(kFinalWarps) * kTileB * (kFinalTileStride + 8) * sizeof(acc_t);
   const size_t w_bytes = n.w_shared ? widest_group_cols(n) * n.D_in * sizeof(scalar_t) : 0;
   return smem_layout<scalar_t>(n, tiles, w_bytes, fragments, 1, kFinalWarps);
@@ -1401,7 +1475,11 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
       gW[e] = acc_t(0);
   }
 
-  acc_t g_uh[kGroupRows][4];
+  // g_uh of the warp's batch tile: float32 in shared memory, after the accumulators.
+  std::conditional_t<kMatrixUnits, SharedRows, RegisterRows<acc_t>> g_uh;
+  if constexpr (kMatrixUnits)
+    g_uh.p = reinterpret_cast<float4*>(smem + size_t(kFinalWarps) * 64 * 32 * sizeof(acc_t)) +
+             warp * kGroupRows * 32 + lane;
   for (int64_t b0 = int64_t(warp) * kTileB; b0 < n.B; b0 += kFinalWarps * kTileB) {
     if constexpr (Src::kFragments) stage_u(src, n, L, i, b0);
     prediction_grad<DT>(src, n, L, sw, i, b0, grp, g_uh);
@@ -1417,6 +1495,8 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
     for (int r = 0; r < kGroupRows; ++r) {
       const int64_t j = int64_t(grp) * GJ + r / DT;
       if (j >= n.N_out) break;
+      acc_t gr[4];
+      g_uh.get(r, gr);
 #pragma unroll
       for (int dh = 0; dh < 2; ++dh) {
         const int d = L.dim(r % DT, 2 * dh);
@@ -1426,8 +1506,8 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
         for (int k = 0; k < 8; ++k) {
           if (k0 + k >= n.D_in) break;
           const acc_t wk = S::load(w + k);
-          gu[0][k] += wk * g_uh[r][2 * dh];
-          gu[1][k] += wk * g_uh[r][2 * dh + 1];
+          gu[0][k] += wk * gr[2 * dh];
+          gu[1][k] += wk * gr[2 * dh + 1];
         }
       }
     }
@@ -1459,11 +1539,13 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
       for (int r = 0; r < kGroupRows; ++r) {
         if (int64_t(grp) * GJ + r / DT >= n.N_out) break;  // warp-uniform
         // A = g_uh_r: a = {[g][2t], [g + 8][2t], [g][2t + 1], [g + 8][2t + 1]} = slots 0, 2, 1, 3.
+        acc_t gr[4];
+        g_uh.get(r, gr);
         uint32_t ah[4], al[4];
-        split_tf32<false>(g_uh[r][0], ah[0], al[0]);
-        split_tf32<false>(g_uh[r][2], ah[1], al[1]);
-        split_tf32<false>(g_uh[r][1], ah[2], al[2]);
-        split_tf32<false>(g_uh[r][3], ah[3], al[3]);
+        split_tf32<false>(gr[0], ah[0], al[0]);
+        split_tf32<false>(gr[2], ah[1], al[1]);
+        split_tf32<false>(gr[1], ah[2], al[2]);
+        split_tf32<false>(gr[3], ah[3], al[3]);
         float d[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) d[q] = gw_s[(4 * r + q) * 32 + lane];
@@ -1480,7 +1562,8 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
       for (int r = 0; r < kGroupRows; ++r)
 #pragma unroll
         for (int q = 0; q < 4; ++q)
-          tile_g[L.col(q) * kFinalTileStride + r * kTileD + L.dim(0, q)] = g_uh[r][q];
+          tile_g[L.col(q) * kFinalTileStride + r * kTileD + L.dim(0, q)] =
+              has_capsule(n, grp * GJ + r / DT) ? g_uh.v[r][q] : acc_t(0);
       if (L.g == 0) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
