@@ -791,6 +791,8 @@ __device__ __forceinline__ void coupling_and_grad(const Src& src, const Dims& n,
 
 #ifdef CAPSROUTE_EMULATE
 using emu::cp_async16;
+using emu::cp_async4;
+using emu::cp_async8;
 using emu::cp_async_commit;
 using emu::cp_async_wait_all;
 using emu::cp_async_wait_one;
@@ -799,12 +801,31 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
 }
+// 4 or 8 bytes (an element of float or double), through L1 (.ca: the only mode for them).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src));
+}
+__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(src));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits until at most one group (the newest) of this thread's copies is still in flight.
 __device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
 // Waits until all of this thread's copies have landed.
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 #endif
+
+// One element of the accumulation type (float or double), copied asynchronously.
+template <typename acc_t>
+__device__ __forceinline__ void cp_async_elem(acc_t* dst, const acc_t* src) {
+  static_assert(sizeof(acc_t) == 4 || sizeof(acc_t) == 8, "float or double");
+  if constexpr (sizeof(acc_t) == 4)
+    cp_async4(dst, src);
+  else
+    cp_async8(dst, src);
+}
 
 // Output capsules of group grp: the first, and how many (the last group may be short).
 __device__ __forceinline__ int64_t group_j0(const Dims& n, int grp) {
@@ -814,15 +835,13 @@ __device__ __forceinline__ int64_t group_caps(const Dims& n, int grp) {
   return min(int64_t(n.caps_per_group), n.N_out - group_j0(n, grp));
 }
 
-// Copies group grp's rows of W[i] (capsules j0 .. j0 + count - 1: [count, D_out, D_in],
-// contiguous) into shared memory: 16-byte asynchronous copies when D_in % 8 == 0 and W is
-// 16-byte aligned (rows8), plain loads and stores otherwise.
+// Copies `elems` elements of W (whole rows of W[i]) into shared memory: 16-byte asynchronous
+// copies when D_in % 8 == 0 and W is 16-byte aligned (rows8), plain loads and stores
+// otherwise. stage_weight: group grp's rows of W[i] (capsules j0 .. j0 + count - 1:
+// [count, D_out, D_in], contiguous).
 template <typename scalar_t>
-__device__ __forceinline__ void stage_weight(const WeightSource<scalar_t>& src, const Dims& n,
-                                             int64_t i, int grp, scalar_t* dst) {
-  const int64_t row = n.D_out * n.D_in;
-  const int64_t elems = group_caps(n, grp) * row;
-  const scalar_t* from = src.W + i * n.J * n.D_in + group_j0(n, grp) * row;
+__device__ __forceinline__ void copy_weight(const Dims& n, const scalar_t* from, int64_t elems,
+                                            scalar_t* dst) {
   if (n.rows8) {
     constexpr int kPer = 16 / sizeof(scalar_t);
     for (int64_t e = int64_t(threadIdx.x) * kPer; e < elems; e += int64_t(blockDim.x) * kPer)
@@ -830,6 +849,12 @@ __device__ __forceinline__ void stage_weight(const WeightSource<scalar_t>& src, 
   } else {
     for (int64_t e = threadIdx.x; e < elems; e += blockDim.x) dst[e] = from[e];
   }
+}
+template <typename scalar_t>
+__device__ __forceinline__ void stage_weight(const WeightSource<scalar_t>& src, const Dims& n,
+                                             int64_t i, int grp, scalar_t* dst) {
+  const int64_t row = n.D_out * n.D_in;
+  copy_weight(n, src.W + i * n.J * n.D_in + group_j0(n, grp) * row, group_caps(n, grp) * row, dst);
 }
 template <typename scalar_t, int kChunks>
 __device__ __forceinline__ void stage_weight(const FragmentSource<scalar_t, kChunks>& src,
@@ -978,13 +1003,28 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
       cp_async_commit();
     }
   if (n.tiles_shared && !st.first) {  // the block's rows of V (and gs), its group's capsules
-    const int64_t x0 = group_j0(n, grp) * n.D_out, cols = group_caps(n, grp) * n.D_out;
-    for (int64_t e = threadIdx.x; e < tile_rows * cols; e += blockDim.x) {
-      const int64_t bl = e / cols, x = e % cols, b = block_b0 + bl;
-      tiles[bl * n.tile_stride + x] = b < n.B ? st.V[b * n.J + x0 + x] : acc_t(0);
-      if (kTiles == 2)
-        tiles[tile_elems + bl * n.tile_stride + x] = b < n.B ? st.gs[b * n.J + x0 + x] : acc_t(0);
+    // A row per warp at a time, a column per lane, as asynchronous copies all in flight
+    // together (zeros past B). Plain loads and stores waited a round trip to L2 per element,
+    // and a 64-bit division made the row and column: ncu put 16% of the forward pass's stall
+    // samples on that loop's store.
+    const int64_t x0 = group_j0(n, grp) * n.D_out;
+    const int cols = static_cast<int>(group_caps(n, grp) * n.D_out);
+    for (int bl = warp; bl < tile_rows; bl += blockDim.x >> 5) {
+      const int64_t b = block_b0 + bl;
+#pragma unroll
+      for (int k = 0; k < kTiles; ++k) {
+        acc_t* dst = tiles + k * tile_elems + bl * n.tile_stride;
+        const acc_t* from = (k == 0 ? st.V : st.gs) + (b < n.B ? b : 0) * n.J + x0;
+        for (int x = threadIdx.x & 31; x < cols; x += 32) {
+          if (b < n.B)
+            cp_async_elem(dst + x, from + x);
+          else
+            dst[x] = acc_t(0);
+        }
+      }
     }
+    cp_async_commit();
+    cp_async_wait_all();  // (W[i_begin]'s copy too: it is needed first anyway)
     st.V = tiles;
     if (kTiles == 2) st.gs = tiles + tile_elems;
     st.b_base = block_b0;
@@ -1090,9 +1130,11 @@ group_stats_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   if constexpr (Src::kComputed) {
     const scalar_t* w_all = src.W + i * n.J * n.D_in;
     unsigned char* smem = dynamic_smem<unsigned char>();
-    if (n.w_shared) {
+    if (n.w_shared) {  // all of W[i], every copy in flight at once
       scalar_t* w = reinterpret_cast<scalar_t*>(smem);
-      for (int64_t e = threadIdx.x; e < n.J * n.D_in; e += blockDim.x) w[e] = w_all[e];
+      copy_weight(n, w_all, n.J * n.D_in, w);
+      cp_async_commit();
+      cp_async_wait_all();
       w_all = w;
     }
     if constexpr (Src::kFragments) {  // every group's operands (always staged W[i])

@@ -118,6 +118,7 @@ struct Machine {
   struct Copy {
     void* dst;
     const void* src;
+    int bytes;
   };
   struct Copies {
     std::vector<Copy> open;
@@ -270,16 +271,20 @@ T exchange(T x, int src) {
 // before the wait shows stale data (the shared memory starts as 0xCD bytes). Under a random
 // schedule half the copies land at once instead, as on a GPU they may: a copy issued into a
 // buffer that other threads still read changes what they read.
-inline void cp_async16(void* dst, const void* src) {
-  if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16)
-    fail("cp.async of 16 bytes from or to an address that is not 16-byte aligned");
+template <int kBytes>
+inline void cp_async(void* dst, const void* src) {
+  if (reinterpret_cast<uintptr_t>(dst) % kBytes || reinterpret_cast<uintptr_t>(src) % kBytes)
+    fail("cp.async from or to an address not aligned to its size");
   Machine& m = machine();
   if (m.shuffled && (m.random() & 1)) {
-    std::memcpy(dst, src, 16);
+    std::memcpy(dst, src, kBytes);
     return;
   }
-  m.copies[m.current].open.push_back({dst, src});
+  m.copies[m.current].open.push_back({dst, src, kBytes});
 }
+inline void cp_async16(void* dst, const void* src) { cp_async<16>(dst, src); }
+inline void cp_async4(void* dst, const void* src) { cp_async<4>(dst, src); }
+inline void cp_async8(void* dst, const void* src) { cp_async<8>(dst, src); }
 inline void cp_async_commit() {
   auto& c = machine().copies[machine().current];
   c.committed.push_back(std::move(c.open));
@@ -290,7 +295,7 @@ inline void cp_async_wait(int n) {
   auto& c = machine().copies[machine().current];
   const int land = static_cast<int>(c.committed.size()) - n;
   for (int g = 0; g < land; ++g)
-    for (const auto& x : c.committed[g]) std::memcpy(x.dst, x.src, 16);
+    for (const auto& x : c.committed[g]) std::memcpy(x.dst, x.src, x.bytes);
   if (land > 0) c.committed.erase(c.committed.begin(), c.committed.begin() + land);
 }
 inline void cp_async_wait_one() { cp_async_wait(1); }
