@@ -218,7 +218,7 @@ __device__ __forceinline__ LaneRows<acc_t> lane_rows(const acc_t* a, const State
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t b = b0 + 2 * L.t + h;
-    x.in[h] = b < n.B;
+    x.in[h] = static_cast<int>(b) < static_cast<int>(n.B);  // (B < 2^31: make_dims)
     x.row[h] = opaque(a + (x.in[h] ? (b - st.b_base) * st.stride : 0));
   }
   return x;
@@ -230,9 +230,9 @@ template <typename acc_t>
 __device__ __forceinline__ void load_frag(const LaneRows<acc_t>& x, const State<acc_t>& st,
                                           const Dims& n, const Lane& L, int j, int dt,
                                           acc_t (&f)[4]) {
-  const int d = L.dim(dt, 0);
-  const int at = (j - static_cast<int>(st.j_base)) * static_cast<int>(n.D_out) + d;
-  const bool lo = has_capsule(n, j) && d < n.D_out, hi = has_capsule(n, j) && d + 8 < n.D_out;
+  const int d = L.dim(dt, 0), D_out = static_cast<int>(n.D_out);  // (32-bit tests)
+  const int at = (j - static_cast<int>(st.j_base)) * D_out + d;
+  const bool lo = has_capsule(n, j) && d < D_out, hi = has_capsule(n, j) && d + 8 < D_out;
   f[0] = x.in[0] && lo ? x.row[0][at] : acc_t(0);
   f[1] = x.in[1] && lo ? x.row[1][at] : acc_t(0);
   f[2] = x.in[0] && hi ? x.row[0][at + 8] : acc_t(0);
