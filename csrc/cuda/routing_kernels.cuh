@@ -1368,24 +1368,36 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
       coupling_and_grad<DT>(src, n, L, st, i, b0, grp, c, g);
     else
       coupling<DT>(src, n, L, st, i, b0, grp, c);
-    // One walk over the rows for both terms, so that c and g die row tile by row tile.
+    // One walk over the rows for both terms, four row tiles at a time: their loads first,
+    // then the sums, so that a batch waits for memory once (one row at a time, each row's
+    // loads waited behind the previous row's store: ncu, 43% of the last pass's stalls).
+    constexpr int kRows = 4;
     const LaneRows<acc_t> gs_rows = lane_rows(st.gs, st, n, L, b0);
     const LaneRows<acc_t> v_rows = lane_rows(logit_grad ? st.V : st.gs, st, n, L, b0);
 #pragma unroll
-    for (int r = 0; r < kGroupRows; ++r) {
-      const int j = grp * GJ + r / DT;
-      if (!has_capsule(n, j)) break;  // warp-uniform
-      acc_t a[4], f[4];
-      g_uh.get(r, a);
-      load_frag(gs_rows, st, n, L, j, r % DT, f);
+    for (int r0 = 0; r0 < kGroupRows; r0 += kRows) {
+      if (!has_capsule(n, grp * GJ + r0 / DT)) break;  // warp-uniform
+      acc_t fg[kRows][4], fv[kRows][4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) a[q] += c[r / DT][q & 1] * f[q];
-      if (logit_grad) {
-        load_frag(v_rows, st, n, L, j, r % DT, f);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) a[q] += g[r / DT][q & 1] * f[q];
+      for (int m = 0; m < kRows; ++m) {
+        const int r = r0 + m, j = grp * GJ + r / DT;
+        load_frag(gs_rows, st, n, L, j, r % DT, fg[m]);
+        if (logit_grad) load_frag(v_rows, st, n, L, j, r % DT, fv[m]);
       }
-      g_uh.set(r, a);
+#pragma unroll
+      for (int m = 0; m < kRows; ++m) {
+        const int r = r0 + m;
+        if (!has_capsule(n, grp * GJ + r / DT)) break;  // warp-uniform
+        acc_t a[4];
+        g_uh.get(r, a);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) a[q] += c[r / DT][q & 1] * fg[m][q];
+        if (logit_grad) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) a[q] += g[r / DT][q & 1] * fv[m][q];
+        }
+        g_uh.set(r, a);
+      }
     }
   }
 }
