@@ -115,13 +115,14 @@ size_t plan_pass_smem(Dims& d, bool computed, bool fragments, int tiles) {
   return cuda::pass_layout<T, acc_t>(d, tiles, fragments).end;
 }
 
-// Whether a pass can stage W[i] as the matrix units' operands (FragmentSource): W[i]'s copy
-// and the operands fit in shared memory.
-template <typename T, typename acc_t>
-bool fragments_fit(Dims d, int tiles) {
+// Whether a kernel can stage W[i] in shared memory (with fragments: also as the matrix
+// units' operands, FragmentSource), V and gs tiles left out: `layout(d, fragments)` is the
+// kernel's shared-memory layout (pass_layout, group_stats_layout, weight_grad_layout).
+template <typename Layout>
+bool staged_fits(Dims d, bool fragments, Layout&& layout) {
   d.w_shared = true;
   d.tiles_shared = false;
-  return cuda::pass_layout<T, acc_t>(d, tiles, true).end <= kPassSmem;
+  return layout(d, fragments).end <= kPassSmem;
 }
 
 // One warp per (b, j) output capsule.
@@ -158,7 +159,12 @@ void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* pa
   const dim3 grid(d.n_chunks, static_cast<unsigned>(ceil_div(ceil_div(d.B, cuda::kTileB), d.warps)),
                   d.n_groups);
   launch_with_source(
-      src, d, [&] { return fragments_fit<T, acc_t>(d, tiles); },
+      src, d,
+      [&] {
+        return staged_fits(d, true, [&](const Dims& e, bool f) {
+          return cuda::pass_layout<T, acc_t>(e, tiles, f);
+        });
+      },
       [&](auto source) {
         using S = decltype(source);
         const size_t smem = plan_pass_smem<T, acc_t>(d, S::kComputed, S::kFragments, tiles);
@@ -177,9 +183,8 @@ void launch_group_stats(const Src& src, Dims d, cuda::State<acc_t> st, acc_t* st
                   static_cast<unsigned>(ceil_div(d.B, cuda::kTileB * cuda::kWarps)));
   // W[i] staged in shared memory where it fits (always with operands).
   auto staged = [&](bool fragments) {
-    Dims e = d;
-    e.w_shared = true;
-    return cuda::group_stats_layout<T>(e, fragments).end <= kPassSmem;
+    return staged_fits(d, fragments,
+                       [](const Dims& e, bool f) { return cuda::group_stats_layout<T>(e, f); });
   };
   launch_with_source(
       src, d, [&] { return staged(true); },
@@ -376,9 +381,9 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     // W[i]'s rows are staged in shared memory where they fit beside the tiles (always with
     // operands).
     auto staged = [&](bool fragments) {
-      Dims e = d;
-      e.w_shared = true;
-      return cuda::weight_grad_layout<T, acc_t>(e, fragments).end <= kPassSmem;
+      return staged_fits(d, fragments, [](const Dims& e, bool f) {
+        return cuda::weight_grad_layout<T, acc_t>(e, f);
+      });
     };
     launch_with_source(
         src, d, [&] { return staged(true); },
