@@ -26,6 +26,7 @@ torch.cuda.synchronize()
 torch.cuda.cudart().cudaProfilerStop()
 PY
 rep=/tmp/caps
+# --clock-control none: the card's clocks as found (ncu would otherwise lock them to base).
 timeout 240 ncu --profile-from-start off --clock-control none -k regex:"routing_pass|weight_grad" \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
   --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters \
