@@ -1499,12 +1499,14 @@ __host__ __device__ inline void weight_grad_slot(int e, int lane, int& row, int&
   }
 }
 
-// The kernel's shared memory: head = the warps' grad_W accumulators and g_uh (float32) or the
-// g_uh and u tiles (float64); W[i] = the group's rows (w_shared), then the operands with fragments.
+// The kernel's shared memory: head = the warps' grad_W accumulators (kFinalAccBytes), then
+// their g_uh (float32), or the g_uh and u tiles (float64); W[i] = the group's rows (w_shared),
+// then the operands with fragments.
+constexpr size_t kFinalAccBytes = size_t(kFinalWarps) * 64 * 32 * sizeof(float);
 template <typename scalar_t, typename acc_t>
 __host__ __device__ inline SmemLayout weight_grad_layout(const Dims& n, bool fragments) {
   const size_t tiles = std::is_same<acc_t, float>::value
-                           ? size_t(kFinalWarps) * (64 * 32 * sizeof(acc_t) + kGroupRows * 32 * sizeof(float4))
+                           ? kFinalAccBytes + size_t(kFinalWarps) * kGroupRows * 32 * sizeof(float4)
                            : size_t(kFinalWarps) * kTileB * (kFinalTileStride + 8) * sizeof(acc_t);
   const size_t w_bytes = n.w_shared ? widest_group_cols(n) * n.D_in * sizeof(scalar_t) : 0;
   return smem_layout<scalar_t>(n, tiles, w_bytes, fragments, 1, kFinalWarps);
@@ -1566,8 +1568,7 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   // g_uh of the warp's batch tile: float32 in shared memory, after the accumulators.
   std::conditional_t<kMatrixUnits, SharedRows, RegisterRows<acc_t>> g_uh;
   if constexpr (kMatrixUnits)
-    g_uh.p = reinterpret_cast<float4*>(smem + size_t(kFinalWarps) * 64 * 32 * sizeof(acc_t)) +
-             warp * kGroupRows * 32 + lane;
+    g_uh.p = reinterpret_cast<float4*>(smem + kFinalAccBytes) + warp * kGroupRows * 32 + lane;
   for (int64_t b0 = int64_t(warp) * kTileB; b0 < n.B; b0 += kFinalWarps * kTileB) {
     if constexpr (Src::kFragments) stage_u(src, n, L, i, b0);
     prediction_grad<DT>(src, n, L, sw, i, b0, grp, g_uh);
