@@ -903,14 +903,12 @@ __device__ __forceinline__ void build_fragments(const scalar_t* raw, const Dims&
 // Each lane reads back only what it wrote: no synchronisation needed. load_u reads the
 // values (kChunks > 0: the pass kernels read them a capsule ahead, so that the wait for
 // memory overlaps the capsule before; ncu put 10% of the forward pass's stalls on it),
-// store_u writes the operands, stage_u does both.
-template <typename scalar_t, int kChunks>
-__device__ __forceinline__ float u_value(const FragmentSource<scalar_t, kChunks>& src,
-                                         const Dims& n, const Lane& L, int64_t i, int64_t b0,
-                                         int k) {
-  const int64_t b = b0 + L.g;
-  return b < n.B && k < n.D_in ? Scalar<scalar_t>::load(src.u + (b * n.N_in + i) * n.D_in + k)
-                               : 0.f;
+// store_u writes the operands, stage_u does both. u_at: u[b, i, k], 0 past B and D_in.
+template <typename scalar_t>
+__device__ __forceinline__ typename Scalar<scalar_t>::acc u_at(const scalar_t* u, const Dims& n,
+                                                               int64_t b, int64_t i, int64_t k) {
+  return b < n.B && k < n.D_in ? Scalar<scalar_t>::load(u + (b * n.N_in + i) * n.D_in + k)
+                               : typename Scalar<scalar_t>::acc(0);
 }
 template <typename scalar_t, int kChunks>
 __device__ __forceinline__ void load_u(const FragmentSource<scalar_t, kChunks>& src, const Dims& n,
@@ -919,7 +917,7 @@ __device__ __forceinline__ void load_u(const FragmentSource<scalar_t, kChunks>& 
 #pragma unroll
   for (int c = 0; c < kChunks; ++c)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) x[c][h] = u_value(src, n, L, i, b0, c * 8 + L.t + 4 * h);
+    for (int h = 0; h < 2; ++h) x[c][h] = u_at(src.u, n, b0 + L.g, i, c * 8 + L.t + 4 * h);
 }
 template <typename scalar_t, int kChunks>
 __device__ __forceinline__ void store_u(const FragmentSource<scalar_t, kChunks>& src, int c,
@@ -935,8 +933,8 @@ __device__ __forceinline__ void stage_u(const FragmentSource<scalar_t, kChunks>&
                                         const Lane& L, int64_t i, int64_t b0) {
   const int chunks = kChunks > 0 ? kChunks : n.k_chunks;
   for (int c = 0; c < chunks; ++c) {
-    const float x[2] = {u_value(src, n, L, i, b0, c * 8 + L.t),
-                        u_value(src, n, L, i, b0, c * 8 + L.t + 4)};
+    const float x[2] = {u_at(src.u, n, b0 + L.g, i, c * 8 + L.t),
+                        u_at(src.u, n, b0 + L.g, i, c * 8 + L.t + 4)};
     store_u(src, c, x);
   }
 }
@@ -1619,11 +1617,8 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
       // B = u in the permuted batch order: b[0] = u[2t][k0 + g], b[1] = u[2t + 1][k0 + g].
       uint32_t bh[2], bl[2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t b = b0 + 2 * L.t + h, k = k0 + L.g;
-        split_tf32<false>(b < n.B && k < n.D_in ? S::load(src.u + (b * n.N_in + i) * n.D_in + k) : 0.f,
-                          bh[h], bl[h]);
-      }
+      for (int h = 0; h < 2; ++h)
+        split_tf32<false>(u_at(src.u, n, b0 + 2 * L.t + h, i, k0 + L.g), bh[h], bl[h]);
 #pragma unroll
       for (int r = 0; r < kGroupRows; ++r) {
         if (int64_t(grp) * GJ + r / DT >= n.N_out) break;  // warp-uniform
@@ -1656,11 +1651,9 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
       if (L.g == 0) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int64_t b = b0 + 2 * L.t + h;
 #pragma unroll
           for (int k = 0; k < 8; ++k)
-            tile_u[(2 * L.t + h) * 8 + k] =
-                (b < n.B && k0 + k < n.D_in) ? S::load(src.u + (b * n.N_in + i) * n.D_in + k0 + k) : acc_t(0);
+            tile_u[(2 * L.t + h) * 8 + k] = u_at(src.u, n, b0 + 2 * L.t + h, i, k0 + k);
         }
       }
       __syncwarp();
