@@ -43,6 +43,10 @@ constexpr int kTileD = 16;     // output dims per row tile
 constexpr int kGroupRows = 16; // row tiles of a group: a warp sums them in registers
 constexpr int kWarps = 8;      // warps per block
 constexpr int kThreads = kWarps * 32;
+// Pass blocks resident per multiprocessor. The passes are latency-bound (Nsight Compute: one
+// 8-warp block per SM left 2 warps per scheduler, issue slots 28% busy); two blocks give the
+// schedulers twice the warps to switch between, at the price of a 128-register budget.
+constexpr int kPassBlocksPerSM = 2;
 
 // --- scalar types ----------------------------------------------------------------------
 
@@ -987,7 +991,7 @@ __host__ __device__ inline SmemLayout pass_layout(const Dims& n, int tiles, bool
 //   kForward:  partial[chunk] = sum_i c_ij u_hat_ij;  c written when c_out != null.
 //   kGradient: partial[chunk] = sum_i gbeta_ij u_hat_ij (the logit-gradient term G).
 template <Pass kPass, int DT, typename Src, typename scalar_t>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, kPassBlocksPerSM)
 routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
                     typename Scalar<scalar_t>::acc* __restrict__ partial,
                     scalar_t* __restrict__ c_out) {

@@ -87,10 +87,10 @@ inline Dims make_dims(const char* op, const RoutingSizes& n, bool leaky) {
   const int64_t b_blocks = ceil_div(b_tiles, d.warps);
   TORCH_CHECK_VALUE(b_blocks <= 65535 && d.n_groups <= 65535, op,
                     ": too large for the CUDA kernels' grid: B = ", n.B, ", N_out = ", n.N_out);
-  // One wave of blocks (a pass runs one 8-warp block per multiprocessor): enough to fill the
-  // GPU, and as few per-block partial sums as that allows.
+  // One wave of blocks (kPassBlocksPerSM 8-warp blocks per multiprocessor): enough to fill
+  // the GPU, and as few per-block partial sums as that allows.
   const int sms = cuda::multiprocessor_count();
-  const int64_t per_sm = std::max(1, cuda::kWarps / d.warps);
+  const int64_t per_sm = cuda::kPassBlocksPerSM * std::max(1, cuda::kWarps / d.warps);
   const int64_t want = ceil_div(sms * per_sm, b_blocks * d.n_groups);
   const int64_t chunks = std::clamp<int64_t>(want, 1, n.N_in);
   d.i_per_block = static_cast<int>(ceil_div(n.N_in, chunks));
