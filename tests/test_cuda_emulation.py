@@ -168,6 +168,19 @@ def test_shapes_float32(emu, shape):
                  leaky=shape.N_out > 9, detach=False, return_coupling=True)
 
 
+# The backward keeps the gradient passes' couplings for its last pass where they fit
+# CAPSROUTE_COUPLING_CACHE_MB (every other test here: they do); with 0 the last pass
+# recomputes them from the predictions.
+@pytest.mark.parametrize("op", ["dynamic_routing", "route"])
+@pytest.mark.parametrize("shape,dtype", [(SHAPES[0], torch.float64), (SHAPES[2], torch.float64),
+                                         (SHAPES[3], torch.float32), (WIDE_IN, torch.float32),
+                                         (GROUPS_WIDE_IN, torch.float32)], ids=str)
+def test_couplings_recomputed(emu, monkeypatch, op, shape, dtype):
+    monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", "0")
+    run_emulated(emu, op, shape, dtype, iterations=3, bias=True, leaky=shape.N_out > 9,
+                 detach=False, return_coupling=True)
+
+
 @pytest.mark.parametrize("op", ["dynamic_routing", "route"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
 def test_dtypes(emu, op, dtype):

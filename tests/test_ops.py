@@ -59,6 +59,19 @@ def test_matches_reference_canonical_shape(op, flags, dtype, device):
              detach=detach, return_coupling=return_coupling)
 
 
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+@pytest.mark.parametrize("shape", [CANONICAL, Shape(9, 11, 20, 8, 16)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("op", OPS)
+def test_couplings_recomputed_cuda(op, dtype, shape, monkeypatch):
+    """CAPSROUTE_COUPLING_CACHE_MB=0: the CUDA backward's last pass recomputes the couplings
+    that it reads from the gradient passes in every other case (20 output capsules: two
+    groups, with their shared softmax statistics)."""
+    monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", "0")
+    run_case(op, shape, dtype, "cuda", iterations=3, bias=True, leaky=True, detach=False,
+             return_coupling=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("eps", [0.0, 1e-3, 0.5])
 @pytest.mark.parametrize("op", OPS)

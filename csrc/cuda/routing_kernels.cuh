@@ -155,6 +155,9 @@ struct State {
   // [B, N_in], made once per iteration by group_stats_kernel instead of by every group.
   const acc_t* stats = nullptr;
   const acc_t* cg = nullptr;
+  // Gradient pass only (else null): where it keeps c^(t) and the logit gradient for the last
+  // pass, [2, N_in, B, N_out] (see keep_couplings).
+  acc_t* kept = nullptr;
 };
 
 // Which lane holds what: fragment slot q = 2 * (dim half) + (batch half).
@@ -791,6 +794,49 @@ __device__ __forceinline__ void coupling_and_grad(const Src& src, const Dims& n,
   coupling_grad<DT>(src, n, L, st, i, b0, grp, c, g);
 }
 
+// The gradient pass's c and logit gradient g of (b, i, j) for the last pass, which then needs
+// neither predictions nor agreements: at [0 or 1, i, b, j] of `kept` ([2, N_in, B, N_out]:
+// a warp's batch tile and group are one contiguous run per capsule i). load_couplings reads
+// them back into the lanes that hold them, 0 past B and N_out.
+template <int DT, typename acc_t>
+__device__ __forceinline__ void keep_couplings(const Dims& n, const Lane& L, acc_t* kept,
+                                               int64_t i, int64_t b0, int grp,
+                                               const acc_t (&c)[kGroupRows / DT][2],
+                                               const acc_t (&g)[kGroupRows / DT][2]) {
+  constexpr int GJ = kGroupRows / DT;
+  if (L.g != 0) return;  // the 8 lanes that share t hold the same values
+  const int64_t plane = n.N_in * n.B * n.N_out;
+#pragma unroll
+  for (int jl = 0; jl < GJ; ++jl)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t b = b0 + 2 * L.t + h, j = int64_t(grp) * GJ + jl;
+      if (b < n.B && j < n.N_out) {
+        const int64_t x = (i * n.B + b) * n.N_out + j;
+        kept[x] = c[jl][h];
+        kept[plane + x] = g[jl][h];
+      }
+    }
+}
+template <int DT, typename acc_t>
+__device__ __forceinline__ void load_couplings(const Dims& n, const Lane& L, const acc_t* kept,
+                                               int64_t i, int64_t b0, int grp,
+                                               acc_t (&c)[kGroupRows / DT][2],
+                                               acc_t (&g)[kGroupRows / DT][2]) {
+  constexpr int GJ = kGroupRows / DT;
+  const int64_t plane = n.N_in * n.B * n.N_out;
+#pragma unroll
+  for (int jl = 0; jl < GJ; ++jl)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t b = b0 + 2 * L.t + h, j = int64_t(grp) * GJ + jl;
+      const bool in = b < n.B && j < n.N_out;
+      const int64_t x = (i * n.B + b) * n.N_out + j;
+      c[jl][h] = in ? kept[x] : acc_t(0);
+      g[jl][h] = in ? kept[plane + x] : acc_t(0);
+    }
+}
+
 // --- asynchronous copies to shared memory (sm_80+) ------------------------------------
 
 #ifdef CAPSROUTE_EMULATE
@@ -1117,6 +1163,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
       } else {  // t >= 2
         acc_t g[GJ][2];
         coupling_and_grad<DT>(src, n, L, st, i, b0, grp, c, g);
+        if (st.kept != nullptr) keep_couplings<DT>(n, L, st.kept, i, b0, grp, c, g);
         accumulate<DT>(src, n, L, i, b0, grp, g, acc);
       }
     }
@@ -1347,6 +1394,11 @@ struct Sweep {
   // [r, B, N_in, 2] and [r, B, N_in] (else null).
   const acc_t* stats = nullptr;
   const acc_t* cg = nullptr;
+  // c^(t) and the logit gradient of every iteration t >= 2 as the gradient passes computed
+  // them, [r - 1, 2, N_in, B, N_out] (t at t - 2), or null: then the last pass recomputes
+  // them (the launch code keeps them where they fit its memory budget; detach never needs
+  // them).
+  const acc_t* kept = nullptr;
 };
 
 // Where prediction_grad sums a warp's g_uh (the group's 16 row tiles, accumulator layout):
@@ -1400,7 +1452,9 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
     // The logit gradient's term: none at t = 1 (V^(0) = 0) or with detach (c^(r) constant).
     const bool logit_grad = t > 1 && !sw.detach;
     acc_t c[GJ][2], g[GJ][2];
-    if (logit_grad)
+    if (logit_grad && sw.kept != nullptr)
+      load_couplings<DT>(n, L, sw.kept + (t - 2) * 2 * per_t * n.N_out, i, b0, grp, c, g);
+    else if (logit_grad)
       coupling_and_grad<DT>(src, n, L, st, i, b0, grp, c, g);
     else
       coupling<DT>(src, n, L, st, i, b0, grp, c);
@@ -1544,10 +1598,13 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
     w_j0 = group_j0(n, grp);
   }
   __syncthreads();
+  // With the couplings kept (sw.kept), no iteration needs predictions: t = 1's coupling is
+  // uniform, and t >= 2's are loads.
+  const bool predicts = sw.kept == nullptr;
   if constexpr (Src::kFragments) {  // the predictions' operands (one input capsule: once)
     src.Wf = reinterpret_cast<uint4*>(smem + layout.wf);
     src.Uf = reinterpret_cast<uint4*>(smem + layout.uf) + warp * n.k_chunks * 32;
-    build_fragments<DT, Src::kChunks>(w_rows, n, grp, src.Wf);
+    if (predicts) build_fragments<DT, Src::kChunks>(w_rows, n, grp, src.Wf);
     __syncthreads();
   } else {
     src.Wi = w_rows;
@@ -1572,7 +1629,8 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   if constexpr (kMatrixUnits)
     g_uh.p = reinterpret_cast<float4*>(smem + kFinalAccBytes) + warp * kGroupRows * 32 + lane;
   for (int64_t b0 = int64_t(warp) * kTileB; b0 < n.B; b0 += kFinalWarps * kTileB) {
-    if constexpr (Src::kFragments) stage_u(src, n, L, i, b0);
+    if constexpr (Src::kFragments)
+      if (predicts) stage_u(src, n, L, i, b0);
     prediction_grad<DT>(src, n, L, sw, i, b0, grp, g_uh);
 
     // grad_u over this group's (j, d): each lane sums its fragment, then the 8 lanes that

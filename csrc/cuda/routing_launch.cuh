@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <utility>
 
 #include "../checks.h"
@@ -222,19 +223,30 @@ void forward(const Src& src, const Dims& d, int64_t iterations, double eps, cons
   }
 }
 
+// How much memory the backward may spend keeping the gradient passes' couplings for the last
+// pass (cuda::Sweep::kept): CAPSROUTE_COUPLING_CACHE_MB, 1024 MiB unless set; 0 keeps none
+// (least memory, the last pass recomputes them). The canonical CapsNet at B = 128 keeps
+// 24 MB, against the 94 MB that u_hat alone would take.
+inline int64_t coupling_cache_bytes() {
+  const char* mb = std::getenv("CAPSROUTE_COUPLING_CACHE_MB");
+  return (mb != nullptr && *mb != '\0' ? std::max<int64_t>(0, std::atoll(mb)) : 1024) << 20;
+}
+
 // What the backward sweep leaves for the last pass, per iteration t at t - 1: V_prev
 // (V^(t-1)) and gs (dL/ds^(t)), [r, B, N_out * D_out]; with several groups of output capsules
 // also the softmax statistics and sums of group_stats_kernel, [r, B * N_in * 2] and
-// [r, B * N_in] (else empty).
+// [r, B * N_in] (else empty); the kept couplings of t >= 2, [r - 1, 2, N_in, B, N_out], where
+// the gradient passes keep them (else empty).
 struct SweepResult {
-  at::Tensor V_prev, gs, stats, cg;
+  at::Tensor V_prev, gs, stats, cg, kept;
   template <typename acc_t>
   cuda::Sweep<acc_t> view(const at::Tensor& grad_c, int64_t t_min, int64_t iterations,
                           bool detach) const {
     return {aptr<acc_t>(V_prev), aptr<acc_t>(gs), aptr<acc_t>(grad_c),
             static_cast<int>(t_min), static_cast<int>(iterations), detach,
             stats.numel() > 0 ? aptr<acc_t>(stats) : nullptr,
-            cg.numel() > 0 ? aptr<acc_t>(cg) : nullptr};
+            cg.numel() > 0 ? aptr<acc_t>(cg) : nullptr,
+            kept.numel() > 0 ? aptr<acc_t>(kept) : nullptr};
   }
 };
 
@@ -254,6 +266,12 @@ SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_m
   const bool groups = d.n_groups > 1;
   out.stats = cuda::scratch({groups ? iterations * per_t * 2 : 0}, s.options());
   out.cg = cuda::scratch({groups ? iterations * per_t : 0}, s.options());
+  // The gradient passes (t = r .. 2, all of them only without detach) keep c and the logit
+  // gradient where that fits the budget.
+  const int64_t kept_elems = 2 * (iterations - 1) * per_t * d.N_out;
+  const bool keep = t_min == 1 && iterations > 1 &&
+                    kept_elems * int64_t(sizeof(acc_t)) <= coupling_cache_bytes();
+  out.kept = cuda::scratch({keep ? kept_elems : 0}, s.options());
   auto G = cuda::scratch({d.B, d.J}, s.options());  // written first by the first sweep step
   auto partial = cuda::scratch({t_min < iterations ? d.n_chunks : 0, d.B, d.J}, s.options());
   const acc_t* s_ = aptr<acc_t>(s);
@@ -276,7 +294,9 @@ SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_m
     return st;
   };
   for (int64_t t = iterations; t > t_min; --t) {
-    launch_pass<cuda::Pass::kGradient, DT>(src, d, state(t), aptr<acc_t>(partial),
+    cuda::State<acc_t> st = state(t);
+    if (keep) st.kept = aptr<acc_t>(out.kept) + (t - 2) * 2 * per_t * d.N_out;
+    launch_pass<cuda::Pass::kGradient, DT>(src, d, st, aptr<acc_t>(partial),
                                            static_cast<T*>(nullptr), stream);
     cuda::launch(cuda::sweep_step_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
                  d, aptr<acc_t>(partial), d.n_chunks, s_ + (t - 2) * stride, nullptr, eps,
