@@ -235,7 +235,7 @@ inline int64_t coupling_cache_bytes() {
 // What the backward sweep leaves for the last pass, per iteration t at t - 1: V_prev
 // (V^(t-1)) and gs (dL/ds^(t)), [r, B, N_out * D_out]; with several groups of output capsules
 // also the softmax statistics and sums of group_stats_kernel, [r, B * N_in * 2] and
-// [r, B * N_in] (else empty); the kept couplings of t >= 2, [r - 1, 2, N_in, B, N_out], where
+// [r, B * N_in] (else empty); the kept couplings of t >= 2, [r - 1, 2, kept_plane], where
 // the gradient passes keep them (else empty).
 struct SweepResult {
   at::Tensor V_prev, gs, stats, cg, kept;
@@ -268,7 +268,7 @@ SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_m
   out.cg = cuda::scratch({groups ? iterations * per_t : 0}, s.options());
   // The gradient passes (t = r .. 2, all of them only without detach) keep c and the logit
   // gradient where that fits the budget.
-  const int64_t kept_elems = 2 * (iterations - 1) * per_t * d.N_out;
+  const int64_t kept_elems = 2 * (iterations - 1) * cuda::kept_plane(d);
   const bool keep = t_min == 1 && iterations > 1 &&
                     kept_elems * int64_t(sizeof(acc_t)) <= coupling_cache_bytes();
   out.kept = cuda::scratch({keep ? kept_elems : 0}, s.options());
@@ -295,7 +295,7 @@ SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_m
   };
   for (int64_t t = iterations; t > t_min; --t) {
     cuda::State<acc_t> st = state(t);
-    if (keep) st.kept = aptr<acc_t>(out.kept) + (t - 2) * 2 * per_t * d.N_out;
+    if (keep) st.kept = aptr<acc_t>(out.kept) + (t - 2) * 2 * cuda::kept_plane(d);
     launch_pass<cuda::Pass::kGradient, DT>(src, d, st, aptr<acc_t>(partial),
                                            static_cast<T*>(nullptr), stream);
     cuda::launch(cuda::sweep_step_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
