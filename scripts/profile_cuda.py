@@ -1,7 +1,9 @@
 """Where the fused op's time goes on a GPU: per-kernel CUDA times (torch.profiler) of one
 forward and one forward+backward of capsroute.dynamic_routing, and beside them the wall time
 of a call with its synchronisation, so that host overhead (launches, allocations) shows as
-the gap between the two. A diagnostic for kernel work, not the benchmark (benchmarks/ratios.py).
+the gap between the two; and the time per call of back-to-back calls, eagerly and replayed
+from a CUDA graph (no host work): where the eager one is longer, the calls wait on the host.
+A diagnostic for kernel work, not the benchmark (benchmarks/ratios.py).
 
     python scripts/profile_cuda.py [--batch 128] [--n-in 1152] [--n-out 10] [--dtype float32]
 """
@@ -59,3 +61,31 @@ for name, fn in [("forward", forward), ("forward+backward", forward_backward)]:
           f"wall {wall_us:.1f} us per call (with sync), GPU busy {kernel_us:.1f} us")
     for e in sorted(events, key=lambda e: -e.device_time_total):
         print(f"  {e.device_time_total / args.calls:9.1f} us  {e.count / args.calls:4.1f}x  {e.key[:100]}")
+
+    # Back to back (no synchronisation between calls), eagerly and as a CUDA graph replay.
+    def per_call(run):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(args.calls):
+            run()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / args.calls * 1e3
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as e:
+        print(f"  back to back: the CUDA graph capture failed: {e}")
+        continue
+    eager_us, graph_us = per_call(fn), per_call(graph.replay)
+    print(f"  back to back: eager {eager_us:.1f} us per call, CUDA graph replay {graph_us:.1f} us "
+          f"(host-bound by {max(0.0, eager_us - graph_us):.1f} us)")
