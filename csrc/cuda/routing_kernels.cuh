@@ -835,18 +835,20 @@ __device__ __forceinline__ void load_couplings(const Dims& n, const Lane& L, con
                                                acc_t (&c)[kGroupRows / DT][2],
                                                acc_t (&g)[kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT;
-  const int64_t plane = kept_plane(n);
+  // Two pointers walked capsule by capsule: the last pass has no registers to spare (with
+  // each capsule's address made in 64 bits ptxas spilled in it).
+  const int64_t rows = kept_batch(n);
+  const Pair<acc_t>* pc = reinterpret_cast<const Pair<acc_t>*>(
+      kept + (i * n.N_out + grp * GJ) * rows + b0 + 2 * L.t);
+  const Pair<acc_t>* pg = pc + kept_plane(n) / 2;
 #pragma unroll
   for (int jl = 0; jl < GJ; ++jl) {
-    const int j = grp * GJ + jl;
-    if (!has_capsule(n, j)) {  // warp-uniform
+    if (!has_capsule(n, grp * GJ + jl)) {  // warp-uniform
       c[jl][0] = c[jl][1] = g[jl][0] = g[jl][1] = acc_t(0);
       continue;
     }
-    const acc_t* p = kept + (i * n.N_out + j) * kept_batch(n) + b0 + 2 * L.t;
-    const Pair<acc_t> pc = *reinterpret_cast<const Pair<acc_t>*>(p);
-    const Pair<acc_t> pg = *reinterpret_cast<const Pair<acc_t>*>(p + plane);
-    c[jl][0] = pc.x, c[jl][1] = pc.y, g[jl][0] = pg.x, g[jl][1] = pg.y;
+    const Pair<acc_t> xc = pc[jl * (rows / 2)], xg = pg[jl * (rows / 2)];
+    c[jl][0] = xc.x, c[jl][1] = xc.y, g[jl][0] = xg.x, g[jl][1] = xg.y;
   }
 }
 
