@@ -9,6 +9,10 @@
 #   profile   the fused op's per-kernel times and host overhead, canonical and scale shapes
 #   tests     the test suite's CUDA cases
 #   sanitize  compute-sanitizer memcheck/racecheck/initcheck/synccheck on a tiny case
+#   ab        profile_cuda.py (canonical shape) with each other carried build, build/device_*
+#             (e.g. build/device_prev, which scripts/prebuild_device.sh keeps), each in its
+#             own process on this machine: a per-kernel A/B against the current build
+# The logs end up packed in $OUT/logs.tgz (the device tool brings back only 8 files).
 # First call on a fresh machine: `quick bench` (~8 min with the build, ~6 with a prebuilt
 # extension: scripts/prebuild_device.sh here, then carry ["build/device"]); second: `profile
 # tests sanitize`.
@@ -49,6 +53,18 @@ for step in "$@"; do
     profile)
       { timeout 60 python3 scripts/profile_cuda.py
         timeout 90 python3 scripts/profile_cuda.py --n-in 32768 --n-out 64 --calls 3; } 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
+    ab)
+      cp capsroute/_C.abi3.so "$OUT/.current.so"
+      for b in build/device_*/; do
+        [ -f "$b/capsroute/_C.abi3.so" ] || continue
+        cp "$b/capsroute/_C.abi3.so" capsroute/ &&
+          echo "--- $b (sources $(cat "$b/sources.digest" 2>/dev/null))" &&
+          timeout 60 python3 scripts/profile_cuda.py
+      done 2>&1 | grep -v -i warn | tee "$OUT/ab.log"
+      cp "$OUT/.current.so" capsroute/_C.abi3.so && rm "$OUT/.current.so"
+      echo "--- current build (sources $(source_digest))" | tee -a "$OUT/ab.log"
+      timeout 60 python3 scripts/profile_cuda.py 2>&1 | grep -v -i warn | tee -a "$OUT/ab.log" ;;
     bench-ma) timeout 500 python3 benchmarks/ratios.py --device cuda --batch 128 --max-autotune 2>&1 | grep -v Warning | tee "$OUT/bench_ma.log" ;;
   esac
 done
+(cd "$OUT" && tar -czf logs.tgz --exclude logs.tgz -- * && find . -type f ! -name logs.tgz -delete)

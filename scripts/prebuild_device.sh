@@ -15,7 +15,10 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch; assert 
   "$VENV/bin/pip" install -q --no-deps torch==2.11.0
   echo "$PWD/.venv/lib/python3.11/site-packages" > "$VENV/lib/python3.11/site-packages/main-venv.pth"
 fi
-rm -rf build/device  # build/device-temp stays: ninja rebuilds only what changed
+# The previous build stays as build/device_prev, for gpu_session.sh's per-kernel A/B (`ab`);
+# build/device-temp stays too: ninja rebuilds only what changed.
+rm -rf build/device_prev
+[ -d build/device ] && mv build/device build/device_prev
 # Portable: the CPU kernels must not use this machine's vector extensions on another CPU.
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FORCE_CUDA=1 CAPSROUTE_PORTABLE=1 TORCH_CUDA_ARCH_LIST=9.0 \
   CAPSROUTE_PTXAS_VERBOSE=1 \
