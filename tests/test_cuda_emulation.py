@@ -181,6 +181,14 @@ def test_couplings_recomputed(emu, monkeypatch, op, shape, dtype):
                  detach=False, return_coupling=True)
 
 
+@pytest.mark.parametrize("value", ["-1", "lots", "12MB"])
+def test_coupling_cache_budget_is_checked(emu, monkeypatch, value):
+    monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", value)
+    with pytest.raises(ValueError, match="CAPSROUTE_COUPLING_CACHE_MB must be a whole number"):
+        run_emulated(emu, "dynamic_routing", TINY, torch.float64, iterations=2, bias=False,
+                     leaky=False, detach=False, return_coupling=False)
+
+
 @pytest.mark.parametrize("op", ["dynamic_routing", "route"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
 def test_dtypes(emu, op, dtype):

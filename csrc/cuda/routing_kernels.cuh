@@ -817,16 +817,16 @@ __device__ __forceinline__ void keep_couplings(const Dims& n, const Lane& L, acc
                                                const acc_t (&g)[kGroupRows / DT][2]) {
   constexpr int GJ = kGroupRows / DT;
   if (L.g != 0) return;  // the 8 lanes that share t hold the same values
-  const int64_t plane = kept_plane(n), b = b0 + 2 * L.t;
+  const int64_t rows = kept_batch(n), b = b0 + 2 * L.t;
   const bool in0 = b < n.B, in1 = b + 1 < n.B;
+  // Two pointers walked capsule by capsule (as in load_couplings).
+  Pair<acc_t>* pc = reinterpret_cast<Pair<acc_t>*>(kept + (i * n.N_out + grp * GJ) * rows + b);
+  Pair<acc_t>* pg = pc + kept_plane(n) / 2;
 #pragma unroll
   for (int jl = 0; jl < GJ; ++jl) {
-    const int j = grp * GJ + jl;
-    if (!has_capsule(n, j)) break;  // warp-uniform
-    acc_t* p = kept + (i * n.N_out + j) * kept_batch(n) + b;
-    *reinterpret_cast<Pair<acc_t>*>(p) = {in0 ? c[jl][0] : acc_t(0), in1 ? c[jl][1] : acc_t(0)};
-    *reinterpret_cast<Pair<acc_t>*>(p + plane) = {in0 ? g[jl][0] : acc_t(0),
-                                                  in1 ? g[jl][1] : acc_t(0)};
+    if (!has_capsule(n, grp * GJ + jl)) break;  // warp-uniform
+    pc[jl * (rows / 2)] = {in0 ? c[jl][0] : acc_t(0), in1 ? c[jl][1] : acc_t(0)};
+    pg[jl * (rows / 2)] = {in0 ? g[jl][0] : acc_t(0), in1 ? g[jl][1] : acc_t(0)};
   }
 }
 template <int DT, typename acc_t>

@@ -229,7 +229,13 @@ void forward(const Src& src, const Dims& d, int64_t iterations, double eps, cons
 // 24 MB, against the 94 MB that u_hat alone would take.
 inline int64_t coupling_cache_bytes() {
   const char* mb = std::getenv("CAPSROUTE_COUPLING_CACHE_MB");
-  return (mb != nullptr && *mb != '\0' ? std::max<int64_t>(0, std::atoll(mb)) : 1024) << 20;
+  if (mb == nullptr || *mb == '\0') return int64_t(1024) << 20;
+  char* end = nullptr;
+  const long long v = std::strtoll(mb, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && v >= 0,
+                    "capsroute: CAPSROUTE_COUPLING_CACHE_MB must be a whole number of MiB, "
+                    "0 or more, but is '", mb, "'");
+  return std::min<int64_t>(v, int64_t(1) << 40) << 20;
 }
 
 // What the backward sweep leaves for the last pass, per iteration t at t - 1: V_prev
