@@ -806,6 +806,10 @@ __host__ __device__ inline int64_t kept_batch(const Dims& n) {
 __host__ __device__ inline int64_t kept_plane(const Dims& n) {
   return n.N_in * n.N_out * kept_batch(n);
 }
+// Where iteration t's two planes start (t >= 2; see Sweep::kept).
+__host__ __device__ inline int64_t kept_offset(const Dims& n, int64_t t) {
+  return (t - 2) * 2 * kept_plane(n);
+}
 template <typename T>
 struct alignas(2 * sizeof(T)) Pair {
   T x, y;
@@ -1468,7 +1472,7 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
     const bool logit_grad = t > 1 && !sw.detach;
     acc_t c[GJ][2], g[GJ][2];
     if (logit_grad && sw.kept != nullptr)
-      load_couplings<DT>(n, L, sw.kept + (t - 2) * 2 * kept_plane(n), i, b0, grp, c, g);
+      load_couplings<DT>(n, L, sw.kept + kept_offset(n, t), i, b0, grp, c, g);
     else if (logit_grad)
       coupling_and_grad<DT>(src, n, L, st, i, b0, grp, c, g);
     else

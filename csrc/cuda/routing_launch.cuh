@@ -301,7 +301,7 @@ SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_m
   };
   for (int64_t t = iterations; t > t_min; --t) {
     cuda::State<acc_t> st = state(t);
-    if (keep) st.kept = aptr<acc_t>(out.kept) + (t - 2) * 2 * cuda::kept_plane(d);
+    if (keep) st.kept = aptr<acc_t>(out.kept) + cuda::kept_offset(d, t);
     launch_pass<cuda::Pass::kGradient, DT>(src, d, st, aptr<acc_t>(partial),
                                            static_cast<T*>(nullptr), stream);
     cuda::launch(cuda::sweep_step_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
