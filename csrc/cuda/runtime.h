@@ -13,6 +13,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <map>
+#include <mutex>
 #include <utility>
 
 namespace capsroute {
@@ -27,14 +29,28 @@ inline int multiprocessor_count() {
   return sms;
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), then the launch check. Dynamic shared
-// memory above the default 48 KB is opted into first.
+// Lets `kernel` use `smem` bytes of dynamic shared memory on the current device (above the
+// default 48 KB it must opt in). The opt-in is a runtime call of a few microseconds of host
+// time, and a forward+backward launches ~9 such kernels: it is made once per kernel and
+// device, and again only for a larger size.
+inline void allow_dynamic_smem(const void* kernel, size_t smem) {
+  if (smem <= 48 * 1024) return;
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> allowed;  // (kernel, device) -> bytes
+  const int device = c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mutex);
+  size_t& bytes = allowed[{kernel, device}];
+  if (smem <= bytes) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  bytes = smem;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), then the launch check.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
             Args&&... args) {
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
