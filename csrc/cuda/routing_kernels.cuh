@@ -1550,6 +1550,13 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
 // (deterministic, no atomics).
 // grid = (N_in, n_groups, ceil(D_in / 8)); dynamic shared memory: weight_grad_layout().
 //
+// Two ways to get g_uh, one instantiation each (kKept):
+// - false: prediction_grad makes the warp's 16 rows of g_uh (recomputing predictions, logits
+//   and the softmax of every iteration) into a tile that is then read row by row;
+// - true, where the gradient passes kept their couplings (sw.kept): each row of g_uh is a few
+//   loads and FMAs (kept_rows) and is used at once. No predictions, no g_uh tile and a
+//   fraction of the registers: two blocks fit per multiprocessor (float32 accumulation).
+//
 // grad_W's sum over the batch is a matrix product per row tile r (16 (j, d) rows):
 // gW_r[16 x 8 dims k] += g_uh_r[16 x 8 batch] u[8 batch x 8 dims k]. In float32 it runs on the
 // matrix units with no data movement: g_uh_r in the accumulator layout (lane: rows g, g + 8;
@@ -1560,6 +1567,14 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
 constexpr int kFinalWarps = 8;
 constexpr int kFinalRows = kGroupRows * kTileD;  // (j, d) rows of a group: 256
 constexpr int kFinalTileStride = kFinalRows + 1;  // a g_uh tile row, padded against bank conflicts
+
+// Blocks of weight_grad_kernel per multiprocessor: two where the couplings are kept and the
+// accumulators are float32 (the grad_W accumulators live in shared memory, ~64 KB a block);
+// float64 holds its 64 accumulators per lane in registers.
+template <typename scalar_t, bool kKept>
+constexpr int weight_grad_blocks_per_sm() {
+  return kKept && std::is_same<typename Scalar<scalar_t>::acc, float>::value ? 2 : 1;
+}
 
 // Where lane `lane`'s accumulator e (of 64) of grad_W sits: row (j, d) of the group, dim k.
 template <typename acc_t>
@@ -1575,20 +1590,194 @@ __host__ __device__ inline void weight_grad_slot(int e, int lane, int& row, int&
 }
 
 // The kernel's shared memory: head = the warps' grad_W accumulators (kFinalAccBytes), then
-// their g_uh (float32), or the g_uh and u tiles (float64); W[i] = the group's rows (w_shared),
-// then the operands with fragments.
+// their g_uh tiles (float32, not kept), or the g_uh and u tiles (float64); W[i] = the group's
+// rows (w_shared), then the operands with fragments.
 constexpr size_t kFinalAccBytes = size_t(kFinalWarps) * 64 * 32 * sizeof(float);
 template <typename scalar_t, typename acc_t>
-__host__ __device__ inline SmemLayout weight_grad_layout(const Dims& n, bool fragments) {
+__host__ __device__ inline SmemLayout weight_grad_layout(const Dims& n, bool fragments,
+                                                         bool kept) {
+  const size_t g_uh = kept ? 0 : size_t(kFinalWarps) * kGroupRows * 32 * sizeof(float4);
   const size_t tiles = std::is_same<acc_t, float>::value
-                           ? kFinalAccBytes + size_t(kFinalWarps) * kGroupRows * 32 * sizeof(float4)
+                           ? kFinalAccBytes + g_uh
                            : size_t(kFinalWarps) * kTileB * (kFinalTileStride + 8) * sizeof(acc_t);
   const size_t w_bytes = n.w_shared ? widest_group_cols(n) * n.D_in * sizeof(scalar_t) : 0;
   return smem_layout<scalar_t>(n, tiles, w_bytes, fragments, 1, kFinalWarps);
 }
 
-template <int DT, typename Src, typename scalar_t>
-__global__ void __launch_bounds__(kFinalWarps * 32, 1)
+// Rows r0 .. r0 + N - 1 of g_uh for (i, b0) from the couplings the gradient passes kept
+// (every iteration carries gradient: t_min = 1, no detach): sum_t c^(t) gs^(t) +
+// gbeta^(t) V^(t-1), where c^(1) is uniform and t = 1 has no logit term (V^(0) = 0). Rows of
+// capsules past N_out (and batch elements past B) come out as zeros. The N rows' loads of one
+// iteration are issued together.
+template <int DT, int N, typename acc_t>
+__device__ __forceinline__ void kept_rows(const Dims& n, const Lane& L, const Sweep<acc_t>& sw,
+                                          int64_t i, int64_t b0, int grp, int r0,
+                                          acc_t (&a)[N][4]) {
+  constexpr int GJ = kGroupRows / DT;
+  const int64_t stride = n.B * n.J;
+  const State<acc_t> global{nullptr, nullptr, nullptr, false, 0, n.J};
+  // Iteration t's gs^(t) and V^(t-1), both at t - 1, and its pairs (lane t: batch 2t, 2t + 1)
+  // of c^(t) and, a plane on, gbeta^(t) (see keep_couplings): walked one iteration at a time.
+  LaneRows<acc_t> gs = lane_rows(sw.gs, global, n, L, b0);
+  LaneRows<acc_t> V = lane_rows(sw.V_prev, global, n, L, b0);
+  const int64_t pairs = kept_batch(n) / 2, plane = kept_plane(n) / 2;
+  const Pair<acc_t>* kc = reinterpret_cast<const Pair<acc_t>*>(
+      sw.kept + (i * n.N_out + grp * GJ) * kept_batch(n) + b0 + 2 * L.t);
+  const acc_t uniform = acc_t(1) / acc_t(n.N_out + (n.leaky ? 1 : 0));
+#pragma unroll
+  for (int m = 0; m < N; ++m)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) a[m][q] = acc_t(0);
+  for (int t = 1; t <= sw.iterations; ++t) {
+    acc_t fg[N][4], fv[N][4];
+    Pair<acc_t> c[N], g[N];
+#pragma unroll
+    for (int m = 0; m < N; ++m) {
+      const int r = r0 + m, jl = r / DT, j = grp * GJ + jl;
+      load_frag(gs, global, n, L, j, r % DT, fg[m]);
+      if (t > 1) {
+        load_frag(V, global, n, L, j, r % DT, fv[m]);
+        const bool has = has_capsule(n, j);
+        c[m] = has ? kc[jl * pairs] : Pair<acc_t>{0, 0};
+        g[m] = has ? kc[jl * pairs + plane] : Pair<acc_t>{0, 0};
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < N; ++m)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if (t == 1) {
+          a[m][q] += uniform * fg[m][q];
+        } else {
+          a[m][q] += (q & 1 ? c[m].y : c[m].x) * fg[m][q];
+          a[m][q] += (q & 1 ? g[m].y : g[m].x) * fv[m][q];
+        }
+      }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      gs.row[h] += stride;
+      V.row[h] += stride;
+    }
+    if (t > 1) kc += 2 * plane;
+  }
+}
+
+// grad_u's share of row tile r of g_uh (capsule j, the lane's dims d; j < N_out):
+// gu[h][k] += W[i, j, d, k0 + k] g_uh[b0 + 2t + h, j, d]. w_rows: W[i] from capsule w_j0 on.
+template <int DT, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void add_grad_u(const scalar_t* w_rows, int64_t w_j0, const Dims& n,
+                                           const Lane& L, int grp, int r, int64_t k0,
+                                           const acc_t (&gr)[4], acc_t (&gu)[2][8]) {
+  const int64_t j = int64_t(grp) * (kGroupRows / DT) + r / DT;
+#pragma unroll
+  for (int dh = 0; dh < 2; ++dh) {
+    const int d = L.dim(r % DT, 2 * dh);
+    if (d >= n.D_out) continue;
+    const scalar_t* w = w_rows + ((j - w_j0) * n.D_out + d) * n.D_in + k0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (k0 + k >= n.D_in) break;
+      const acc_t wk = Scalar<scalar_t>::load(w + k);
+      gu[0][k] += wk * gr[2 * dh];
+      gu[1][k] += wk * gr[2 * dh + 1];
+    }
+  }
+}
+
+// The 8 lanes that share t add up their dims of gu; lanes g = 0 write grad_u_part[grp, b, i,
+// k0 + k] for their two batch elements.
+template <typename acc_t>
+__device__ __forceinline__ void store_grad_u(const Dims& n, const Lane& L, int grp, int64_t i,
+                                             int64_t b0, int64_t k0, acc_t (&gu)[2][8],
+                                             acc_t* grad_u_part) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int k = 0; k < 8; ++k) gu[h][k] = sum_over_dims(gu[h][k]);
+  if (L.g != 0) return;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t b = b0 + 2 * L.t + h;
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      if (b < n.B && k0 + k < n.D_in)
+        grad_u_part[((int64_t(grp) * n.B + b) * n.N_in + i) * n.D_in + k0 + k] = gu[h][k];
+  }
+}
+
+// float32 accumulation: the B operand of grad_W's product, u in the permuted batch order:
+// b[0] = u[2t][k0 + g], b[1] = u[2t + 1][k0 + g], split into TF32 parts.
+template <typename scalar_t>
+__device__ __forceinline__ void weight_grad_operand(const scalar_t* u, const Dims& n,
+                                                    const Lane& L, int64_t i, int64_t b0,
+                                                    int64_t k0, uint32_t (&bh)[2],
+                                                    uint32_t (&bl)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    split_tf32<false>(u_at(u, n, b0 + 2 * L.t + h, i, k0 + L.g), bh[h], bl[h]);
+}
+
+// ... and row tile r's product, added to the lane's accumulators in shared memory (gw_s:
+// slot e = 4 r + q at gw_s[e * 32 + lane]). A = g_uh_r: a = {[g][2t], [g + 8][2t], [g][2t + 1],
+// [g + 8][2t + 1]} = slots 0, 2, 1, 3.
+__device__ __forceinline__ void add_weight_grad(float* gw_s, int lane, int r, const float (&gr)[4],
+                                                const uint32_t (&bh)[2], const uint32_t (&bl)[2]) {
+  uint32_t ah[4], al[4];
+  split_tf32<false>(gr[0], ah[0], al[0]);
+  split_tf32<false>(gr[2], ah[1], al[1]);
+  split_tf32<false>(gr[1], ah[2], al[2]);
+  split_tf32<false>(gr[3], ah[3], al[3]);
+  float d[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) d[q] = gw_s[(4 * r + q) * 32 + lane];
+  mma_split<false>(d, ah, al, bh, bl);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) gw_s[(4 * r + q) * 32 + lane] = d[q];
+}
+
+// float64: row tile r of g_uh into the warp's tile, [batch][(j, d) row] (zeros for capsules
+// past N_out: every row is summed) ...
+template <typename acc_t>
+__device__ __forceinline__ void stage_grad_row(acc_t* tile_g, const Lane& L, int r, bool has,
+                                               const acc_t (&gr)[4]) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    tile_g[L.col(q) * kFinalTileStride + r * kTileD + L.dim(0, q)] = has ? gr[q] : acc_t(0);
+}
+
+// ... and, once the tile holds all 16 rows, the lane's rows (lane + 32 m) of grad_W summed
+// over the tile's batch elements, with u[b, i, k0 .. k0 + 7] staged beside it.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void add_weight_grad_fma(const acc_t* tile_g, acc_t* tile_u,
+                                                    const scalar_t* u, const Dims& n,
+                                                    const Lane& L, int64_t i, int64_t b0,
+                                                    int64_t k0, acc_t (&gW)[64]) {
+  const int lane = threadIdx.x & 31;
+  if (L.g == 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) tile_u[(2 * L.t + h) * 8 + k] = u_at(u, n, b0 + 2 * L.t + h, i, k0 + k);
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int bb = 0; bb < kTileB; ++bb) {
+    acc_t ub[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) ub[k] = tile_u[bb * 8 + k];
+#pragma unroll
+    for (int m = 0; m < kFinalRows / 32; ++m) {
+      const acc_t gv = tile_g[bb * kFinalTileStride + lane + 32 * m];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) gW[8 * m + k] += gv * ub[k];
+    }
+  }
+  __syncwarp();
+}
+
+template <int DT, typename Src, typename scalar_t, bool kKept>
+__global__ void __launch_bounds__(kFinalWarps * 32, weight_grad_blocks_per_sm<scalar_t, kKept>())
 weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
                    typename Scalar<scalar_t>::acc* __restrict__ grad_u_part,
                    scalar_t* __restrict__ grad_W) {
@@ -1596,6 +1785,10 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   using S = Scalar<scalar_t>;
   constexpr int GJ = kGroupRows / DT;
   constexpr bool kMatrixUnits = std::is_same<acc_t, float>::value;
+  static_assert(!(kKept && Src::kFragments), "kept couplings need no prediction operands");
+  // Recomputing: nothing is loaded from the kept planes (prediction_grad's branch for them,
+  // which route_grad_kernel uses, folds away).
+  if constexpr (!kKept) sw.kept = nullptr;
   const Lane L;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t i = blockIdx.x;
@@ -1603,7 +1796,7 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   const int64_t k0 = int64_t(blockIdx.z) * 8;
 
   unsigned char* smem = dynamic_smem<unsigned char>();
-  const SmemLayout layout = weight_grad_layout<scalar_t, acc_t>(n, Src::kFragments);
+  const SmemLayout layout = weight_grad_layout<scalar_t, acc_t>(n, Src::kFragments, kKept);
   // W[i]'s rows from output capsule w_j0 on (for grad_u): all of them in global memory, or
   // the group's in shared memory (always with fragments).
   const scalar_t* w_rows = src.W + i * n.J * n.D_in;
@@ -1617,13 +1810,10 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
     w_j0 = group_j0(n, grp);
   }
   __syncthreads();
-  // With the couplings kept (sw.kept), no iteration needs predictions: t = 1's coupling is
-  // uniform, and t >= 2's are loads.
-  const bool predicts = sw.kept == nullptr;
   if constexpr (Src::kFragments) {  // the predictions' operands (one input capsule: once)
     src.Wf = reinterpret_cast<uint4*>(smem + layout.wf);
     src.Uf = reinterpret_cast<uint4*>(smem + layout.uf) + warp * n.k_chunks * 32;
-    if (predicts) build_fragments<DT, Src::kChunks>(w_rows, n, grp, src.Wf);
+    build_fragments<DT, Src::kChunks>(w_rows, n, grp, src.Wf);
     __syncthreads();
   } else {
     src.Wi = w_rows;
@@ -1632,7 +1822,7 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
 
   // A lane's 64 accumulators of grad_W (see weight_grad_slot): float32 keeps them in shared
   // memory, in fragment order (gw_s[e * 32 + lane], conflict-free), so that they are not live
-  // in registers while prediction_grad runs; float64 in registers.
+  // in registers while g_uh is made; float64 in registers.
   acc_t gW[kMatrixUnits ? 1 : 64];
   acc_t* gw_s = reinterpret_cast<acc_t*>(smem) + warp * 64 * 32;
 #pragma unroll
@@ -1642,115 +1832,76 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
     else
       gW[e] = acc_t(0);
   }
+  // float64: the warp's g_uh and u tiles.
+  acc_t* tile_g = reinterpret_cast<acc_t*>(smem) + warp * kTileB * kFinalTileStride;
+  acc_t* tile_u = reinterpret_cast<acc_t*>(smem) + kFinalWarps * kTileB * kFinalTileStride +
+                  warp * kTileB * 8;
 
-  // g_uh of the warp's batch tile: float32 in shared memory, after the accumulators.
-  std::conditional_t<kMatrixUnits, SharedRows, RegisterRows<acc_t>> g_uh;
-  if constexpr (kMatrixUnits)
-    g_uh.p = reinterpret_cast<float4*>(smem + kFinalAccBytes) + warp * kGroupRows * 32 + lane;
   for (int64_t b0 = int64_t(warp) * kTileB; b0 < n.B; b0 += kFinalWarps * kTileB) {
-    if constexpr (Src::kFragments)
-      if (predicts) stage_u(src, n, L, i, b0);
-    prediction_grad<DT>(src, n, L, sw, i, b0, grp, g_uh);
-
-    // grad_u over this group's (j, d): each lane sums its fragment, then the 8 lanes that
-    // share t add up the 16 dims.
     acc_t gu[2][8];
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int k = 0; k < 8; ++k) gu[h][k] = acc_t(0);
+    if constexpr (kKept) {
+      // Two rows of g_uh at a time, each used as soon as it is made, in a loop that is not
+      // unrolled (ptxas, float32: 127 registers and no spills, as two blocks per SM need;
+      // unrolled, the compiler hoisted later rows' loads into 244 registers, and four rows at
+      // a time took 159).
+      uint32_t bh[2], bl[2];
+      if constexpr (kMatrixUnits) weight_grad_operand(src.u, n, L, i, b0, k0, bh, bl);
+      constexpr int kRows = 2;
+#pragma unroll 1
+      for (int r0 = 0; r0 < kGroupRows; r0 += kRows) {
+        // (float64 walks every row: its tile must hold zeros past N_out)
+        if (kMatrixUnits && !has_capsule(n, grp * GJ + r0 / DT)) break;  // warp-uniform
+        acc_t a[kRows][4];
+        kept_rows<DT>(n, L, sw, i, b0, grp, r0, a);
 #pragma unroll
-    for (int r = 0; r < kGroupRows; ++r) {
-      const int64_t j = int64_t(grp) * GJ + r / DT;
-      if (j >= n.N_out) break;
-      acc_t gr[4];
-      g_uh.get(r, gr);
-#pragma unroll
-      for (int dh = 0; dh < 2; ++dh) {
-        const int d = L.dim(r % DT, 2 * dh);
-        if (d >= n.D_out) continue;
-        const scalar_t* w = w_rows + ((j - w_j0) * n.D_out + d) * n.D_in + k0;
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          if (k0 + k >= n.D_in) break;
-          const acc_t wk = S::load(w + k);
-          gu[0][k] += wk * gr[2 * dh];
-          gu[1][k] += wk * gr[2 * dh + 1];
+        for (int m = 0; m < kRows; ++m) {
+          const int r = r0 + m;
+          const bool has = has_capsule(n, grp * GJ + r / DT);  // warp-uniform
+          if (has) add_grad_u<DT>(w_rows, w_j0, n, L, grp, r, k0, a[m], gu);
+          if constexpr (kMatrixUnits) {
+            if (has) add_weight_grad(gw_s, lane, r, a[m], bh, bl);
+          } else {
+            stage_grad_row(tile_g, L, r, has, a[m]);
+          }
         }
       }
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int k = 0; k < 8; ++k) gu[h][k] = sum_over_dims(gu[h][k]);
-    if (L.g == 0) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t b = b0 + 2 * L.t + h;
-#pragma unroll
-        for (int k = 0; k < 8; ++k)
-          if (b < n.B && k0 + k < n.D_in)
-            grad_u_part[((int64_t(grp) * n.B + b) * n.N_in + i) * n.D_in + k0 + k] = gu[h][k];
-      }
-    }
-
-    if constexpr (kMatrixUnits) {
-      // B = u in the permuted batch order: b[0] = u[2t][k0 + g], b[1] = u[2t + 1][k0 + g].
-      uint32_t bh[2], bl[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        split_tf32<false>(u_at(src.u, n, b0 + 2 * L.t + h, i, k0 + L.g), bh[h], bl[h]);
+      store_grad_u(n, L, grp, i, b0, k0, gu, grad_u_part);
+      if constexpr (!kMatrixUnits) add_weight_grad_fma(tile_g, tile_u, src.u, n, L, i, b0, k0, gW);
+    } else {
+      // g_uh of the warp's batch tile: float32 in shared memory, after the accumulators.
+      std::conditional_t<kMatrixUnits, SharedRows, RegisterRows<acc_t>> g_uh;
+      if constexpr (kMatrixUnits)
+        g_uh.p = reinterpret_cast<float4*>(smem + kFinalAccBytes) + warp * kGroupRows * 32 + lane;
+      if constexpr (Src::kFragments) stage_u(src, n, L, i, b0);
+      prediction_grad<DT>(src, n, L, sw, i, b0, grp, g_uh);
 #pragma unroll
       for (int r = 0; r < kGroupRows; ++r) {
-        if (int64_t(grp) * GJ + r / DT >= n.N_out) break;  // warp-uniform
-        // A = g_uh_r: a = {[g][2t], [g + 8][2t], [g][2t + 1], [g + 8][2t + 1]} = slots 0, 2, 1, 3.
+        if (!has_capsule(n, grp * GJ + r / DT)) break;  // warp-uniform
         acc_t gr[4];
         g_uh.get(r, gr);
-        uint32_t ah[4], al[4];
-        split_tf32<false>(gr[0], ah[0], al[0]);
-        split_tf32<false>(gr[2], ah[1], al[1]);
-        split_tf32<false>(gr[1], ah[2], al[2]);
-        split_tf32<false>(gr[3], ah[3], al[3]);
-        float d[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) d[q] = gw_s[(4 * r + q) * 32 + lane];
-        mma_split<false>(d, ah, al, bh, bl);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) gw_s[(4 * r + q) * 32 + lane] = d[q];
+        add_grad_u<DT>(w_rows, w_j0, n, L, grp, r, k0, gr, gu);
       }
-    } else {
-      // Stage the tile: g_uh[b][(j, d)] and u[b][k], then lane's rows (lane + 32 m).
-      acc_t* tile_g = reinterpret_cast<acc_t*>(smem) + warp * kTileB * kFinalTileStride;
-      acc_t* tile_u = reinterpret_cast<acc_t*>(smem) + kFinalWarps * kTileB * kFinalTileStride +
-                      warp * kTileB * 8;
+      store_grad_u(n, L, grp, i, b0, k0, gu, grad_u_part);
+      if constexpr (kMatrixUnits) {
+        uint32_t bh[2], bl[2];
+        weight_grad_operand(src.u, n, L, i, b0, k0, bh, bl);
 #pragma unroll
-      for (int r = 0; r < kGroupRows; ++r)
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-          tile_g[L.col(q) * kFinalTileStride + r * kTileD + L.dim(0, q)] =
-              has_capsule(n, grp * GJ + r / DT) ? g_uh.v[r][q] : acc_t(0);
-      if (L.g == 0) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int k = 0; k < 8; ++k)
-            tile_u[(2 * L.t + h) * 8 + k] = u_at(src.u, n, b0 + 2 * L.t + h, i, k0 + k);
+        for (int r = 0; r < kGroupRows; ++r) {
+          if (!has_capsule(n, grp * GJ + r / DT)) break;  // warp-uniform
+          acc_t gr[4];
+          g_uh.get(r, gr);
+          add_weight_grad(gw_s, lane, r, gr, bh, bl);
         }
+      } else {
+#pragma unroll
+        for (int r = 0; r < kGroupRows; ++r)
+          stage_grad_row(tile_g, L, r, has_capsule(n, grp * GJ + r / DT), g_uh.v[r]);
+        add_weight_grad_fma(tile_g, tile_u, src.u, n, L, i, b0, k0, gW);
       }
-      __syncwarp();
-#pragma unroll
-      for (int bb = 0; bb < kTileB; ++bb) {
-        acc_t ub[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) ub[k] = tile_u[bb * 8 + k];
-#pragma unroll
-        for (int m = 0; m < kFinalRows / 32; ++m) {
-          const acc_t gv = tile_g[bb * kFinalTileStride + lane + 32 * m];
-#pragma unroll
-          for (int k = 0; k < 8; ++k) gW[8 * m + k] += gv * ub[k];
-        }
-      }
-      __syncwarp();
     }
   }
 

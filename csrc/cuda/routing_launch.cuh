@@ -404,23 +404,32 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
                               : cuda::scratch({d.n_groups, n.B, n.N_in, n.D_in}, in.s.options());
     const dim3 grid(static_cast<unsigned>(n.N_in), d.n_groups, static_cast<unsigned>(ceil_div(n.D_in, 8)));
     const cuda::Sweep<acc_t> sw = sr.view<acc_t>(in.grad_c, t_min, iterations, detach);
-    // W[i]'s rows are staged in shared memory where they fit beside the tiles (always with
-    // operands).
-    auto staged = [&](bool fragments) {
-      return staged_fits(d, fragments, [](const Dims& e, bool f) {
-        return cuda::weight_grad_layout<T, acc_t>(e, f);
-      });
+    // With the couplings kept, the last pass makes no predictions (see weight_grad_kernel):
+    // it reads W[i] as it is. W[i]'s rows are staged in shared memory where they fit beside
+    // the tiles (always with operands).
+    auto last_pass = [&](auto source, auto kept) {
+      using S = decltype(source);
+      constexpr bool kKept = decltype(kept)::value;
+      auto layout = [](const Dims& e, bool f) {
+        return cuda::weight_grad_layout<T, acc_t>(e, f, kKept);
+      };
+      d.w_shared = staged_fits(d, S::kFragments, layout);
+      cuda::launch(cuda::weight_grad_kernel<DT, S, T, kKept>, grid, cuda::kFinalWarps * 32,
+                   layout(d, S::kFragments).end, cuda::current_stream(), source, d, sw,
+                   aptr<acc_t>(grad_u_part), dptr<scalar_t>(grad_weight));
     };
-    launch_with_source(
-        src, d, [&] { return staged(true); },
-        [&](auto source) {
-          using S = decltype(source);
-          d.w_shared = staged(S::kFragments);
-          cuda::launch(cuda::weight_grad_kernel<DT, S, T>, grid, cuda::kFinalWarps * 32,
-                       cuda::weight_grad_layout<T, acc_t>(d, S::kFragments).end,
-                       cuda::current_stream(), source, d, sw, aptr<acc_t>(grad_u_part),
-                       dptr<scalar_t>(grad_weight));
-        });
+    if (sw.kept != nullptr) {
+      last_pass(src, std::true_type{});
+    } else {
+      launch_with_source(
+          src, d,
+          [&] {
+            return staged_fits(d, true, [](const Dims& e, bool f) {
+              return cuda::weight_grad_layout<T, acc_t>(e, f, false);
+            });
+          },
+          [&](auto source) { last_pass(source, std::false_type{}); });
+    }
     // With several groups of output capsules their contributions to grad_u are added here,
     // in group order.
     if (!direct) grad_u.copy_(d.n_groups == 1 ? grad_u_part[0] : grad_u_part.sum(0));
