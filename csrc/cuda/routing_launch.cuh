@@ -180,8 +180,15 @@ void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* pa
 template <int DT, typename T, typename Src, typename acc_t>
 void launch_group_stats(const Src& src, Dims d, cuda::State<acc_t> st, acc_t* stats, acc_t* cg,
                         cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(d.N_in),
-                  static_cast<unsigned>(ceil_div(d.B, cuda::kTileB * cuda::kWarps)));
+  // Its own chunks of input capsules (d.i_per_block, d.n_chunks: a pass's are per group): one
+  // wave of kPassBlocksPerSM 8-warp blocks per multiprocessor.
+  const int64_t b_blocks = ceil_div(d.B, cuda::kTileB * cuda::kWarps);
+  const int64_t chunks = std::clamp<int64_t>(
+      ceil_div(int64_t(cuda::multiprocessor_count()) * cuda::kPassBlocksPerSM, b_blocks), 1,
+      d.N_in);
+  d.i_per_block = static_cast<int>(ceil_div(d.N_in, chunks));
+  d.n_chunks = static_cast<int>(ceil_div(d.N_in, d.i_per_block));
+  const dim3 grid(static_cast<unsigned>(d.n_chunks), static_cast<unsigned>(b_blocks));
   // W[i] staged in shared memory where it fits (always with operands).
   auto staged = [&](bool fragments) {
     return staged_fits(d, fragments,
