@@ -9,9 +9,9 @@
 #   profile   the fused op's per-kernel times and host overhead, canonical and scale shapes
 #   tests     the test suite's CUDA cases
 #   sanitize  compute-sanitizer memcheck/racecheck/initcheck/synccheck on a tiny case
-#   ab        profile_cuda.py (canonical shape) with each other carried build, build/device_*
-#             (e.g. build/device_prev, which scripts/prebuild_device.sh keeps), each in its
-#             own process on this machine: a per-kernel A/B against the current build
+#   ab        the profile (canonical and scale shapes) of each other carried build,
+#             build/device_* (e.g. build/device_prev, which scripts/prebuild_device.sh keeps),
+#             then of the current one, each in its own process on this machine: a per-kernel A/B
 # The logs end up packed in $OUT/logs.tgz (the device tool brings back only 8 files).
 # First call on a fresh machine: `quick bench` (~8 min with the build, ~6 with a prebuilt
 # extension: scripts/prebuild_device.sh here, then carry ["build/device"]); second: `profile
@@ -38,6 +38,11 @@ else
   echo "build: $(( $(date +%s) - t0 )) s"
   ptxas_summary "$OUT/build.log" > "$OUT/ptxas.txt"
 fi
+# profile_cuda.py with the extension now in capsroute/: the canonical shape, then the scale shape.
+profile_shapes() {
+  timeout 60 python3 scripts/profile_cuda.py
+  timeout 90 python3 scripts/profile_cuda.py --n-in 32768 --n-out 64 --calls 3
+}
 for step in "$@"; do
   echo "=== $step ($(date +%T))"
   case $step in
@@ -50,20 +55,20 @@ for step in "$@"; do
         echo "$tool: exit $? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
       done ;;
     bench) timeout 330 python3 benchmarks/ratios.py --suite gpu 2>&1 | grep -v Warning | tee "$OUT/bench.log" ;;
-    profile)
-      { timeout 60 python3 scripts/profile_cuda.py
-        timeout 90 python3 scripts/profile_cuda.py --n-in 32768 --n-out 64 --calls 3; } 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
+    profile) profile_shapes 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
     ab)
       cp capsroute/_C.abi3.so "$OUT/.current.so"
-      for b in build/device_*/; do
-        [ -f "$b/capsroute/_C.abi3.so" ] || continue
-        cp "$b/capsroute/_C.abi3.so" capsroute/ &&
-          echo "--- $b (sources $(cat "$b/sources.digest" 2>/dev/null))" &&
-          timeout 60 python3 scripts/profile_cuda.py
-      done 2>&1 | grep -v -i warn | tee "$OUT/ab.log"
-      cp "$OUT/.current.so" capsroute/_C.abi3.so && rm "$OUT/.current.so"
-      echo "--- current build (sources $(source_digest))" | tee -a "$OUT/ab.log"
-      timeout 60 python3 scripts/profile_cuda.py 2>&1 | grep -v -i warn | tee -a "$OUT/ab.log" ;;
+      for b in build/device_*/ current; do
+        if [ "$b" = current ]; then
+          mv "$OUT/.current.so" capsroute/_C.abi3.so
+          echo "--- current build (sources $(source_digest))"
+        elif [ -f "$b/capsroute/_C.abi3.so" ] && cp "$b/capsroute/_C.abi3.so" capsroute/; then
+          echo "--- $b (sources $(cat "$b/sources.digest" 2>/dev/null))"
+        else
+          continue
+        fi
+        profile_shapes
+      done 2>&1 | grep -v -i warn | tee "$OUT/ab.log" ;;
     bench-ma) timeout 500 python3 benchmarks/ratios.py --device cuda --batch 128 --max-autotune 2>&1 | grep -v Warning | tee "$OUT/bench_ma.log" ;;
   esac
 done
