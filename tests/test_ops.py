@@ -72,6 +72,20 @@ def test_couplings_recomputed_cuda(op, dtype, shape, monkeypatch):
              return_coupling=True)
 
 
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+@pytest.mark.parametrize("cache_mb", ["1024", "0"], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("op", OPS)
+def test_groups_over_many_capsules_cuda(op, dtype, cache_mb, monkeypatch):
+    """Two groups of output capsules and more input capsules than group_stats_kernel has
+    blocks (two per multiprocessor): each block then walks several capsules, copying the
+    next one's W while it uses the current one's (with the small shapes a block gets one)."""
+    monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", cache_mb)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    run_case(op, Shape(9, 6 * sms + 5, 20, 8, 16), dtype, "cuda", iterations=3, bias=True,
+             leaky=False, detach=False, return_coupling=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("eps", [0.0, 1e-3, 0.5])
 @pytest.mark.parametrize("op", OPS)
