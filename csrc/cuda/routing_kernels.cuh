@@ -838,7 +838,8 @@ __device__ __forceinline__ void keep_couplings(const Dims& n, const Lane& L, acc
   if (L.g != 0) return;  // the 8 lanes that share t hold the same values
   const int64_t rows = kept_batch(n), b = b0 + 2 * L.t;
   const bool in0 = b < n.B, in1 = b + 1 < n.B;
-  // Two pointers walked capsule by capsule (as in load_couplings).
+  // Two pointers walked capsule by capsule (with each capsule's address made in 64 bits, the
+  // gradient pass spilled more: ptxas).
   Pair<acc_t>* pc =
       reinterpret_cast<Pair<acc_t>*>(kept + kept_pair_offset<DT>(n, L, i, b0, grp));
   Pair<acc_t>* pg = pc + kept_plane(n) / 2;
@@ -847,28 +848,6 @@ __device__ __forceinline__ void keep_couplings(const Dims& n, const Lane& L, acc
     if (!has_capsule(n, grp * GJ + jl)) break;  // warp-uniform
     pc[jl * (rows / 2)] = {in0 ? c[jl][0] : acc_t(0), in1 ? c[jl][1] : acc_t(0)};
     pg[jl * (rows / 2)] = {in0 ? g[jl][0] : acc_t(0), in1 ? g[jl][1] : acc_t(0)};
-  }
-}
-template <int DT, typename acc_t>
-__device__ __forceinline__ void load_couplings(const Dims& n, const Lane& L, const acc_t* kept,
-                                               int64_t i, int64_t b0, int grp,
-                                               acc_t (&c)[kGroupRows / DT][2],
-                                               acc_t (&g)[kGroupRows / DT][2]) {
-  constexpr int GJ = kGroupRows / DT;
-  // Two pointers walked capsule by capsule: the last pass has no registers to spare (with
-  // each capsule's address made in 64 bits ptxas spilled in it).
-  const int64_t rows = kept_batch(n);
-  const Pair<acc_t>* pc =
-      reinterpret_cast<const Pair<acc_t>*>(kept + kept_pair_offset<DT>(n, L, i, b0, grp));
-  const Pair<acc_t>* pg = pc + kept_plane(n) / 2;
-#pragma unroll
-  for (int jl = 0; jl < GJ; ++jl) {
-    if (!has_capsule(n, grp * GJ + jl)) {  // warp-uniform
-      c[jl][0] = c[jl][1] = g[jl][0] = g[jl][1] = acc_t(0);
-      continue;
-    }
-    const Pair<acc_t> xc = pc[jl * (rows / 2)], xg = pg[jl * (rows / 2)];
-    c[jl][0] = xc.x, c[jl][1] = xc.y, g[jl][0] = xg.x, g[jl][1] = xg.y;
   }
 }
 
@@ -1484,8 +1463,9 @@ struct SharedRows {
   }
 };
 
-// g_uh of the warp's group for (i, b0), into `g_uh` (RegisterRows or SharedRows). Rows of
-// capsules past N_out are not touched.
+// g_uh of the warp's group for (i, b0), into `g_uh` (RegisterRows or SharedRows), recomputing
+// every iteration's couplings (with kept ones, the last passes use kept_rows instead). Rows
+// of capsules past N_out are not touched.
 template <int DT, typename Src, typename acc_t, typename Rows>
 __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, const Lane& L,
                                                 const Sweep<acc_t>& sw, int64_t i, int64_t b0,
@@ -1507,9 +1487,7 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
     // The logit gradient's term: none at t = 1 (V^(0) = 0) or with detach (c^(r) constant).
     const bool logit_grad = t > 1 && !sw.detach;
     acc_t c[GJ][2], g[GJ][2];
-    if (logit_grad && sw.kept != nullptr)
-      load_couplings<DT>(n, L, sw.kept + kept_offset(n, t), i, b0, grp, c, g);
-    else if (logit_grad)
+    if (logit_grad)
       coupling_and_grad<DT>(src, n, L, st, i, b0, grp, c, g);
     else
       coupling<DT>(src, n, L, st, i, b0, grp, c);
@@ -1545,91 +1523,6 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
       }
     }
   }
-}
-
-// route: grad_u_hat = g_uh.
-template <int DT, typename scalar_t>
-__global__ void __launch_bounds__(128)
-route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
-                  scalar_t* __restrict__ grad_u_hat) {
-  using acc_t = typename Scalar<scalar_t>::acc;
-  constexpr int GJ = kGroupRows / DT;
-  const Lane L;
-  const int64_t i = int64_t(blockIdx.x) * final_warps<acc_t>() + (threadIdx.x >> 5);
-  const int grp = blockIdx.y;
-  if (i >= n.N_in) return;
-  RegisterRows<acc_t> g_uh;
-  for (int64_t b0 = 0; b0 < n.B; b0 += kTileB) {
-    prediction_grad<DT>(src, n, L, sw, i, b0, grp, g_uh);
-#pragma unroll
-    for (int r = 0; r < kGroupRows; ++r) {
-      const int64_t j = int64_t(grp) * GJ + r / DT;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int64_t b = b0 + L.col(q);
-        const int d = L.dim(r % DT, q);
-        if (j < n.N_out && b < n.B && d < n.D_out)
-          grad_u_hat[((b * n.N_in + i) * n.N_out + j) * n.D_out + d] =
-              Scalar<scalar_t>::store(g_uh.v[r][q]);
-      }
-    }
-  }
-}
-
-// dynamic_routing: grad_u[b, i, k] = sum_(j,d) W[i,j,d,k] g_uh[b,i,j,d] for 8 input dims k
-// (written to grad_u_part[grp], summed over groups by the launcher when there are several),
-// and grad_W[i, j, d, k] = sum_b g_uh[b,i,j,d] u[b,i,k] for the group's (j, d).
-// A block owns one input capsule, one group and one chunk of 8 input dims: its warps share
-// W[i] (staged once in shared memory when it fits) and take the batch tiles in turn (warp w:
-// tiles w, w + kFinalWarps, ...). Each warp sums its share of grad_W[i] (float32: in shared
-// memory, float64: in registers); at the end the warps' partial sums are added in warp order
-// (deterministic, no atomics).
-// grid = (N_in, n_groups, ceil(D_in / 8)); dynamic shared memory: weight_grad_layout().
-//
-// Two ways to get g_uh, one instantiation each (kKept):
-// - false: prediction_grad makes the warp's 16 rows of g_uh (recomputing predictions, logits
-//   and the softmax of every iteration) into a tile that is then read row by row;
-// - true, where the gradient passes kept their couplings (sw.kept): each row of g_uh is a few
-//   loads and FMAs (kept_rows) and is used at once. No predictions, no g_uh tile and a
-//   fraction of the registers: two blocks fit per multiprocessor (float32 accumulation).
-//
-// grad_W's sum over the batch is a matrix product per row tile r (16 (j, d) rows):
-// gW_r[16 x 8 dims k] += g_uh_r[16 x 8 batch] u[8 batch x 8 dims k]. In float32 it runs on the
-// matrix units with no data movement: g_uh_r in the accumulator layout (lane: rows g, g + 8;
-// batch 2t, 2t + 1) is already an A operand once the batch axis is read in the order
-// (0, 2, 4, 6, 1, 3, 5, 7) — A's column t is batch 2t, column t + 4 is batch 2t + 1 — and B's
-// rows (u) follow the same order. float64 stages the tile in shared memory and uses FMAs,
-// each lane owning 8 whole rows.
-constexpr int kFinalWarps = 8;
-constexpr int kFinalRows = kGroupRows * kTileD;  // (j, d) rows of a group: 256
-constexpr int kFinalTileStride = kFinalRows + 1;  // a g_uh tile row, padded against bank conflicts
-
-// Where lane `lane`'s accumulator e (of 64) of grad_W sits: row (j, d) of the group, dim k.
-template <typename acc_t>
-__host__ __device__ inline void weight_grad_slot(int e, int lane, int& row, int& k) {
-  if (std::is_same<acc_t, float>::value) {  // accumulator layout, e = 4 r + q
-    const int r = e / 4, q = e % 4, g = lane >> 2, t = lane & 3;
-    row = r * kTileD + g + 8 * (q >> 1);
-    k = 2 * t + (q & 1);
-  } else {  // whole rows, e = 8 m + k
-    row = lane + 32 * (e / 8);
-    k = e % 8;
-  }
-}
-
-// The kernel's shared memory: head = the warps' grad_W accumulators (kFinalAccBytes), then
-// their g_uh tiles (float32, not kept), or the g_uh and u tiles (float64); W[i] = the group's
-// rows (w_shared), then the operands with fragments.
-constexpr size_t kFinalAccBytes = size_t(kFinalWarps) * 64 * 32 * sizeof(float);
-template <typename scalar_t, typename acc_t>
-__host__ __device__ inline SmemLayout weight_grad_layout(const Dims& n, bool fragments,
-                                                         bool kept) {
-  const size_t g_uh = kept ? 0 : size_t(kFinalWarps) * kGroupRows * 32 * sizeof(float4);
-  const size_t tiles = std::is_same<acc_t, float>::value
-                           ? kFinalAccBytes + g_uh
-                           : size_t(kFinalWarps) * kTileB * (kFinalTileStride + 8) * sizeof(acc_t);
-  const size_t w_bytes = n.w_shared ? widest_group_cols(n) * n.D_in * sizeof(scalar_t) : 0;
-  return smem_layout<scalar_t>(n, tiles, w_bytes, fragments, 1, kFinalWarps);
 }
 
 // Rows r0 .. r0 + N - 1 of g_uh for (i, b0) from the couplings the gradient passes kept
@@ -1688,6 +1581,103 @@ __device__ __forceinline__ void kept_rows(const Dims& n, const Lane& L, const Sw
     }
     if (t > 1) kc += 2 * plane;
   }
+}
+
+// route: grad_u_hat = g_uh, a row tile at a time: made by prediction_grad for the warp's 16
+// rows at once, or with kept couplings (kKept) from loads, two rows at a time (kept_rows).
+template <int DT, typename scalar_t, bool kKept>
+__global__ void __launch_bounds__(128)
+route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
+                  scalar_t* __restrict__ grad_u_hat) {
+  using acc_t = typename Scalar<scalar_t>::acc;
+  constexpr int GJ = kGroupRows / DT;
+  const Lane L;
+  const int64_t i = int64_t(blockIdx.x) * final_warps<acc_t>() + (threadIdx.x >> 5);
+  const int grp = blockIdx.y;
+  if (i >= n.N_in) return;
+  auto store = [&](int64_t b0, int r, const acc_t (&x)[4]) {
+    const int64_t j = int64_t(grp) * GJ + r / DT;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t b = b0 + L.col(q);
+      const int d = L.dim(r % DT, q);
+      if (j < n.N_out && b < n.B && d < n.D_out)
+        grad_u_hat[((b * n.N_in + i) * n.N_out + j) * n.D_out + d] = Scalar<scalar_t>::store(x[q]);
+    }
+  };
+  for (int64_t b0 = 0; b0 < n.B; b0 += kTileB) {
+    if constexpr (kKept) {
+#pragma unroll 1
+      for (int r0 = 0; r0 < kGroupRows; r0 += 2) {
+        if (!has_capsule(n, grp * GJ + r0 / DT)) break;  // warp-uniform
+        acc_t a[2][4];
+        kept_rows<DT>(n, L, sw, i, b0, grp, r0, a);
+        store(b0, r0, a[0]);
+        store(b0, r0 + 1, a[1]);
+      }
+    } else {
+      RegisterRows<acc_t> g_uh;
+      prediction_grad<DT>(src, n, L, sw, i, b0, grp, g_uh);
+#pragma unroll
+      for (int r = 0; r < kGroupRows; ++r) store(b0, r, g_uh.v[r]);
+    }
+  }
+}
+
+// dynamic_routing: grad_u[b, i, k] = sum_(j,d) W[i,j,d,k] g_uh[b,i,j,d] for 8 input dims k
+// (written to grad_u_part[grp], summed over groups by the launcher when there are several),
+// and grad_W[i, j, d, k] = sum_b g_uh[b,i,j,d] u[b,i,k] for the group's (j, d).
+// A block owns one input capsule, one group and one chunk of 8 input dims: its warps share
+// W[i] (staged once in shared memory when it fits) and take the batch tiles in turn (warp w:
+// tiles w, w + kFinalWarps, ...). Each warp sums its share of grad_W[i] (float32: in shared
+// memory, float64: in registers); at the end the warps' partial sums are added in warp order
+// (deterministic, no atomics).
+// grid = (N_in, n_groups, ceil(D_in / 8)); dynamic shared memory: weight_grad_layout().
+//
+// Two ways to get g_uh, one instantiation each (kKept):
+// - false: prediction_grad makes the warp's 16 rows of g_uh (recomputing predictions, logits
+//   and the softmax of every iteration) into a tile that is then read row by row;
+// - true, where the gradient passes kept their couplings (sw.kept): each row of g_uh is a few
+//   loads and FMAs (kept_rows) and is used at once. No predictions, no g_uh tile and a
+//   fraction of the registers: two blocks fit per multiprocessor (float32 accumulation).
+//
+// grad_W's sum over the batch is a matrix product per row tile r (16 (j, d) rows):
+// gW_r[16 x 8 dims k] += g_uh_r[16 x 8 batch] u[8 batch x 8 dims k]. In float32 it runs on the
+// matrix units with no data movement: g_uh_r in the accumulator layout (lane: rows g, g + 8;
+// batch 2t, 2t + 1) is already an A operand once the batch axis is read in the order
+// (0, 2, 4, 6, 1, 3, 5, 7) — A's column t is batch 2t, column t + 4 is batch 2t + 1 — and B's
+// rows (u) follow the same order. float64 stages the tile in shared memory and uses FMAs,
+// each lane owning 8 whole rows.
+constexpr int kFinalWarps = 8;
+constexpr int kFinalRows = kGroupRows * kTileD;  // (j, d) rows of a group: 256
+constexpr int kFinalTileStride = kFinalRows + 1;  // a g_uh tile row, padded against bank conflicts
+
+// Where lane `lane`'s accumulator e (of 64) of grad_W sits: row (j, d) of the group, dim k.
+template <typename acc_t>
+__host__ __device__ inline void weight_grad_slot(int e, int lane, int& row, int& k) {
+  if (std::is_same<acc_t, float>::value) {  // accumulator layout, e = 4 r + q
+    const int r = e / 4, q = e % 4, g = lane >> 2, t = lane & 3;
+    row = r * kTileD + g + 8 * (q >> 1);
+    k = 2 * t + (q & 1);
+  } else {  // whole rows, e = 8 m + k
+    row = lane + 32 * (e / 8);
+    k = e % 8;
+  }
+}
+
+// The kernel's shared memory: head = the warps' grad_W accumulators (kFinalAccBytes), then
+// their g_uh tiles (float32, not kept), or the g_uh and u tiles (float64); W[i] = the group's
+// rows (w_shared), then the operands with fragments.
+constexpr size_t kFinalAccBytes = size_t(kFinalWarps) * 64 * 32 * sizeof(float);
+template <typename scalar_t, typename acc_t>
+__host__ __device__ inline SmemLayout weight_grad_layout(const Dims& n, bool fragments,
+                                                         bool kept) {
+  const size_t g_uh = kept ? 0 : size_t(kFinalWarps) * kGroupRows * 32 * sizeof(float4);
+  const size_t tiles = std::is_same<acc_t, float>::value
+                           ? kFinalAccBytes + g_uh
+                           : size_t(kFinalWarps) * kTileB * (kFinalTileStride + 8) * sizeof(acc_t);
+  const size_t w_bytes = n.w_shared ? widest_group_cols(n) * n.D_in * sizeof(scalar_t) : 0;
+  return smem_layout<scalar_t>(n, tiles, w_bytes, fragments, 1, kFinalWarps);
 }
 
 // grad_u's share of row tile r of g_uh (capsule j, the lane's dims d; j < N_out):
@@ -1816,9 +1806,6 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   constexpr int GJ = kGroupRows / DT;
   constexpr bool kMatrixUnits = std::is_same<acc_t, float>::value;
   static_assert(!(kKept && Src::kFragments), "kept couplings need no prediction operands");
-  // Recomputing: nothing is loaded from the kept planes (prediction_grad's branch for them,
-  // which route_grad_kernel uses, folds away).
-  if constexpr (!kKept) sw.kept = nullptr;
   const Lane L;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t i = blockIdx.x;

@@ -461,8 +461,14 @@ void route_backward(const BackwardInputs& in, const at::Tensor& u_hat, const Rou
     constexpr int kW = cuda::final_warps<acc_t>();
     const dim3 grid(static_cast<unsigned>(ceil_div(n.N_in, kW)), d.n_groups);
     const cuda::Sweep<acc_t> sw = sr.view<acc_t>(in.grad_c, t_min, iterations, detach);
-    cuda::launch(cuda::route_grad_kernel<DT, T>, grid, kW * 32, 0, cuda::current_stream(),
-      src, d, sw, dptr<scalar_t>(grad_u_hat));
+    auto last_pass = [&](auto kept) {
+      cuda::launch(cuda::route_grad_kernel<DT, T, decltype(kept)::value>, grid, kW * 32, 0,
+                   cuda::current_stream(), src, d, sw, dptr<scalar_t>(grad_u_hat));
+    };
+    if (sw.kept != nullptr)
+      last_pass(std::true_type{});
+    else
+      last_pass(std::false_type{});
   });
 }
 
