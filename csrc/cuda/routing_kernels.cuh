@@ -1775,7 +1775,8 @@ __device__ __forceinline__ void add_weight_grad_fma(const acc_t* tile_g, acc_t* 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
-      for (int k = 0; k < 8; ++k) tile_u[(2 * L.t + h) * 8 + k] = u_at(u, n, b0 + 2 * L.t + h, i, k0 + k);
+      for (int k = 0; k < 8; ++k)
+        tile_u[(2 * L.t + h) * 8 + k] = u_at(u, n, b0 + 2 * L.t + h, i, k0 + k);
     }
   }
   __syncwarp();
