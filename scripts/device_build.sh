@@ -8,6 +8,8 @@ source_digest() {
 }
 
 # The register and spill lines of ptxas -v in a build log (CAPSROUTE_PTXAS_VERBOSE=1), counted.
+# (sed reads to the end: with head, sort got SIGPIPE once there were over 20 kinds of line, and
+# under pipefail prebuild_device.sh stopped there, before its load check.)
 ptxas_summary() {
-  grep -A2 "Compiling entry" "$1" | grep -E "registers|spill" | sort | uniq -c | sort -rn | head -20
+  grep -A2 "Compiling entry" "$1" | grep -E "registers|spill" | sort | uniq -c | sort -rn | sed -n 1,20p
 }
