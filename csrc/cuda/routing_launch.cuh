@@ -67,6 +67,16 @@ inline int dim_tiles(const char* op, int64_t D_out) {
   return D_out <= cuda::kTileD ? 1 : 2;
 }
 
+// A kernel's chunks of input capsules (d.i_per_block, d.n_chunks), for a grid whose other
+// dimensions hold `others` blocks: one wave of `per_sm` blocks per multiprocessor, enough to
+// fill the GPU with as few per-chunk partial sums as that allows.
+inline void plan_chunks(Dims& d, int64_t per_sm, int64_t others) {
+  const int64_t want = ceil_div(cuda::multiprocessor_count() * per_sm, others);
+  const int64_t chunks = std::clamp<int64_t>(want, 1, d.N_in);
+  d.i_per_block = static_cast<int>(ceil_div(d.N_in, chunks));
+  d.n_chunks = static_cast<int>(ceil_div(d.N_in, d.i_per_block));
+}
+
 inline Dims make_dims(const char* op, const RoutingSizes& n, bool leaky) {
   Dims d{};
   d.B = n.B;
@@ -88,14 +98,8 @@ inline Dims make_dims(const char* op, const RoutingSizes& n, bool leaky) {
   const int64_t b_blocks = ceil_div(b_tiles, d.warps);
   TORCH_CHECK_VALUE(b_blocks <= 65535 && d.n_groups <= 65535, op,
                     ": too large for the CUDA kernels' grid: B = ", n.B, ", N_out = ", n.N_out);
-  // One wave of blocks (kPassBlocksPerSM 8-warp blocks per multiprocessor): enough to fill
-  // the GPU, and as few per-block partial sums as that allows.
-  const int sms = cuda::multiprocessor_count();
-  const int64_t per_sm = cuda::kPassBlocksPerSM * std::max(1, cuda::kWarps / d.warps);
-  const int64_t want = ceil_div(sms * per_sm, b_blocks * d.n_groups);
-  const int64_t chunks = std::clamp<int64_t>(want, 1, n.N_in);
-  d.i_per_block = static_cast<int>(ceil_div(n.N_in, chunks));
-  d.n_chunks = static_cast<int>(ceil_div(n.N_in, d.i_per_block));
+  plan_chunks(d, cuda::kPassBlocksPerSM * std::max(1, cuda::kWarps / d.warps),
+              b_blocks * d.n_groups);
   // Tiles of V / gs rows (a group's columns): stride % 32 == 4, so that lanes hit distinct banks.
   const int64_t group_cols = cuda::widest_group_cols(d);
   d.tile_stride = group_cols + ((4 - group_cols % 32) + 32) % 32;
@@ -180,14 +184,10 @@ void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* pa
 template <int DT, typename T, typename Src, typename acc_t>
 void launch_group_stats(const Src& src, Dims d, cuda::State<acc_t> st, acc_t* stats, acc_t* cg,
                         cudaStream_t stream) {
-  // Its own chunks of input capsules (d.i_per_block, d.n_chunks: a pass's are per group): one
-  // wave of kPassBlocksPerSM 8-warp blocks per multiprocessor.
+  // Its own chunks of input capsules (a pass's are per group): kPassBlocksPerSM 8-warp blocks
+  // per multiprocessor.
   const int64_t b_blocks = ceil_div(d.B, cuda::kTileB * cuda::kWarps);
-  const int64_t chunks = std::clamp<int64_t>(
-      ceil_div(int64_t(cuda::multiprocessor_count()) * cuda::kPassBlocksPerSM, b_blocks), 1,
-      d.N_in);
-  d.i_per_block = static_cast<int>(ceil_div(d.N_in, chunks));
-  d.n_chunks = static_cast<int>(ceil_div(d.N_in, d.i_per_block));
+  plan_chunks(d, cuda::kPassBlocksPerSM, b_blocks);
   const dim3 grid(static_cast<unsigned>(d.n_chunks), static_cast<unsigned>(b_blocks));
   // W[i] staged in shared memory where it fits (always with operands).
   auto staged = [&](bool fragments) {
@@ -414,29 +414,23 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     // With the couplings kept, the last pass makes no predictions (see weight_grad_kernel):
     // it reads W[i] as it is. W[i]'s rows are staged in shared memory where they fit beside
     // the tiles (always with operands).
-    auto last_pass = [&](auto source, auto kept) {
-      using S = decltype(source);
-      constexpr bool kKept = decltype(kept)::value;
-      auto layout = [](const Dims& e, bool f) {
-        return cuda::weight_grad_layout<T, acc_t>(e, f, kKept);
-      };
-      d.w_shared = staged_fits(d, S::kFragments, layout);
-      cuda::launch(cuda::weight_grad_kernel<DT, S, T, kKept>, grid, cuda::kFinalWarps * 32,
-                   layout(d, S::kFragments).end, cuda::current_stream(), source, d, sw,
-                   aptr<acc_t>(grad_u_part), dptr<scalar_t>(grad_weight));
+    const bool kept = sw.kept != nullptr;
+    auto layout = [kept](const Dims& e, bool f) {
+      return cuda::weight_grad_layout<T, acc_t>(e, f, kept);
     };
-    if (sw.kept != nullptr) {
+    auto last_pass = [&](auto source, auto kept_t) {
+      using S = decltype(source);
+      d.w_shared = staged_fits(d, S::kFragments, layout);
+      cuda::launch(cuda::weight_grad_kernel<DT, S, T, decltype(kept_t)::value>, grid,
+                   cuda::kFinalWarps * 32, layout(d, S::kFragments).end, cuda::current_stream(),
+                   source, d, sw, aptr<acc_t>(grad_u_part), dptr<scalar_t>(grad_weight));
+    };
+    if (kept)
       last_pass(src, std::true_type{});
-    } else {
+    else
       launch_with_source(
-          src, d,
-          [&] {
-            return staged_fits(d, true, [](const Dims& e, bool f) {
-              return cuda::weight_grad_layout<T, acc_t>(e, f, false);
-            });
-          },
+          src, d, [&] { return staged_fits(d, true, layout); },
           [&](auto source) { last_pass(source, std::false_type{}); });
-    }
     // With several groups of output capsules their contributions to grad_u are added here,
     // in group order.
     if (!direct) grad_u.copy_(d.n_groups == 1 ? grad_u_part[0] : grad_u_part.sum(0));
