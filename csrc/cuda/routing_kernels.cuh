@@ -1542,6 +1542,7 @@ __device__ __forceinline__ void kept_rows(const Dims& n, const Lane& L, const Sw
   LaneRows<acc_t> gs = lane_rows(sw.gs, global, n, L, b0);
   LaneRows<acc_t> V = lane_rows(sw.V_prev, global, n, L, b0);
   const int64_t pairs = kept_batch(n) / 2, plane = kept_plane(n) / 2;
+  const int64_t next_t = (kept_offset(n, 3) - kept_offset(n, 2)) / 2;  // from t's pairs to t + 1's
   const Pair<acc_t>* kc =
       reinterpret_cast<const Pair<acc_t>*>(sw.kept + kept_pair_offset<DT>(n, L, i, b0, grp));
   const acc_t uniform = acc_t(1) / acc_t(n.N_out + (n.leaky ? 1 : 0));
@@ -1579,7 +1580,7 @@ __device__ __forceinline__ void kept_rows(const Dims& n, const Lane& L, const Sw
       gs.row[h] += stride;
       V.row[h] += stride;
     }
-    if (t > 1) kc += 2 * plane;
+    if (t > 1) kc += next_t;
   }
 }
 
@@ -1602,7 +1603,8 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
       const int64_t b = b0 + L.col(q);
       const int d = L.dim(r % DT, q);
       if (j < n.N_out && b < n.B && d < n.D_out)
-        grad_u_hat[((b * n.N_in + i) * n.N_out + j) * n.D_out + d] = Scalar<scalar_t>::store(x[q]);
+        grad_u_hat[((b * n.N_in + i) * n.N_out + j) * n.D_out + d] =
+            Scalar<scalar_t>::store(x[q]);
     }
   };
   for (int64_t b0 = 0; b0 < n.B; b0 += kTileB) {
@@ -1888,7 +1890,6 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
         }
       }
       store_grad_u(n, L, grp, i, b0, k0, gu, grad_u_part);
-      if constexpr (!kMatrixUnits) add_weight_grad_fma(tile_g, tile_u, src.u, n, L, i, b0, k0, gW);
     } else {
       // g_uh of the warp's batch tile: float32 in shared memory, after the accumulators.
       std::conditional_t<kMatrixUnits, SharedRows, RegisterRows<acc_t>> g_uh;
@@ -1918,9 +1919,10 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
 #pragma unroll
         for (int r = 0; r < kGroupRows; ++r)
           stage_grad_row(tile_g, L, r, has_capsule(n, grp * GJ + r / DT), g_uh.v[r]);
-        add_weight_grad_fma(tile_g, tile_u, src.u, n, L, i, b0, k0, gW);
       }
     }
+    // float64: the tile of g_uh, staged row by row above, into grad_W's sums.
+    if constexpr (!kMatrixUnits) add_weight_grad_fma(tile_g, tile_u, src.u, n, L, i, b0, k0, gW);
   }
 
   // The warps' partial grad_W[i] ([256 rows][8 dims]), added in warp order into `sum`.
