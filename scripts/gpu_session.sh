@@ -12,7 +12,9 @@
 #   ab        the profile (canonical and scale shapes) of each other carried build,
 #             build/device_* (e.g. build/device_prev, which scripts/prebuild_device.sh keeps),
 #             then of the current one, each in its own process on this machine: a per-kernel A/B
-# The logs end up packed in $OUT/logs.tgz (the device tool brings back only 8 files).
+# The logs end up packed in $OUT/logs.tgz (the device tool brings back only 8 files). The whole
+# session keeps inside SESSION_S seconds (default 570, under the tool's 600-second call): each
+# step's time limit is cut to what is left, so the logs are packed even when the last step is.
 # First call on a fresh machine: `quick bench` (~8 min with the build, ~6 with a prebuilt
 # extension: scripts/prebuild_device.sh here, then carry ["build/device"]); second: `profile
 # tests sanitize`.
@@ -23,6 +25,9 @@ export CAPSROUTE_PTXAS_VERBOSE=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 git log --oneline -1 2>/dev/null | tee "$OUT/version.txt"
 t0=$(date +%s)
+deadline=$(( t0 + ${SESSION_S:-570} - 10 ))
+# cap N: N seconds, or what is left before the deadline if less (at least 1).
+cap() { local left=$(( deadline - $(date +%s) )); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 # A prebuilt extension (scripts/prebuild_device.sh, carried as build/device) when it was built
 # from these sources and loads here with its CUDA kernels; else the build (~140 s).
 source scripts/device_build.sh
@@ -40,21 +45,22 @@ else
 fi
 # profile_cuda.py with the extension now in capsroute/: the canonical shape, then the scale shape.
 profile_shapes() {
-  timeout 60 python3 scripts/profile_cuda.py
-  timeout 90 python3 scripts/profile_cuda.py --n-in 32768 --n-out 64 --calls 3
+  timeout $(cap 60) python3 scripts/profile_cuda.py
+  timeout $(cap 90) python3 scripts/profile_cuda.py --n-in 32768 --n-out 64 --calls 3
 }
 for step in "$@"; do
+  if [ $(( deadline - $(date +%s) )) -lt 20 ]; then echo "=== $step: skipped, the session's time is spent"; continue; fi
   echo "=== $step ($(date +%T))"
   case $step in
-    check) timeout 200 python3 scripts/cuda_check.py --no-time 2>&1 | grep -v Warning | tee "$OUT/check.log" ;;
-    quick) timeout 120 python3 scripts/cuda_check.py --quick --no-time 2>&1 | grep -v Warning | tee "$OUT/check.log" ;;
-    tests) timeout 300 python3 -m pytest -q -x -k "cuda and not emulation" -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
+    check) timeout $(cap 200) python3 scripts/cuda_check.py --no-time 2>&1 | grep -v Warning | tee "$OUT/check.log" ;;
+    quick) timeout $(cap 120) python3 scripts/cuda_check.py --quick --no-time 2>&1 | grep -v Warning | tee "$OUT/check.log" ;;
+    tests) timeout $(cap 300) python3 -m pytest -q -x -k "cuda and not emulation" -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
     sanitize)
       for tool in memcheck racecheck initcheck synccheck; do
-        timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/cuda_check.py --tiny > "$OUT/sanitize_$tool.log" 2>&1
+        timeout $(cap 120) compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/cuda_check.py --tiny > "$OUT/sanitize_$tool.log" 2>&1
         echo "$tool: exit $? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
       done ;;
-    bench) timeout 330 python3 benchmarks/ratios.py --suite gpu 2>&1 | grep -v Warning | tee "$OUT/bench.log" ;;
+    bench) timeout $(cap 330) python3 benchmarks/ratios.py --suite gpu 2>&1 | grep -v Warning | tee "$OUT/bench.log" ;;
     profile) profile_shapes 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
     ab)
       cp capsroute/_C.abi3.so "$OUT/.current.so"
@@ -69,7 +75,7 @@ for step in "$@"; do
         fi
         profile_shapes
       done 2>&1 | grep -v -i warn | tee "$OUT/ab.log" ;;
-    bench-ma) timeout 500 python3 benchmarks/ratios.py --device cuda --batch 128 --max-autotune 2>&1 | grep -v Warning | tee "$OUT/bench_ma.log" ;;
+    bench-ma) timeout $(cap 500) python3 benchmarks/ratios.py --device cuda --batch 128 --max-autotune 2>&1 | grep -v Warning | tee "$OUT/bench_ma.log" ;;
   esac
 done
 (cd "$OUT" && tar -czf logs.tgz --exclude logs.tgz -- * && find . -type f ! -name logs.tgz -delete)
