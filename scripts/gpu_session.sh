@@ -8,6 +8,8 @@
 #   bench-ma  B=128 also against torch.compile(mode="max-autotune") (several minutes)
 #   profile   the fused op's per-kernel times and host overhead, canonical and scale shapes
 #   tests     the test suite's CUDA cases
+#   ncu       Nsight Compute on the canonical shape's kernels (scripts/ncu_kernels.sh)
+#   ncu-scale the same on the 32768x64 scale shape
 #   sanitize  compute-sanitizer memcheck/racecheck/initcheck/synccheck on a tiny case
 #   ab        the profile (canonical and scale shapes) of each other carried build,
 #             build/device_* (e.g. build/device_prev, which scripts/prebuild_device.sh keeps),
@@ -61,6 +63,8 @@ for step in "$@"; do
         echo "$tool: exit $? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
       done ;;
     bench) timeout $(cap 330) python3 benchmarks/ratios.py --suite gpu 2>&1 | grep -v Warning | tee "$OUT/bench.log" ;;
+    ncu) timeout $(cap 240) bash scripts/ncu_kernels.sh 2>&1 | tail -60 ;;
+    ncu-scale) timeout $(cap 240) bash scripts/ncu_kernels.sh 128 32768 64 2>&1 | tail -60 ;;
     profile) profile_shapes 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
     ab)
       cp capsroute/_C.abi3.so "$OUT/.current.so"

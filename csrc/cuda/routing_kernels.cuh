@@ -1205,12 +1205,10 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
 // (b, i) at iteration t, stats[b, i] = (max, sum of exp) of the logits <u_hat, V>, and with
 // cg_out the softmax backward's sum_k c_k g_k (g = dL/dc = <u_hat, gs> + grad_c), so that the
 // passes of each group need only their own capsules' predictions. A block's warps take 8
-// batch elements each and walk a chunk of input capsules together (n.i_per_block of them, as
-// the launch code plans for this kernel), one at a time, with the whole W[i] staged in shared
-// memory when w_shared: as the matrix units' operands of every group (FragmentSource, with the
-// next capsule's copy in flight meanwhile), or as it is. One capsule per block left each block
-// waiting for its W[i] from memory before any work (the scale shape reads W from HBM).
-// grid = (n_chunks, ceil(B / (8 * kWarps))); dynamic shared memory: group_stats_layout().
+// batch elements each and share one input capsule, whose whole W[i] is staged in shared
+// memory when w_shared. (Blocks that walk a chunk of capsules, copying W[i + 1] while W[i]
+// is in use, measured 15% slower at the 32768x64 shape on an H100: benchmarks/RESULTS.md.)
+// grid = (N_in, ceil(B / (8 * kWarps))); dynamic shared memory: group_stats_layout().
 template <typename scalar_t>
 __host__ __device__ inline SmemLayout group_stats_layout(const Dims& n, bool fragments) {
   const size_t w_bytes = n.w_shared ? n.J * n.D_in * sizeof(scalar_t) : 0;
@@ -1218,89 +1216,72 @@ __host__ __device__ inline SmemLayout group_stats_layout(const Dims& n, bool fra
 }
 
 template <int DT, typename Src, typename scalar_t>
-__global__ void __launch_bounds__(kThreads, blocks_per_sm<scalar_t>(kPassBlocksPerSM))
+__global__ void __launch_bounds__(kThreads)
 group_stats_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
                    typename Scalar<scalar_t>::acc* __restrict__ stats,
                    typename Scalar<scalar_t>::acc* __restrict__ cg_out) {
   using acc_t = typename Scalar<scalar_t>::acc;
   constexpr int GJ = kGroupRows / DT;
   const Lane L;
+  const int64_t i = blockIdx.x;
   const int64_t b0 = (int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5)) * kTileB;
-  const bool has_rows = b0 < n.B;  // warp-uniform; idle warps still join the barriers
-  const int64_t i_begin = int64_t(blockIdx.x) * n.i_per_block;
-  const int64_t i_end = min(i_begin + n.i_per_block, n.N_in);
-  unsigned char* smem = dynamic_smem<unsigned char>();
-  scalar_t* w = reinterpret_cast<scalar_t*>(smem);  // W[i], all of it (w_shared)
-  auto copy = [&](int64_t i) {  // W[i] (if any), every copy in flight at once
-    if constexpr (Src::kComputed)
-      if (n.w_shared && i < i_end) copy_weight(n, src.W + i * n.J * n.D_in, n.J * n.D_in, w);
-    cp_async_commit();
-  };
-  if constexpr (Src::kFragments) {
-    const SmemLayout layout = group_stats_layout<scalar_t>(n, true);
-    src.Wf = reinterpret_cast<uint4*>(smem + layout.wf);
-    src.group_stride = kGroupRows * Src::kParts * n.k_chunks * 32;
-    src.Uf = reinterpret_cast<uint4*>(smem + layout.uf) + (threadIdx.x >> 5) * n.k_chunks * 32;
-  }
-  copy(i_begin);
-  for (int64_t i = i_begin; i < i_end; ++i) {
-    if constexpr (Src::kComputed) {
-      // W[i] has landed (this thread's copies; after the barrier, everyone's), and no warp
-      // uses the previous capsule's operands or W any more.
+  if constexpr (Src::kComputed) {
+    const scalar_t* w_all = src.W + i * n.J * n.D_in;
+    unsigned char* smem = dynamic_smem<unsigned char>();
+    if (n.w_shared) {  // all of W[i], every copy in flight at once
+      scalar_t* w = reinterpret_cast<scalar_t*>(smem);
+      copy_weight(n, w_all, n.J * n.D_in, w);
+      cp_async_commit();
       cp_async_wait_all();
+      w_all = w;
+    }
+    if constexpr (Src::kFragments) {  // every group's operands (always staged W[i])
       __syncthreads();
-      const scalar_t* w_all = n.w_shared ? w : src.W + i * n.J * n.D_in;
-      if constexpr (Src::kFragments) {  // every group's operands (always staged W[i])
-        for (int grp = 0; grp < n.n_groups; ++grp)
-          build_fragments<DT, Src::kChunks>(w_all + group_j0(n, grp) * n.D_out * n.D_in, n,
-                                            grp, src.Wf + grp * src.group_stride);
-        __syncthreads();
-        copy(i + 1);  // into the buffer just read
-      } else {
-        src.Wi = w_all;
-      }
+      const SmemLayout layout = group_stats_layout<scalar_t>(n, true);
+      src.Wf = reinterpret_cast<uint4*>(smem + layout.wf);
+      src.group_stride = kGroupRows * Src::kParts * n.k_chunks * 32;
+      src.Uf = reinterpret_cast<uint4*>(smem + layout.uf) + (threadIdx.x >> 5) * n.k_chunks * 32;
+      for (int grp = 0; grp < n.n_groups; ++grp)
+        build_fragments<DT, Src::kChunks>(w_all + group_j0(n, grp) * n.D_out * n.D_in, n,
+                                          grp, src.Wf + grp * src.group_stride);
+    } else {
+      src.Wi = w_all;
     }
-    if (has_rows) {
-      if constexpr (Src::kFragments) stage_u(src, n, L, i, b0);
-      SoftmaxStats<acc_t> s;
-      s.init(n.leaky);
-      for (int grp = 0; grp < n.n_groups; ++grp) {
-        acc_t a[GJ][2];
-        agreements<DT>(src, n, L, st, st.V, i, b0, grp, a);
-        s.add(a, int64_t(grp) * GJ, n.N_out);
-      }
-      acc_t cg[2] = {0, 0};
-      if (cg_out != nullptr) {  // a second walk, now that the statistics are known
-        for (int grp = 0; grp < n.n_groups; ++grp) {
-          acc_t ag[2][GJ][2];  // logits, dL/dc
-          agreements<DT, 2>(src, n, L, st, {st.V, st.gs}, i, b0, grp, ag);
-          add_grad_c<DT>(n, L, st, i, b0, grp, ag[1]);
+    __syncthreads();
+  }
+  if (b0 >= n.B) return;  // whole warps, after the block's last barrier
+  if constexpr (Src::kFragments) stage_u(src, n, L, i, b0);
+  SoftmaxStats<acc_t> s;
+  s.init(n.leaky);
+  for (int grp = 0; grp < n.n_groups; ++grp) {
+    acc_t a[GJ][2];
+    agreements<DT>(src, n, L, st, st.V, i, b0, grp, a);
+    s.add(a, int64_t(grp) * GJ, n.N_out);
+  }
+  acc_t cg[2] = {0, 0};
+  if (cg_out != nullptr) {  // a second walk, now that the statistics are known
+    for (int grp = 0; grp < n.n_groups; ++grp) {
+      acc_t ag[2][GJ][2];  // logits, dL/dc
+      agreements<DT, 2>(src, n, L, st, {st.V, st.gs}, i, b0, grp, ag);
+      add_grad_c<DT>(n, L, st, i, b0, grp, ag[1]);
 #pragma unroll
-          for (int jl = 0; jl < GJ; ++jl)
+      for (int jl = 0; jl < GJ; ++jl)
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
-              if (int64_t(grp) * GJ + jl < n.N_out)
-                cg[h] += exp_(ag[0][jl][h] - s.m[h]) * ag[1][jl][h];
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) cg[h] /= s.l[h];  // c_k = exp(logit_k - m) / l
-      }
-      if (L.g == 0) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t b = b0 + 2 * L.t + h;
-          if (b >= n.B) continue;
-          stats[(b * n.N_in + i) * 2] = s.m[h];
-          stats[(b * n.N_in + i) * 2 + 1] = s.l[h];
-          if (cg_out != nullptr) cg_out[b * n.N_in + i] = cg[h];
-        }
-      }
+        for (int h = 0; h < 2; ++h)
+          if (int64_t(grp) * GJ + jl < n.N_out)
+            cg[h] += exp_(ag[0][jl][h] - s.m[h]) * ag[1][jl][h];
     }
-    if constexpr (Src::kComputed && !Src::kFragments) {
-      // W[i] as it is: read until every warp is done with it, then refilled.
-      __syncthreads();
-      copy(i + 1);
-    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) cg[h] /= s.l[h];  // c_k = exp(logit_k - m) / l
+  }
+  if (L.g != 0) return;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t b = b0 + 2 * L.t + h;
+    if (b >= n.B) continue;
+    stats[(b * n.N_in + i) * 2] = s.m[h];
+    stats[(b * n.N_in + i) * 2 + 1] = s.l[h];
+    if (cg_out != nullptr) cg_out[b * n.N_in + i] = cg[h];
   }
 }
 

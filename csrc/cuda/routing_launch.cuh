@@ -184,11 +184,8 @@ void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* pa
 template <int DT, typename T, typename Src, typename acc_t>
 void launch_group_stats(const Src& src, Dims d, cuda::State<acc_t> st, acc_t* stats, acc_t* cg,
                         cudaStream_t stream) {
-  // Its own chunks of input capsules (a pass's are per group): kPassBlocksPerSM 8-warp blocks
-  // per multiprocessor.
-  const int64_t b_blocks = ceil_div(d.B, cuda::kTileB * cuda::kWarps);
-  plan_chunks(d, cuda::kPassBlocksPerSM, b_blocks);
-  const dim3 grid(static_cast<unsigned>(d.n_chunks), static_cast<unsigned>(b_blocks));
+  const dim3 grid(static_cast<unsigned>(d.N_in),
+                  static_cast<unsigned>(ceil_div(d.B, cuda::kTileB * cuda::kWarps)));
   // W[i] staged in shared memory where it fits (always with operands).
   auto staged = [&](bool fragments) {
     return staged_fits(d, fragments,
