@@ -154,6 +154,16 @@ def test_shapes_float64(emu, op, shape, detach):
                  detach=detach, return_coupling=True)
 
 
+# More iterations than the last pass loads at once (kept_rows: three in float32, one in
+# float64): 4 and 7 leave a partial round of one.
+@pytest.mark.parametrize("op", ["dynamic_routing", "route"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("iterations", [4, 7])
+def test_many_iterations(emu, op, dtype, iterations):
+    run_emulated(emu, op, SHAPES[0], dtype, iterations=iterations, bias=True, leaky=True,
+                 detach=False, return_coupling=True)
+
+
 # float32 and the half types stage W[i] as the matrix units' operands (FragmentSource) on
 # every shape above; W[i] of a very wide D_in does not fit there and is read from global memory.
 # GROUPS_WIDE_IN: several groups with two chunks of input dims (the operands' chunk count not

@@ -1506,67 +1506,73 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
   }
 }
 
-// Rows r0 .. r0 + N - 1 of g_uh for (i, b0) from the couplings the gradient passes kept
-// (every iteration carries gradient: t_min = 1, no detach): sum_t c^(t) gs^(t) +
-// gbeta^(t) V^(t-1), where c^(1) is uniform and t = 1 has no logit term (V^(0) = 0). Rows of
-// capsules past N_out (and batch elements past B) come out as zeros. The N rows' loads of one
-// iteration are issued together.
-template <int DT, int N, typename acc_t>
+// Row r of g_uh for (i, b0) from the couplings the gradient passes kept (every iteration
+// carries gradient: t_min = 1, no detach): sum_t c^(t) gs^(t) + gbeta^(t) V^(t-1), where
+// c^(1) is uniform and t = 1 has no logit term (V^(0) = 0). A row of a capsule past N_out (and
+// batch elements past B) comes out as zeros. The loads of P iterations are issued before the
+// first is used: one L2 round trip per row at r <= 3, where one per iteration left the last
+// pass waiting on them (ncu: a quarter of its stall samples on the first FMA after the
+// loads). float64 takes one at a time (its values take two registers each).
+template <int DT, typename acc_t, int P = std::is_same<acc_t, float>::value ? 3 : 1>
 __device__ __forceinline__ void kept_rows(const Dims& n, const Lane& L, const Sweep<acc_t>& sw,
-                                          int64_t i, int64_t b0, int grp, int r0,
-                                          acc_t (&a)[N][4]) {
+                                          int64_t i, int64_t b0, int grp, int r,
+                                          acc_t (&a)[4]) {
   constexpr int GJ = kGroupRows / DT;
   const int64_t stride = n.B * n.J;
   const State<acc_t> global{nullptr, nullptr, nullptr, false, 0, n.J};
-  // Iteration t's gs^(t) and V^(t-1), both at t - 1, and its pairs (lane t: batch 2t, 2t + 1)
+  const int jl = r / DT, j = grp * GJ + jl;
+  const bool has = has_capsule(n, j);
+  // Iteration t's gs^(t) and V^(t-1), both at t - 1, and its pair (lane t: batch 2t, 2t + 1)
   // of c^(t) and, a plane on, gbeta^(t) (see keep_couplings): walked one iteration at a time.
   LaneRows<acc_t> gs = lane_rows(sw.gs, global, n, L, b0);
   LaneRows<acc_t> V = lane_rows(sw.V_prev, global, n, L, b0);
-  const int64_t pairs = kept_batch(n) / 2, plane = kept_plane(n) / 2;
+  const int64_t plane = kept_plane(n) / 2;
   const int64_t next_t = (kept_offset(n, 3) - kept_offset(n, 2)) / 2;  // from t's pairs to t + 1's
-  const Pair<acc_t>* kc =
-      reinterpret_cast<const Pair<acc_t>*>(sw.kept + kept_pair_offset<DT>(n, L, i, b0, grp));
+  const Pair<acc_t>* kc = reinterpret_cast<const Pair<acc_t>*>(
+                              sw.kept + kept_pair_offset<DT>(n, L, i, b0, grp)) +
+                          jl * (kept_batch(n) / 2);
   const acc_t uniform = acc_t(1) / acc_t(n.N_out + (n.leaky ? 1 : 0));
 #pragma unroll
-  for (int m = 0; m < N; ++m)
+  for (int q = 0; q < 4; ++q) a[q] = acc_t(0);
+  for (int t0 = 1; t0 <= sw.iterations; t0 += P) {
+    acc_t fg[P][4], fv[P][4];
+    Pair<acc_t> c[P], g[P];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) a[m][q] = acc_t(0);
-  for (int t = 1; t <= sw.iterations; ++t) {
-    acc_t fg[N][4], fv[N][4];
-    Pair<acc_t> c[N], g[N];
-#pragma unroll
-    for (int m = 0; m < N; ++m) {
-      const int r = r0 + m, jl = r / DT, j = grp * GJ + jl;
-      load_frag(gs, global, n, L, j, r % DT, fg[m]);
+    for (int p = 0; p < P; ++p) {
+      const int t = t0 + p;
+      if (t > sw.iterations) break;
+      load_frag(gs, global, n, L, j, r % DT, fg[p]);
       if (t > 1) {
-        load_frag(V, global, n, L, j, r % DT, fv[m]);
-        const bool has = has_capsule(n, j);
-        c[m] = has ? kc[jl * pairs] : Pair<acc_t>{0, 0};
-        g[m] = has ? kc[jl * pairs + plane] : Pair<acc_t>{0, 0};
+        load_frag(V, global, n, L, j, r % DT, fv[p]);
+        c[p] = has ? kc[0] : Pair<acc_t>{0, 0};
+        g[p] = has ? kc[plane] : Pair<acc_t>{0, 0};
+        kc += next_t;
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        gs.row[h] += stride;
+        V.row[h] += stride;
       }
     }
 #pragma unroll
-    for (int m = 0; m < N; ++m)
+    for (int p = 0; p < P; ++p) {
+      const int t = t0 + p;
+      if (t > sw.iterations) break;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         if (t == 1) {
-          a[m][q] += uniform * fg[m][q];
+          a[q] += uniform * fg[p][q];
         } else {
-          a[m][q] += (q & 1 ? c[m].y : c[m].x) * fg[m][q];
-          a[m][q] += (q & 1 ? g[m].y : g[m].x) * fv[m][q];
+          a[q] += (q & 1 ? c[p].y : c[p].x) * fg[p][q];
+          a[q] += (q & 1 ? g[p].y : g[p].x) * fv[p][q];
         }
       }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      gs.row[h] += stride;
-      V.row[h] += stride;
     }
-    if (t > 1) kc += next_t;
   }
 }
 
 // route: grad_u_hat = g_uh, a row tile at a time: made by prediction_grad for the warp's 16
-// rows at once, or with kept couplings (kKept) from loads, two rows at a time (kept_rows).
+// rows at once, or with kept couplings (kKept) from loads, a row at a time (kept_rows).
 template <int DT, typename scalar_t, bool kKept>
 __global__ void __launch_bounds__(128)
 route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
@@ -1591,12 +1597,11 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
   for (int64_t b0 = 0; b0 < n.B; b0 += kTileB) {
     if constexpr (kKept) {
 #pragma unroll 1
-      for (int r0 = 0; r0 < kGroupRows; r0 += 2) {
-        if (!has_capsule(n, grp * GJ + r0 / DT)) break;  // warp-uniform
-        acc_t a[2][4];
-        kept_rows<DT>(n, L, sw, i, b0, grp, r0, a);
-        store(b0, r0, a[0]);
-        store(b0, r0 + 1, a[1]);
+      for (int r = 0; r < kGroupRows; ++r) {
+        if (!has_capsule(n, grp * GJ + r / DT)) break;  // warp-uniform
+        acc_t a[4];
+        kept_rows<DT>(n, L, sw, i, b0, grp, r, a);
+        store(b0, r, a);
       }
     } else {
       RegisterRows<acc_t> g_uh;
@@ -1845,29 +1850,24 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
 #pragma unroll
       for (int k = 0; k < 8; ++k) gu[h][k] = acc_t(0);
     if constexpr (kKept) {
-      // Two rows of g_uh at a time, each used as soon as it is made, in a loop that is not
-      // unrolled (ptxas, float32: 127 registers and no spills, as two blocks per SM need;
-      // unrolled, the compiler hoisted later rows' loads into 244 registers, and four rows at
-      // a time took 159).
+      // One row of g_uh at a time, used as soon as it is made, in a loop that is not unrolled
+      // (ptxas, float32: 128 registers and no spills, as two blocks per SM need; unrolled, the
+      // compiler hoisted later rows' loads into 244 registers). kept_rows issues the row's
+      // loads of all iterations at once; two rows a call took 420 B of spills that way.
       uint32_t bh[2], bl[2];
       if constexpr (kMatrixUnits) weight_grad_operand(src.u, n, L, i, b0, k0, bh, bl);
-      constexpr int kRows = 2;
 #pragma unroll 1
-      for (int r0 = 0; r0 < kGroupRows; r0 += kRows) {
+      for (int r = 0; r < kGroupRows; ++r) {
+        const bool has = has_capsule(n, grp * GJ + r / DT);  // warp-uniform
         // (float64 walks every row: its tile must hold zeros past N_out)
-        if (kMatrixUnits && !has_capsule(n, grp * GJ + r0 / DT)) break;  // warp-uniform
-        acc_t a[kRows][4];
-        kept_rows<DT>(n, L, sw, i, b0, grp, r0, a);
-#pragma unroll
-        for (int m = 0; m < kRows; ++m) {
-          const int r = r0 + m;
-          const bool has = has_capsule(n, grp * GJ + r / DT);  // warp-uniform
-          if (has) add_grad_u<DT>(w_rows, w_j0, n, L, grp, r, k0, a[m], gu);
-          if constexpr (kMatrixUnits) {
-            if (has) add_weight_grad(gw_s, lane, r, a[m], bh, bl);
-          } else {
-            stage_grad_row(tile_g, L, r, has, a[m]);
-          }
+        if (kMatrixUnits && !has) break;
+        acc_t a[4];
+        kept_rows<DT>(n, L, sw, i, b0, grp, r, a);
+        if (has) add_grad_u<DT>(w_rows, w_j0, n, L, grp, r, k0, a, gu);
+        if constexpr (kMatrixUnits) {
+          if (has) add_weight_grad(gw_s, lane, r, a, bh, bl);
+        } else {
+          stage_grad_row(tile_g, L, r, has, a);
         }
       }
       store_grad_u(n, L, grp, i, b0, k0, gu, grad_u_part);
