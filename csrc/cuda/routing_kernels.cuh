@@ -1510,9 +1510,9 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
 // carries gradient: t_min = 1, no detach): sum_t c^(t) gs^(t) + gbeta^(t) V^(t-1), where
 // c^(1) is uniform and t = 1 has no logit term (V^(0) = 0). A row of a capsule past N_out (and
 // batch elements past B) comes out as zeros. The loads of P iterations are issued before the
-// first is used: one L2 round trip per row at r <= 3, where one per iteration left the last
-// pass waiting on them (ncu: a quarter of its stall samples on the first FMA after the
-// loads). float64 takes one at a time (its values take two registers each).
+// first is used: one L2 round trip per row for up to three iterations, where one per
+// iteration left the last pass waiting on them (ncu: a quarter of its stall samples on the
+// first FMA after the loads). float64 takes one at a time (its values take two registers).
 template <int DT, typename acc_t, int P = std::is_same<acc_t, float>::value ? 3 : 1>
 __device__ __forceinline__ void kept_rows(const Dims& n, const Lane& L, const Sweep<acc_t>& sw,
                                           int64_t i, int64_t b0, int grp, int r,
