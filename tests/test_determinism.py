@@ -1,6 +1,6 @@
 """Determinism (issue 5): bit-identical values and gradients across repeated runs, across CPU
 thread counts, and from several Python threads at once; on CUDA across runs and on a
-non-default stream."""
+non-default stream, and replayed from a CUDA graph."""
 from __future__ import annotations
 
 import threading
@@ -127,3 +127,41 @@ def test_cuda_side_stream_is_honoured(op):
     cpu = _run(op, [t.cpu() for t in inputs], g_v.cpu(), g_c.cpu())
     for x, y in zip(got, cpu):
         assert_close_rel(x, y, 1e-5, "side stream vs CPU")
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+@pytest.mark.parametrize("cache_mb", ["1024", "0"], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("detach", [False, True], ids=["exact", "detach"])
+@pytest.mark.parametrize("shape", [SHAPE, Shape(5, 41, 20, 8, 16)], ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_graph_replay_matches_eager(op, shape, detach, cache_mb, monkeypatch):
+    """Forward and backward captured in one CUDA graph: the capture succeeds (no host
+    synchronisation, no host read of device values inside the ops), and a replay on new
+    inputs, copied into the captured ones, gives the bits of an eager call on those inputs.
+    20 output capsules make two groups (group_stats_kernel); cache_mb=0 makes the backward's
+    last pass recompute the couplings instead of reading the kept ones."""
+    from capsroute import _ops
+
+    if not _ops.has_cuda_kernels():
+        pytest.skip("needs CUDA kernels (this build is CPU-only)")
+    monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", cache_mb)
+    inputs, g_v, g_c = _problem(op, torch.float32, "cuda", key=("graph", str(shape)), shape=shape)
+    new_inputs, new_g_v, new_g_c = _problem(op, torch.float32, "cuda", key=("graph, new", str(shape)),
+                                            shape=shape)
+    static = [t.clone() for t in list(inputs) + [g_v, g_c]]
+    side = torch.cuda.Stream()  # warm-up on a side stream, as capture requires
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            _run(op, static[:-2], *static[-2:], detach=detach)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _run(op, static[:-2], *static[-2:], detach=detach)
+    for dst, src in zip(static, list(new_inputs) + [new_g_v, new_g_c]):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = _run(op, list(new_inputs), new_g_v, new_g_c, detach=detach)
+    assert not torch.equal(want[0], _run(op, list(inputs), g_v, g_c, detach=detach)[0])
+    _assert_identical(want, captured, "CUDA graph replay")
