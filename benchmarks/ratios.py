@@ -13,13 +13,21 @@ inputs) and, on CUDA, the peak memory a forward+backward allocates beyond its in
     python benchmarks/ratios.py --suite gpu           # B=32/128/512 fp32, B=128 bf16, a scale shape
     python benchmarks/ratios.py --device cpu --batch 64 --dtype float64 --no-compile
     python benchmarks/ratios.py --json results.json   # also dump the rows
+    python benchmarks/ratios.py --suite gpu --graph   # also each call replayed from a CUDA graph
 
 Timing: fresh random inputs (never zeros), warm-up calls first, then the median of repeats.
 On CPU with time.perf_counter, the implementations taking turns in rounds (each turn: one
 untimed call, then three timed calls back to back), so that a noisy machine slows all of
 them alike while each timed call finds the caches as the same implementation left them.
-On CUDA with triton.testing.do_bench (median) when triton is installed, else CUDA events,
-synchronising inside the timing.
+On CUDA with triton.testing.do_bench (median; L2 flushed before each call) when triton is
+installed, else CUDA events: GPU time from the call's first enqueued work to its last, with
+no synchronisation inside the timed call, so the host's launches overlap the GPU's work as
+in a training loop and count only where the GPU waits for them. (The runs in
+benchmarks/RESULTS.md up to the sixth device session ended each timed call with
+torch.cuda.synchronize(), which put the host's wake-up and the next call's launch latency
+into every figure: identical kernels measured 0.645 and 0.907 ms in two runs.) With --graph, each call is also captured once in a CUDA graph and its
+replays timed the same way: the GPU's work alone, with no host work, for every
+implementation that can be captured.
 """
 from __future__ import annotations
 
@@ -119,23 +127,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward_fn(impl: Callable, u, W, iterations: int, device) -> Callable[[], None]:
+# The timed calls. They do not synchronise: on CPU the work is done when they return, and
+# on CUDA the timing brackets them with events.
+def forward_fn(impl: Callable, u, W, iterations: int) -> Callable[[], None]:
     def run():
         with torch.no_grad():
             impl(u, W, iterations)
-        sync(device)
 
     return run
 
 
-def fwd_bwd_fn(impl: Callable, u, W, gv, iterations: int, device) -> Callable[[], None]:
+def fwd_bwd_fn(impl: Callable, u, W, gv, iterations: int) -> Callable[[], None]:
     u = u.detach().requires_grad_()
     W = W.detach().requires_grad_()
 
     def run():
         v = impl(u, W, iterations)
         torch.autograd.grad(v, (u, W), gv)
-        sync(device)
 
     return run
 
@@ -162,6 +170,8 @@ def time_cpu(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int,
 
 
 def time_cuda(fn: Callable[[], None], repeats: int, warmup: int) -> float:
+    """Median milliseconds of GPU time per call: from the first work the call enqueues to its
+    last, including any time the GPU waits for the host to launch it."""
     try:
         from triton.testing import do_bench
 
@@ -178,6 +188,24 @@ def time_cuda(fn: Callable[[], None], repeats: int, warmup: int) -> float:
         e.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(start, end))
+
+
+def time_cuda_graph(fn: Callable[[], None], repeats: int, warmup: int) -> float:
+    """time_cuda of replays of one call captured in a CUDA graph: the call's GPU work alone,
+    without the host's launches (warmed up on a side stream first, as capture requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return time_cuda(graph.replay, repeats, warmup)
+    finally:
+        del graph  # its memory pool goes with it
 
 
 def saved_bytes(impl: Callable, u, W, iterations: int) -> int:
@@ -240,9 +268,9 @@ def run_config(cfg: Config, device: torch.device, args) -> Row:
         fns = {}
         for name, impl in impls.items():
             if pass_name == "fwd":
-                fns[name] = forward_fn(impl, u, W, cfg.iterations, device)
+                fns[name] = forward_fn(impl, u, W, cfg.iterations)
             else:
-                fns[name] = fwd_bwd_fn(impl, u, W, gv, cfg.iterations, device)
+                fns[name] = fwd_bwd_fn(impl, u, W, gv, cfg.iterations)
         # Drop implementations that cannot run at this size (OOM), and warm the rest up
         # (this is also where torch.compile compiles).
         runnable = {}
@@ -268,6 +296,16 @@ def run_config(cfg: Config, device: torch.device, args) -> Row:
                     if not is_oom(err):
                         raise
                     row.times_ms[f"{pass_name}/{name}"] = None
+                    row.notes.append(f"{name} {pass_name}: OOM while timed")
+                free_memory(device)
+            for name, fn in (runnable.items() if args.graph else ()):
+                key = f"{pass_name} graph/{name}"
+                try:
+                    row.times_ms[key] = time_cuda_graph(fn, args.repeats, args.warmup)
+                except Exception as err:  # OOM, or an implementation that cannot be captured
+                    row.times_ms[key] = None
+                    row.notes.append(f"{name} {pass_name}: no CUDA graph ({type(err).__name__}: "
+                                     f"{str(err).splitlines()[0][:120] if str(err) else ''})")
                 free_memory(device)
 
     for name, impl in impls.items():
@@ -280,7 +318,7 @@ def run_config(cfg: Config, device: torch.device, args) -> Row:
         free_memory(device)
         if device.type == "cuda":
             try:
-                fn = fwd_bwd_fn(impl, u, W, gv, cfg.iterations, device)
+                fn = fwd_bwd_fn(impl, u, W, gv, cfg.iterations)
                 row.peak_mib[name] = peak_extra_bytes(fn, device) / 2**20
             except Exception as err:
                 if not is_oom(err):
@@ -292,14 +330,12 @@ def run_config(cfg: Config, device: torch.device, args) -> Row:
 
 def fmt_ms(x: Optional[float]) -> str:
     if x is None:
-        return "OOM"
+        return "-"
     return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.0f}"
 
 
 def fmt_ratio(num: Optional[float], den: Optional[float]) -> str:
-    if num is None:
-        return "OOM"
-    if den is None:
+    if num is None or den is None:
         return "-"
     return f"{num / den:.1f}x"
 
@@ -314,9 +350,11 @@ def print_table(rows: List[Row], baselines: List[str]) -> None:
     header = ["config", "pass"] + [f"vs {b}" for b in baselines] + ["fused ms"] + [f"{b} ms" for b in baselines]
     lines = []
     for row in rows:
-        for pass_name in ("fwd", "fwd+bwd"):
+        passes = [p for p in ("fwd", "fwd+bwd", "fwd graph", "fwd+bwd graph")
+                  if any(k.startswith(p + "/") for k in row.times_ms)]
+        for pass_name in passes:
             fused = row.times_ms.get(f"{pass_name}/fused")
-            cells = [row.config if pass_name == "fwd" else "", pass_name]
+            cells = [row.config if pass_name == passes[0] else "", pass_name]
             cells += [fmt_ratio(row.times_ms.get(f"{pass_name}/{b}"), fused) for b in baselines]
             cells += [fmt_ms(fused)] + [fmt_ms(row.times_ms.get(f"{pass_name}/{b}")) for b in baselines]
             lines.append(cells)
@@ -387,6 +425,8 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     p.add_argument("--max-autotune", action="store_true",
                    help='also time torch.compile(reference, mode="max-autotune")')
+    p.add_argument("--graph", action="store_true",
+                   help="CUDA: also time each call replayed from a CUDA graph (no host work)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats (default: 15 on CPU, 50 on CUDA without triton)")
     p.add_argument("--warmup", type=int, default=3)
@@ -402,6 +442,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no GPU", file=sys.stderr)
+        return 2
+    if args.graph and device.type != "cuda":
+        print("error: --graph times CUDA graphs: it needs --device cuda", file=sys.stderr)
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -423,7 +466,8 @@ def main(argv=None) -> int:
     baselines = ["eager"] + ([] if args.no_compile else ["compile"] + (["compile-ma"] if args.max_autotune else []))
     print(f"capsroute {capsroute.__version__} | torch {torch.__version__} | {device_name(device)}")
     print(f"ratios = baseline time / fused time (higher: fused faster); times are medians of "
-          f"{args.repeats if device.type == 'cpu' else 'do_bench/event'} repeats")
+          f"{args.repeats if device.type == 'cpu' else 'do_bench/event'} repeats; '-': out of "
+          f"memory or not captured (see the notes)")
     rows = []
     for cfg in configs:
         t0 = time.perf_counter()

@@ -4,7 +4,8 @@
 #   check     float64 all-options check against the reference, float32/half errors,
 #             determinism (scripts/cuda_check.py --no-time)
 #   quick     the same on fewer cases
-#   bench     benchmarks/ratios.py --suite gpu: B=32/128/512, bf16, the scale shape, memory
+#   bench     benchmarks/ratios.py --suite gpu --graph: B=32/128/512, bf16, the scale shape,
+#             memory; each call also replayed from a CUDA graph
 #   bench-ma  B=128 also against torch.compile(mode="max-autotune") (several minutes)
 #   profile   the fused op's per-kernel times and host overhead, canonical and scale shapes
 #   tests     the test suite's CUDA cases
@@ -62,7 +63,7 @@ for step in "$@"; do
         timeout $(cap 120) compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/cuda_check.py --tiny > "$OUT/sanitize_$tool.log" 2>&1
         echo "$tool: exit $? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
       done ;;
-    bench) timeout $(cap 330) python3 benchmarks/ratios.py --suite gpu 2>&1 | grep -v Warning | tee "$OUT/bench.log" ;;
+    bench) timeout $(cap 330) python3 benchmarks/ratios.py --suite gpu --graph 2>&1 | grep -v Warning | tee "$OUT/bench.log" ;;
     ncu) timeout $(cap 240) bash scripts/ncu_kernels.sh 2>&1 | tail -60 ;;
     ncu-scale) timeout $(cap 240) bash scripts/ncu_kernels.sh 128 32768 64 2>&1 | tail -60 ;;
     profile) profile_shapes 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
