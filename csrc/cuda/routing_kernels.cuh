@@ -11,8 +11,9 @@
 // of one capsule, column = batch element, lane (g = lane / 4, t = lane % 4) holding dims
 // {g, g + 8} of batch elements {2t, 2t + 1}. A tile is used where it is made (agreement with
 // V or gs, or the weighted sum) and dropped, so nothing of size B x N_in x N_out x D_out is
-// ever held, let alone written. The softmax over j is local to the 8 lanes that share t
-// (three xor-shuffles per sum over dims). A warp sums up to 16 row tiles (16 capsules of
+// ever held, let alone written. The softmax over j is local to the 8 lanes that share t,
+// which hold each (b, j)'s logit once between them ("spread", see reduce_scatter) after the
+// sums over dims. A warp sums up to 16 row tiles (16 capsules of
 // <= 16 dims, or 8 of <= 32): a group; more capsules are split into groups run by separate
 // blocks, with the softmax statistics over all of them made once per iteration by
 // group_stats_kernel.
@@ -176,20 +177,7 @@ struct Lane {
   __device__ __forceinline__ int col(int q) const { return 2 * t + (q & 1); }
 };
 
-// The same for N values at once, shuffle by shuffle across them (independent instructions
-// back to back, instead of N chains of dependent ones).
-template <typename T, int N>
-__device__ __forceinline__ void sum_over_dims(T (&x)[N]) {
-#pragma unroll
-  for (int o = 4; o <= 16; o <<= 1) {
-    T y[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) y[k] = __shfl_xor_sync(0xffffffffu, x[k], o);
-#pragma unroll
-    for (int k = 0; k < N; ++k) x[k] += y[k];
-  }
-}
-
+// x summed over the 8 lanes that share t, in each of them.
 template <typename T>
 __device__ __forceinline__ T sum_over_dims(T x) {
   // The 8 lanes sharing t hold the 16 dims of one row tile (2 each).
@@ -543,271 +531,261 @@ __device__ __forceinline__ void predict_tiles(const Src& src, const Dims& n, con
   }
 }
 
-// out[k][jl][h] = <u_hat[b, i, j], x[k][b, j]> for the group's capsules j = grp * GJ + jl,
-// the lane's two batch elements h (every lane of the 8 that share t gets the full sum) and
-// K arrays x laid out as V: V alone (the logits), or V and gs in the backward, where each
-// prediction tile is made once for both dot products. 0 for capsules past N_out.
+// --- per-(b, j) values, spread over the lanes ------------------------------------------
+//
+// A group's per-(b, j) values (logits, couplings, their gradients) are spread over the 8 lanes
+// that share t, none held twice: the capsules go in batches of four (jl = 4 nb + s), and in
+// batch nb lane g holds capsule s = g / 2 for batch element h = g % 2 (b = b0 + 2t + h), one
+// value per batch: acc_t x[kBatches<DT>]. A dot product over a capsule's dims ends as partial
+// sums in those 8 lanes; reduce_scatter leaves each whole sum in the one lane that holds it
+// (14 shuffles for 4 capsules' logits and gradients, where an all-reduce that left all 16 sums
+// in every lane took 48), and the softmax then takes one exp per value, not 8 copies of it.
+// The arrays are a sixteenth of the all-lanes ones (c and g took 64 registers of the
+// gradient pass's 128, and it spilled 388 bytes). Where a row tile needs its capsule's value
+// for both batch halves (the accumulator layout), spread_at fetches them: two shuffles per
+// capsule.
+template <int DT>
+constexpr int kBatches = kGroupRows / DT / 4;
+
+// The group's capsule (jl) and the batch element (b) of the lane's value of batch nb.
+__device__ __forceinline__ int spread_capsule(const Lane& L, int nb) { return 4 * nb + (L.g >> 1); }
+__device__ __forceinline__ int64_t spread_batch(const Lane& L, int64_t b0) {
+  return b0 + 2 * L.t + (L.g & 1);
+}
+
+// One stage of reduce_scatter: lanes `o` apart swap halves of x[0 .. 2N); each keeps the half
+// its lane bit names (upper: x[N .. 2N)), plus the partner's copy of it, in x[0 .. N).
+template <int N, typename T, int P>
+__device__ __forceinline__ void scatter_stage(T (&x)[P], bool upper, int o) {
+  T y[N];
+#pragma unroll
+  for (int v = 0; v < N; ++v) y[v] = __shfl_xor_sync(0xffffffffu, upper ? x[v] : x[v + N], o);
+#pragma unroll
+  for (int v = 0; v < N; ++v) x[v] = (upper ? x[v + N] : x[v]) + y[v];
+}
+// x[v] summed over the 8 lanes that share t, for v = g * P / 8 + e, left in x[e] (e < P / 8).
+template <typename T, int P>
+__device__ __forceinline__ void reduce_scatter(T (&x)[P], const Lane& L) {
+  static_assert(P % 8 == 0, "a value per lane at least");
+  scatter_stage<P / 2>(x, (L.g & 4) != 0, 16);
+  scatter_stage<P / 4>(x, (L.g & 2) != 0, 8);
+  scatter_stage<P / 8>(x, (L.g & 1) != 0, 4);
+}
+
+// x over the 4 lanes that share t and the batch half (the lane's values of all capsules).
+template <typename T>
+__device__ __forceinline__ T sum_over_capsules(T x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 8);
+  return x + __shfl_xor_sync(0xffffffffu, x, 16);
+}
+template <typename T>
+__device__ __forceinline__ T max_over_capsules(T x) {
+  x = fmax(x, __shfl_xor_sync(0xffffffffu, x, 8));
+  return fmax(x, __shfl_xor_sync(0xffffffffu, x, 16));
+}
+
+// The value of the group's capsule jl for batch half h, from the lane that holds it (every
+// lane of the warp must call it, jl a compile-time constant after unrolling).
+template <typename acc_t, int NB>
+__device__ __forceinline__ acc_t spread_at(const acc_t (&x)[NB], const Lane& L, int jl, int h) {
+  return __shfl_sync(0xffffffffu, x[jl >> 2], ((jl & 3) * 2 + h) * 4 + L.t);
+}
+
+// out[k][nb] = <u_hat[b, i, j], x[k][b, j]> for the lane's (j, b) of batch nb, for K arrays x
+// laid out as V: V alone (the logits), or V and gs in the backward, where each prediction tile
+// serves both dot products. 0 for capsules past N_out.
 template <int DT, int K, typename Src, typename acc_t>
 __device__ __forceinline__ void agreements(const Src& src, const Dims& n, const Lane& L,
                                            const State<acc_t>& st, const acc_t* const (&x)[K],
                                            int64_t i, int64_t b0, int grp,
-                                           acc_t (&out)[K][kGroupRows / DT][2]) {
+                                           acc_t (&out)[K][kBatches<DT>]) {
   constexpr int GJ = kGroupRows / DT, KB = capsule_batch<Src, GJ>();
+  static_assert(4 % KB == 0, "prediction batches within a batch of four capsules");
   LaneRows<acc_t> rows[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) rows[k] = lane_rows(x[k], st, n, L, b0);
 #pragma unroll
-  for (int jl = 0; jl < GJ; ++jl)
+  for (int nb = 0; nb < kBatches<DT>; ++nb)
 #pragma unroll
-    for (int k = 0; k < K; ++k) out[k][jl][0] = out[k][jl][1] = acc_t(0);
+    for (int k = 0; k < K; ++k) out[k][nb] = acc_t(0);
 #pragma unroll
-  for (int jb = 0; jb < GJ; jb += KB) {
-    if (!has_capsule(n, grp * GJ + jb)) break;  // warp-uniform
-    acc_t uh[KB * DT][4];
-    predict_tiles<DT>(src, n, L, i, b0, grp, jb * DT, uh);
-    // p[(jl * K + k) * 2 + h]: the lane's partial sums, after the shuffles the whole ones.
-    acc_t p[KB * K * 2] = {};
+  for (int nb = 0; nb < kBatches<DT>; ++nb) {
+    if (!has_capsule(n, grp * GJ + 4 * nb)) break;  // warp-uniform
+    // p[(s * 2 + h) * K + k]: the lane's partial sums of capsule 4 nb + s, batch half h.
+    acc_t p[8 * K] = {};
 #pragma unroll
-    for (int jl = 0; jl < KB; ++jl)
+    for (int sb = 0; sb < 4; sb += KB) {
+      const int jl0 = 4 * nb + sb;
+      // (whole batches of four from staged operands, which hold zeros past N_out; other
+      // sources read only the capsules that exist)
+      if (sb > 0 && !has_capsule(n, grp * GJ + jl0)) break;  // warp-uniform
+      acc_t uh[KB * DT][4];
+      predict_tiles<DT>(src, n, L, i, b0, grp, jl0 * DT, uh);
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt)
+      for (int s = 0; s < KB; ++s)
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-          acc_t f[4];
-          load_frag(rows[k], st, n, L, grp * GJ + jb + jl, dt, f);
-          const acc_t(&u)[4] = uh[jl * DT + dt];
-          p[(jl * K + k) * 2] += u[0] * f[0] + u[2] * f[2];
-          p[(jl * K + k) * 2 + 1] += u[1] * f[1] + u[3] * f[3];
-        }
-    sum_over_dims(p);
+        for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
-    for (int jl = 0; jl < KB; ++jl) {
-      const bool in = has_capsule(n, grp * GJ + jb + jl);
-#pragma unroll
-      for (int k = 0; k < K; ++k)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) out[k][jb + jl][h] = in ? p[(jl * K + k) * 2 + h] : acc_t(0);
+          for (int k = 0; k < K; ++k) {
+            acc_t f[4];
+            load_frag(rows[k], st, n, L, grp * GJ + jl0 + s, dt, f);
+            const acc_t(&u)[4] = uh[s * DT + dt];
+            p[((sb + s) * 2) * K + k] += u[0] * f[0] + u[2] * f[2];
+            p[((sb + s) * 2 + 1) * K + k] += u[1] * f[1] + u[3] * f[3];
+          }
     }
-  }
-}
-
-// The same for one array x, into a group-shaped out[jl][h].
-template <int DT, typename Src, typename acc_t>
-__device__ __forceinline__ void agreements(const Src& src, const Dims& n, const Lane& L,
-                                           const State<acc_t>& st, const acc_t* x, int64_t i,
-                                           int64_t b0, int grp, acc_t (&out)[kGroupRows / DT][2]) {
-  constexpr int GJ = kGroupRows / DT;
-  acc_t a[1][GJ][2];
-  agreements<DT, 1>(src, n, L, st, {x}, i, b0, grp, a);
+    reduce_scatter(p, L);
+    const bool in = has_capsule(n, grp * GJ + spread_capsule(L, nb));
 #pragma unroll
-  for (int jl = 0; jl < GJ; ++jl) out[jl][0] = a[0][jl][0], out[jl][1] = a[0][jl][1];
+    for (int k = 0; k < K; ++k) out[k][nb] = in ? p[k] : acc_t(0);
+  }
 }
 
 // acc[r][q] += w[capsule of r][batch half of q] * u_hat[r][q] over the group's row tiles.
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void accumulate(const Src& src, const Dims& n, const Lane& L,
                                            int64_t i, int64_t b0, int grp,
-                                           const acc_t (&w)[kGroupRows / DT][2],
+                                           const acc_t (&w)[kBatches<DT>],
                                            acc_t (&acc)[kGroupRows][4]) {
-  constexpr int GJ = kGroupRows / DT, RB = capsule_batch<Src, GJ>() * DT;
+  constexpr int GJ = kGroupRows / DT, KB = capsule_batch<Src, GJ>();
 #pragma unroll
-  for (int rb = 0; rb < kGroupRows; rb += RB) {
-    if (!has_capsule(n, grp * GJ + rb / DT)) break;  // warp-uniform
-    acc_t uh[RB][4];
-    predict_tiles<DT>(src, n, L, i, b0, grp, rb, uh);
+  for (int jb = 0; jb < GJ; jb += KB) {
+    if (!has_capsule(n, grp * GJ + jb)) break;  // warp-uniform
+    acc_t uh[KB * DT][4];
+    predict_tiles<DT>(src, n, L, i, b0, grp, jb * DT, uh);
 #pragma unroll
-    for (int r = rb; r < rb + RB; ++r)
+    for (int jl = jb; jl < jb + KB; ++jl) {
+      const acc_t w0 = spread_at(w, L, jl, 0), w1 = spread_at(w, L, jl, 1);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) acc[r][q] += w[r / DT][q & 1] * uh[r - rb][q];
+      for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          acc[jl * DT + dt][q] += (q & 1 ? w1 : w0) * uh[(jl - jb) * DT + dt][q];
+    }
   }
 }
-
-// Online softmax statistics over capsules: running max m and sum l of exp(logit - m).
-template <typename acc_t>
-struct SoftmaxStats {
-  acc_t m[2], l[2];
-  __device__ void init(bool leaky) {
-    // Leaky routing: an extra logit 0 joins the softmax (its coefficient is dropped).
-    for (int h = 0; h < 2; ++h) {
-      m[h] = leaky ? acc_t(0) : -INFINITY;
-      l[h] = leaky ? acc_t(1) : acc_t(0);
-    }
-  }
-  template <int GJ>
-  __device__ void add(const acc_t (&a)[GJ][2], int64_t j0, int64_t N_out) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      acc_t mx = m[h];
-#pragma unroll
-      for (int jl = 0; jl < GJ; ++jl)
-        if (j0 + jl < N_out) mx = fmax(mx, a[jl][h]);
-      acc_t sum = l[h] * exp_(m[h] - mx);
-      if (l[h] == acc_t(0)) sum = acc_t(0);  // m = -inf: nothing accumulated yet
-#pragma unroll
-      for (int jl = 0; jl < GJ; ++jl)
-        if (j0 + jl < N_out) sum += exp_(a[jl][h] - mx);
-      m[h] = mx;
-      l[h] = sum;
-    }
-  }
-};
 
 // The group's logits in c (agreements with V) become its coupling coefficients: the softmax
 // over all capsules, whose statistics with several groups come from group_stats_kernel
-// (st.stats, which the launch code always provides then). One exp per capsule and one
-// division per batch element: expf and IEEE division are ~10 instructions each, and with
-// 32 logits per lane they outweighed the predictions. Capsules past N_out are skipped four
-// at a time (warp-uniform) and give 0.
+// (st.stats, which the launch code always provides then). One exp per value and one division
+// per lane: expf and IEEE division are ~10 instructions each, and with 32 logits per lane (each
+// lane had all of them) they outweighed the predictions. Capsules past N_out give 0.
 template <int DT, typename acc_t>
 __device__ __forceinline__ void softmax_coupling(const Dims& n, const Lane& L,
                                                  const State<acc_t>& st, int64_t i, int64_t b0,
-                                                 int grp, acc_t (&c)[kGroupRows / DT][2]) {
-  constexpr int GJ = kGroupRows / DT, kBatch = 4;
+                                                 int grp, acc_t (&c)[kBatches<DT>]) {
+  constexpr int GJ = kGroupRows / DT;
   const int j0 = grp * GJ;
-  acc_t m[2], l[2];
+  acc_t m, l = acc_t(0);
   if (n.n_groups > 1) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t b = b0 + 2 * L.t + h;
-      m[h] = b < n.B ? st.stats[(b * n.N_in + i) * 2] : acc_t(0);
-      l[h] = b < n.B ? st.stats[(b * n.N_in + i) * 2 + 1] : acc_t(1);
-    }
+    const int64_t b = spread_batch(L, b0);
+    m = b < n.B ? st.stats[(b * n.N_in + i) * 2] : acc_t(0);
+    l = b < n.B ? st.stats[(b * n.N_in + i) * 2 + 1] : acc_t(1);
   } else {
     // Leaky routing: an extra logit 0 joins the softmax (its coefficient is dropped).
+    m = n.leaky ? acc_t(0) : acc_t(-INFINITY);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) m[h] = n.leaky ? acc_t(0) : acc_t(-INFINITY);
-#pragma unroll
-    for (int jb = 0; jb < GJ; jb += kBatch) {
-      if (!has_capsule(n, j0 + jb)) break;  // warp-uniform
-#pragma unroll
-      for (int jl = jb; jl < jb + kBatch; ++jl)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          if (has_capsule(n, j0 + jl)) m[h] = fmax(m[h], c[jl][h]);
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) l[h] = n.leaky ? exp_(-m[h]) : acc_t(0);
-  }
-  const bool sum = n.n_groups == 1;
-#pragma unroll
-  for (int jb = 0; jb < GJ; jb += kBatch) {
-    if (!has_capsule(n, j0 + jb)) {  // warp-uniform
-#pragma unroll
-      for (int jl = jb; jl < jb + kBatch; ++jl) c[jl][0] = c[jl][1] = acc_t(0);
-      continue;
-    }
-#pragma unroll
-    for (int jl = jb; jl < jb + kBatch; ++jl)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const acc_t e = has_capsule(n, j0 + jl) ? exp_(c[jl][h] - m[h]) : acc_t(0);
-        c[jl][h] = e;
-        if (sum) l[h] += e;
-      }
+    for (int nb = 0; nb < kBatches<DT>; ++nb)
+      if (has_capsule(n, j0 + spread_capsule(L, nb))) m = fmax(m, c[nb]);
+    m = max_over_capsules(m);
   }
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const acc_t inv = acc_t(1) / l[h];
-#pragma unroll
-    for (int jl = 0; jl < GJ; ++jl) c[jl][h] *= inv;
+  for (int nb = 0; nb < kBatches<DT>; ++nb) {
+    c[nb] = has_capsule(n, j0 + spread_capsule(L, nb)) ? exp_(c[nb] - m) : acc_t(0);
+    if (n.n_groups == 1) l += c[nb];
   }
+  if (n.n_groups == 1) l = sum_over_capsules(l) + (n.leaky ? exp_(-m) : acc_t(0));
+  const acc_t inv = acc_t(1) / l;
+#pragma unroll
+  for (int nb = 0; nb < kBatches<DT>; ++nb) c[nb] *= inv;
 }
 
-// The coupling coefficients c[b, i, j] of the group's capsules, for the lane's two batch
-// elements, at iteration t.
+// The coupling coefficients c[b, i, j] of the lane's values of the group, at iteration t.
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void coupling(const Src& src, const Dims& n, const Lane& L,
                                          const State<acc_t>& st, int64_t i, int64_t b0,
-                                         int grp, acc_t (&c)[kGroupRows / DT][2]) {
-  constexpr int GJ = kGroupRows / DT;
+                                         int grp, acc_t (&c)[kBatches<DT>]) {
   if (st.first) {
     const acc_t uniform = acc_t(1) / acc_t(n.N_out + (n.leaky ? 1 : 0));
 #pragma unroll
-    for (int jl = 0; jl < GJ; ++jl) c[jl][0] = c[jl][1] = uniform;
+    for (int nb = 0; nb < kBatches<DT>; ++nb) c[nb] = uniform;
     return;
   }
-  agreements<DT>(src, n, L, st, st.V, i, b0, grp, c);
+  acc_t a[1][kBatches<DT>];
+  agreements<DT, 1>(src, n, L, st, {st.V}, i, b0, grp, a);
+#pragma unroll
+  for (int nb = 0; nb < kBatches<DT>; ++nb) c[nb] = a[0][nb];
   softmax_coupling<DT>(n, L, st, i, b0, grp, c);
 }
 
-// dL/dc (before the softmax backward) for the group: g holds <gs[b, j], u_hat[b, i, j]>, to
-// which grad_c (iteration r only) is added.
+// dL/dc (before the softmax backward): g holds <gs[b, j], u_hat[b, i, j]>, to which grad_c
+// (iteration r only) is added.
 template <int DT, typename acc_t>
 __device__ __forceinline__ void add_grad_c(const Dims& n, const Lane& L, const State<acc_t>& st,
                                            int64_t i, int64_t b0, int grp,
-                                           acc_t (&g)[kGroupRows / DT][2]) {
-  constexpr int GJ = kGroupRows / DT;
-  if (st.grad_c != nullptr) {
+                                           acc_t (&g)[kBatches<DT>]) {
+  if (st.grad_c == nullptr) return;
+  const int64_t b = spread_batch(L, b0);
 #pragma unroll
-    for (int jl = 0; jl < GJ; ++jl)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t b = b0 + 2 * L.t + h, j = int64_t(grp) * GJ + jl;
-        if (b < n.B && j < n.N_out) g[jl][h] += st.grad_c[(b * n.N_in + i) * n.N_out + j];
-      }
+  for (int nb = 0; nb < kBatches<DT>; ++nb) {
+    const int64_t j = int64_t(grp) * (kGroupRows / DT) + spread_capsule(L, nb);
+    if (b < n.B && j < n.N_out) g[nb] += st.grad_c[(b * n.N_in + i) * n.N_out + j];
   }
 }
 
-// Back through the softmax for the group: g <- c * (g - sum_k c_k g_k), the sum over ALL
-// capsules k (with several groups: st.cg, from group_stats_kernel). On entry g holds dL/dc
-// (add_grad_c).
-template <int DT, typename Src, typename acc_t>
-__device__ __forceinline__ void coupling_grad(const Src& src, const Dims& n, const Lane& L,
-                                              const State<acc_t>& st, int64_t i, int64_t b0,
-                                              int grp, const acc_t (&c)[kGroupRows / DT][2],
-                                              acc_t (&g)[kGroupRows / DT][2]) {
-  constexpr int GJ = kGroupRows / DT;
-  acc_t cg[2] = {0, 0};
+// Back through the softmax: g <- c * (g - sum_k c_k g_k), the sum over ALL capsules k (with
+// several groups: st.cg, from group_stats_kernel). On entry g holds dL/dc (add_grad_c).
+template <int DT, typename acc_t>
+__device__ __forceinline__ void coupling_grad(const Dims& n, const Lane& L, const State<acc_t>& st,
+                                              int64_t i, int64_t b0,
+                                              const acc_t (&c)[kBatches<DT>],
+                                              acc_t (&g)[kBatches<DT>]) {
+  acc_t cg = acc_t(0);
   if (n.n_groups > 1) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t b = b0 + 2 * L.t + h;
-      cg[h] = b < n.B ? st.cg[b * n.N_in + i] : acc_t(0);
-    }
+    const int64_t b = spread_batch(L, b0);
+    cg = b < n.B ? st.cg[b * n.N_in + i] : acc_t(0);
   } else {
 #pragma unroll
-    for (int jl = 0; jl < GJ; ++jl)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) cg[h] += c[jl][h] * g[jl][h];
+    for (int nb = 0; nb < kBatches<DT>; ++nb) cg += c[nb] * g[nb];
+    cg = sum_over_capsules(cg);
   }
 #pragma unroll
-  for (int jl = 0; jl < GJ; ++jl)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) g[jl][h] = c[jl][h] * (g[jl][h] - cg[h]);
+  for (int nb = 0; nb < kBatches<DT>; ++nb) g[nb] = c[nb] * (g[nb] - cg);
 }
 
-// The backward's per-(b, i) quantities at an iteration t >= 2: the coupling coefficients c
+// The backward's per-(b, i, j) quantities at an iteration t >= 2: the coupling coefficients c
 // and the logit gradient g = dL/db (through the softmax). Computed predictions serve both
 // dot products from one set of tiles; given ones (route) are loads, and two walks over them
-// keep fewer values live (ptxas: half the spills of one walk).
+// keep fewer values live.
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void coupling_and_grad(const Src& src, const Dims& n, const Lane& L,
                                                   const State<acc_t>& st, int64_t i, int64_t b0,
-                                                  int grp, acc_t (&c)[kGroupRows / DT][2],
-                                                  acc_t (&g)[kGroupRows / DT][2]) {
-  constexpr int GJ = kGroupRows / DT;
+                                                  int grp, acc_t (&c)[kBatches<DT>],
+                                                  acc_t (&g)[kBatches<DT>]) {
   if constexpr (Src::kComputed) {
-    acc_t a[2][GJ][2];
+    acc_t a[2][kBatches<DT>];
     agreements<DT, 2>(src, n, L, st, {st.V, st.gs}, i, b0, grp, a);
 #pragma unroll
-    for (int jl = 0; jl < GJ; ++jl)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) c[jl][h] = a[0][jl][h], g[jl][h] = a[1][jl][h];
+    for (int nb = 0; nb < kBatches<DT>; ++nb) c[nb] = a[0][nb], g[nb] = a[1][nb];
     softmax_coupling<DT>(n, L, st, i, b0, grp, c);
   } else {
     coupling<DT>(src, n, L, st, i, b0, grp, c);
-    agreements<DT>(src, n, L, st, st.gs, i, b0, grp, g);
+    acc_t a[1][kBatches<DT>];
+    agreements<DT, 1>(src, n, L, st, {st.gs}, i, b0, grp, a);
+#pragma unroll
+    for (int nb = 0; nb < kBatches<DT>; ++nb) g[nb] = a[0][nb];
   }
   add_grad_c<DT>(n, L, st, i, b0, grp, g);
-  coupling_grad<DT>(src, n, L, st, i, b0, grp, c, g);
+  coupling_grad<DT>(n, L, st, i, b0, c, g);
 }
 
 // The gradient pass's c and logit gradient g of (b, i, j) for the last pass, which then needs
 // neither predictions nor agreements. `kept` holds two planes (c, g) of [N_in, N_out, B'],
 // B' = B rounded up to whole batch tiles: a warp's 8 batch elements of one (i, j) are one
-// 32-byte run, written and read as one pair per lane (lane t: batch 2t, 2t + 1). In [b, i, j]
-// order the stores each wrote 4 bytes to 4 sectors, and took the gradient pass 18 us more
-// per call (H100, B=128). Past B the planes hold zeros.
+// 32-byte run, which the lanes holding them write together (the last pass reads it as one pair
+// per lane: lane t, batch 2t, 2t + 1). In [b, i, j] order the stores each wrote 4 bytes to 4
+// sectors, and took the gradient pass 18 us more per call (H100, B=128). Past B the planes
+// hold zeros.
 __host__ __device__ inline int64_t kept_batch(const Dims& n) {
   return (n.B + kTileB - 1) / kTileB * kTileB;
 }
@@ -832,22 +810,22 @@ __device__ __forceinline__ int64_t kept_pair_offset(const Dims& n, const Lane& L
 template <int DT, typename acc_t>
 __device__ __forceinline__ void keep_couplings(const Dims& n, const Lane& L, acc_t* kept,
                                                int64_t i, int64_t b0, int grp,
-                                               const acc_t (&c)[kGroupRows / DT][2],
-                                               const acc_t (&g)[kGroupRows / DT][2]) {
+                                               const acc_t (&c)[kBatches<DT>],
+                                               const acc_t (&g)[kBatches<DT>]) {
   constexpr int GJ = kGroupRows / DT;
-  if (L.g != 0) return;  // the 8 lanes that share t hold the same values
-  const int64_t rows = kept_batch(n), b = b0 + 2 * L.t;
-  const bool in0 = b < n.B, in1 = b + 1 < n.B;
-  // Two pointers walked capsule by capsule (with each capsule's address made in 64 bits, the
-  // gradient pass spilled more: ptxas).
-  Pair<acc_t>* pc =
-      reinterpret_cast<Pair<acc_t>*>(kept + kept_pair_offset<DT>(n, L, i, b0, grp));
-  Pair<acc_t>* pg = pc + kept_plane(n) / 2;
+  const int64_t rows = kept_batch(n), b = spread_batch(L, b0);
+  const bool in = b < n.B;
+  // One pointer per plane, walked batch by batch (with each capsule's address made in 64
+  // bits, the gradient pass spilled more: ptxas).
+  acc_t* pc = kept + (i * n.N_out + grp * GJ + spread_capsule(L, 0)) * rows + b;
+  acc_t* pg = pc + kept_plane(n);
 #pragma unroll
-  for (int jl = 0; jl < GJ; ++jl) {
-    if (!has_capsule(n, grp * GJ + jl)) break;  // warp-uniform
-    pc[jl * (rows / 2)] = {in0 ? c[jl][0] : acc_t(0), in1 ? c[jl][1] : acc_t(0)};
-    pg[jl * (rows / 2)] = {in0 ? g[jl][0] : acc_t(0), in1 ? g[jl][1] : acc_t(0)};
+  for (int nb = 0; nb < kBatches<DT>; ++nb) {
+    if (!has_capsule(n, grp * GJ + 4 * nb)) break;  // warp-uniform
+    if (has_capsule(n, grp * GJ + spread_capsule(L, nb))) {
+      pc[4 * nb * rows] = in ? c[nb] : acc_t(0);
+      pg[4 * nb * rows] = in ? g[nb] : acc_t(0);
+    }
   }
 }
 
@@ -1116,7 +1094,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   }
   __syncthreads();
 
-  acc_t acc[kGroupRows][4], c[GJ][2];
+  acc_t acc[kGroupRows][4], c[kBatches<DT>];
 #pragma unroll
   for (int r = 0; r < kGroupRows; ++r)
 #pragma unroll
@@ -1163,19 +1141,18 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
     if (has_rows) {
       if constexpr (kPass == Pass::kForward) {
         coupling<DT>(src, n, L, st, i, b0, grp, c);
-        if (c_out != nullptr && L.g == 0) {
+        if (c_out != nullptr) {  // each lane its own values
+          const int64_t b = spread_batch(L, b0);
 #pragma unroll
-          for (int jl = 0; jl < GJ; ++jl)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int64_t b = b0 + 2 * L.t + h, j = int64_t(grp) * GJ + jl;
-              if (b < n.B && j < n.N_out)
-                c_out[(b * n.N_in + i) * n.N_out + j] = Scalar<scalar_t>::store(c[jl][h]);
-            }
+          for (int nb = 0; nb < kBatches<DT>; ++nb) {
+            const int64_t j = int64_t(grp) * GJ + spread_capsule(L, nb);
+            if (b < n.B && j < n.N_out)
+              c_out[(b * n.N_in + i) * n.N_out + j] = Scalar<scalar_t>::store(c[nb]);
+          }
         }
         accumulate<DT>(src, n, L, i, b0, grp, c, acc);
       } else {  // t >= 2
-        acc_t g[GJ][2];
+        acc_t g[kBatches<DT>];
         coupling_and_grad<DT>(src, n, L, st, i, b0, grp, c, g);
         if (st.kept != nullptr) keep_couplings<DT>(n, L, st.kept, i, b0, grp, c, g);
         accumulate<DT>(src, n, L, i, b0, grp, g, acc);
@@ -1251,38 +1228,48 @@ group_stats_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   }
   if (b0 >= n.B) return;  // whole warps, after the block's last barrier
   if constexpr (Src::kFragments) stage_u(src, n, L, i, b0);
-  SoftmaxStats<acc_t> s;
-  s.init(n.leaky);
+  // The lane's running max m and sum l of exp(logit - m) over its values (batch half
+  // spread_batch), then over the 4 lanes that share it (merge).
+  acc_t m = -INFINITY, l = acc_t(0);
+  auto merge = [&](acc_t m2, acc_t l2) {  // (m, l) with another (m2, l2): l = 0 holds nothing
+    const acc_t mx = fmax(m, m2);
+    l = (l == acc_t(0) ? acc_t(0) : l * exp_(m - mx)) + (l2 == acc_t(0) ? acc_t(0) : l2 * exp_(m2 - mx));
+    m = mx;
+  };
   for (int grp = 0; grp < n.n_groups; ++grp) {
-    acc_t a[GJ][2];
-    agreements<DT>(src, n, L, st, st.V, i, b0, grp, a);
-    s.add(a, int64_t(grp) * GJ, n.N_out);
+    acc_t a[1][kBatches<DT>];
+    agreements<DT, 1>(src, n, L, st, {st.V}, i, b0, grp, a);
+#pragma unroll
+    for (int nb = 0; nb < kBatches<DT>; ++nb)
+      if (has_capsule(n, grp * GJ + spread_capsule(L, nb))) merge(a[0][nb], acc_t(1));
   }
-  acc_t cg[2] = {0, 0};
+  // Partners' sums: each side adds the same two terms (in swapped order), so the 4 lanes end
+  // with the same bits.
+#pragma unroll
+  for (int o = 8; o <= 16; o <<= 1) {
+    const acc_t m2 = __shfl_xor_sync(0xffffffffu, m, o), l2 = __shfl_xor_sync(0xffffffffu, l, o);
+    merge(m2, l2);
+  }
+  if (n.leaky) merge(acc_t(0), acc_t(1));  // the extra logit 0 (its coefficient is dropped)
+  acc_t cg = acc_t(0);
   if (cg_out != nullptr) {  // a second walk, now that the statistics are known
     for (int grp = 0; grp < n.n_groups; ++grp) {
-      acc_t ag[2][GJ][2];  // logits, dL/dc
+      acc_t ag[2][kBatches<DT>];  // logits, dL/dc
       agreements<DT, 2>(src, n, L, st, {st.V, st.gs}, i, b0, grp, ag);
       add_grad_c<DT>(n, L, st, i, b0, grp, ag[1]);
 #pragma unroll
-      for (int jl = 0; jl < GJ; ++jl)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          if (int64_t(grp) * GJ + jl < n.N_out)
-            cg[h] += exp_(ag[0][jl][h] - s.m[h]) * ag[1][jl][h];
+      for (int nb = 0; nb < kBatches<DT>; ++nb)
+        if (has_capsule(n, grp * GJ + spread_capsule(L, nb)))
+          cg += exp_(ag[0][nb] - m) * ag[1][nb];
     }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) cg[h] /= s.l[h];  // c_k = exp(logit_k - m) / l
+    cg = sum_over_capsules(cg) / l;  // c_k = exp(logit_k - m) / l
   }
-  if (L.g != 0) return;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t b = b0 + 2 * L.t + h;
-    if (b >= n.B) continue;
-    stats[(b * n.N_in + i) * 2] = s.m[h];
-    stats[(b * n.N_in + i) * 2 + 1] = s.l[h];
-    if (cg_out != nullptr) cg_out[b * n.N_in + i] = cg[h];
-  }
+  if (L.g >= 2) return;  // lanes g = 0, 1 write batch half h = g
+  const int64_t b = spread_batch(L, b0);
+  if (b >= n.B) return;
+  stats[(b * n.N_in + i) * 2] = m;
+  stats[(b * n.N_in + i) * 2 + 1] = l;
+  if (cg_out != nullptr) cg_out[b * n.N_in + i] = cg;
 }
 
 // --- per-(b, j) kernels: one warp per output capsule, lane = dim (D_out <= 32) ---------
@@ -1467,7 +1454,7 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
                           sw.cg != nullptr ? sw.cg + (t - 1) * per_t : nullptr};
     // The logit gradient's term: none at t = 1 (V^(0) = 0) or with detach (c^(r) constant).
     const bool logit_grad = t > 1 && !sw.detach;
-    acc_t c[GJ][2], g[GJ][2];
+    acc_t c[kBatches<DT>], g[kBatches<DT>];
     if (logit_grad)
       coupling_and_grad<DT>(src, n, L, st, i, b0, grp, c, g);
     else
@@ -1494,11 +1481,13 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
         if (!has_capsule(n, grp * GJ + r / DT)) break;  // warp-uniform
         acc_t a[4];
         g_uh.get(r, a);
+        const acc_t c0 = spread_at(c, L, r / DT, 0), c1 = spread_at(c, L, r / DT, 1);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) a[q] += c[r / DT][q & 1] * fg[m][q];
+        for (int q = 0; q < 4; ++q) a[q] += (q & 1 ? c1 : c0) * fg[m][q];
         if (logit_grad) {
+          const acc_t g0 = spread_at(g, L, r / DT, 0), g1 = spread_at(g, L, r / DT, 1);
 #pragma unroll
-          for (int q = 0; q < 4; ++q) a[q] += g[r / DT][q & 1] * fv[m][q];
+          for (int q = 0; q < 4; ++q) a[q] += (q & 1 ? g1 : g0) * fv[m][q];
         }
         g_uh.set(r, a);
       }
