@@ -68,6 +68,7 @@ SHAPES = [
     Shape(5, 9, 9, 4, 24),     # 24 dims: two row tiles per capsule, groups of 8
     Shape(2, 5, 1, 16, 1),     # N_out = 1, D_out = 1, two chunks of 8 input dims
     Shape(70, 3, 3, 8, 5),     # 9 batch tiles: more than a block's 8 warps
+    Shape(16, 9, 20, 8, 32),   # whole batch and row tiles: V and gs have no zeroed padding
 ]
 TINY = Shape(3, 5, 3, 3, 5)
 TINY_GROUPS = Shape(3, 4, 17, 3, 5)  # 17 output capsules: two groups of 16

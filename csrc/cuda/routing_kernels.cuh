@@ -137,15 +137,37 @@ struct Dims {
   bool leaky;
   bool rows8;          // D_in % 8 == 0 and W 16-byte aligned: W[i] copies in 16-byte pieces
   bool w_shared;       // a kernel stages W[i] (its group's rows) in shared memory
-  bool tiles_shared;   // a pass keeps V (and gs) of its batch rows in shared memory
-  int64_t tile_stride; // row stride of those tiles (a group's N_out * D_out, padded so that
-                       // lanes hit distinct banks)
+  bool tiles_shared;   // a pass keeps V (and gs) of its batch tiles in shared memory
 };
 
-// Columns (capsule dims) of the widest group of output capsules: a group's slice of V or gs
-// has this many per batch row, and its rows of W[i] this many times D_in elements.
+// Capsules of the widest group of output capsules, and their columns (capsule dims): a
+// group's rows of W[i] are that many times D_in elements.
+__host__ __device__ __forceinline__ int64_t widest_group_caps(const Dims& n) {
+  return n.N_out < n.caps_per_group ? n.N_out : n.caps_per_group;
+}
 __host__ __device__ __forceinline__ int64_t widest_group_cols(const Dims& n) {
-  return (n.N_out < n.caps_per_group ? n.N_out : n.caps_per_group) * n.D_out;
+  return widest_group_caps(n) * n.D_out;
+}
+
+// --- the tiled layout of V, V_prev and gs ------------------------------------------------
+//
+// The kernels' own [B, N_out, D_out] arrays in the accumulation type (the running sums V and
+// V_prev, the gradients gs) are stored as the lanes hold them: [ceil(B / 8) batch tiles]
+// [N_out][DT row tiles][32 lanes][4 slots], one row tile (8 batch elements, 16 dims of one
+// capsule) in the fragment layout of the matrix products (see Lane: slot q of lane (g, t) is
+// dim dt * 16 + g + 8 (q >> 1) of batch element 2t + (q & 1)), with zeros past B and D_out.
+// A lane's four values of a row tile are then one 16-byte load (two in float64) with no
+// bounds tests, where [b, j, d] order took four 4-byte loads from four rows, each with its
+// own address and tests. DT = row_tiles(n), the kernels' DT.
+constexpr int kTileElems = kTileB * kTileD;  // a row tile: 32 lanes x 4 slots
+__host__ __device__ __forceinline__ int row_tiles(const Dims& n) { return n.D_out > kTileD ? 2 : 1; }
+__host__ __device__ inline int64_t tiled_elems(const Dims& n) {
+  return (n.B + kTileB - 1) / kTileB * n.N_out * row_tiles(n) * kTileElems;
+}
+__host__ __device__ inline int64_t tiled_offset(const Dims& n, int64_t b, int64_t j, int d) {
+  const int dd = d % kTileD, lane = (dd % 8) * 4 + static_cast<int>(b % kTileB) / 2;
+  const int q = (dd / 8) * 2 + static_cast<int>(b % 2);
+  return (((b / kTileB) * n.N_out + j) * row_tiles(n) + d / kTileD) * kTileElems + lane * 4 + q;
 }
 
 // Per-iteration state, all [B, N_out, D_out] in the accumulation type unless noted.
@@ -155,10 +177,10 @@ struct State {
   const acc_t* gs;       // dL/ds^(t)                       (backward)
   const acc_t* grad_c;   // dL/dc^(r) [B, N_in, N_out] or null (backward, t == r only)
   bool first;            // t == 1: V = 0, coupling is uniform
-  // V and gs hold batch element b at row (b - b_base), rows `stride` apart, from output
-  // capsule j_base on: [B, J] in global memory (b_base 0, stride J, j_base 0) or a
-  // shared-memory tile of a block's batch elements and its group's capsules.
-  int64_t b_base = 0, stride = 0, j_base = 0;
+  // V and gs are tiled (see tiled_offset) from batch element b_base and output capsule j_base
+  // on, `caps` capsules per batch tile: all of them in global memory (b_base 0, caps N_out,
+  // j_base 0) or a block's shared-memory tiles of its batch tiles and its group's capsules.
+  int64_t b_base = 0, caps = 0, j_base = 0;
   // Several groups of output capsules only (else null): the softmax statistics over ALL
   // capsules, [B, N_in, 2] (max, sum of exp), and the softmax backward's sum_k c_k g_k,
   // [B, N_in], made once per iteration by group_stats_kernel instead of by every group.
@@ -193,15 +215,15 @@ __device__ __forceinline__ bool has_capsule(const Dims& n, int j) {
   return j < static_cast<int>(n.N_out);
 }
 
-// A lane's two rows (batch elements b0 + 2t + h, h = 0, 1) of a [B, N_out, D_out] array laid
-// out as State says (V or gs, in global memory or a block's shared-memory tile), found once per
-// batch tile: a fragment load is then one 32-bit offset from them, where the full index
-// (64-bit, with b) was rebuilt for every element, ~15 instructions each (ncu: three quarters of
-// the last backward pass's instructions). A row past B reads as zeros.
+// Where a lane's fragments of a batch tile start in a tiled array (V or gs, in global memory
+// or a block's shared-memory tiles, as State says), found once per batch tile: a fragment load
+// is then one 32-bit offset from it, where the full index (64-bit, with b) was rebuilt for
+// every element, ~15 instructions each (ncu: three quarters of the last backward pass's
+// instructions).
 template <typename acc_t>
 struct LaneRows {
-  const acc_t* row[2];
-  bool in[2];
+  const acc_t* p;  // capsule j_base's first row tile, at the lane's slots
+  int j_base;
 };
 // A pointer the compiler cannot see through: without it, it folds each 32-bit offset back into
 // one 64-bit index from the kernel argument (5 instructions a load, seen in the SASS) rather
@@ -214,32 +236,34 @@ __device__ __forceinline__ const T* opaque(const T* p) {
   return p;
 }
 
-template <typename acc_t>
+template <int DT, typename acc_t>
 __device__ __forceinline__ LaneRows<acc_t> lane_rows(const acc_t* a, const State<acc_t>& st,
-                                                     const Dims& n, const Lane& L, int64_t b0) {
-  LaneRows<acc_t> x;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t b = b0 + 2 * L.t + h;
-    x.in[h] = static_cast<int>(b) < static_cast<int>(n.B);  // (B < 2^31: make_dims)
-    x.row[h] = opaque(a + (x.in[h] ? (b - st.b_base) * st.stride : 0));
-  }
-  return x;
+                                                     const Dims&, const Lane& L, int64_t b0) {
+  const int64_t tile = (b0 - st.b_base) / kTileB;
+  return {opaque(a + tile * st.caps * DT * kTileElems + (L.g * 4 + L.t) * 4),
+          static_cast<int>(st.j_base)};
 }
 
-// Reads row tile (j, dt) at the lane's fragment positions: slot q holds batch half q & 1 and
-// dim dt * 16 + g + 8 (q >> 1). Offsets within a row are 32-bit (N_out * D_out < 2^31).
-template <typename acc_t>
-__device__ __forceinline__ void load_frag(const LaneRows<acc_t>& x, const State<acc_t>& st,
-                                          const Dims& n, const Lane& L, int j, int dt,
+// The lane's four values of row tile (j, dt) of the batch tile (slot q: batch half q & 1, dim
+// dt * 16 + g + 8 (q >> 1)); zeros for a capsule past N_out. Offsets are 32-bit (a batch
+// tile of N_out capsules: N_out * 16 * DT * 8 < 2^31, make_dims).
+__device__ __forceinline__ void load4(const float* p, float (&f)[4]) {
+  const float4 x = *reinterpret_cast<const float4*>(p);
+  f[0] = x.x, f[1] = x.y, f[2] = x.z, f[3] = x.w;
+}
+__device__ __forceinline__ void load4(const double* p, double (&f)[4]) {
+  const double2 x = reinterpret_cast<const double2*>(p)[0], y = reinterpret_cast<const double2*>(p)[1];
+  f[0] = x.x, f[1] = x.y, f[2] = y.x, f[3] = y.y;
+}
+template <int DT, typename acc_t>
+__device__ __forceinline__ void load_frag(const LaneRows<acc_t>& x, const Dims& n, int j, int dt,
                                           acc_t (&f)[4]) {
-  const int d = L.dim(dt, 0), D_out = static_cast<int>(n.D_out);  // (32-bit tests)
-  const int at = (j - static_cast<int>(st.j_base)) * D_out + d;
-  const bool lo = has_capsule(n, j) && d < D_out, hi = has_capsule(n, j) && d + 8 < D_out;
-  f[0] = x.in[0] && lo ? x.row[0][at] : acc_t(0);
-  f[1] = x.in[1] && lo ? x.row[1][at] : acc_t(0);
-  f[2] = x.in[0] && hi ? x.row[0][at + 8] : acc_t(0);
-  f[3] = x.in[1] && hi ? x.row[1][at + 8] : acc_t(0);
+  if (!has_capsule(n, j)) {  // warp-uniform
+#pragma unroll
+    for (int q = 0; q < 4; ++q) f[q] = acc_t(0);
+    return;
+  }
+  load4(x.p + ((j - x.j_base) * DT + dt) * kTileElems, f);
 }
 
 // --- prediction sources ---------------------------------------------------------------
@@ -603,7 +627,7 @@ __device__ __forceinline__ void agreements(const Src& src, const Dims& n, const 
   static_assert(4 % KB == 0, "prediction batches within a batch of four capsules");
   LaneRows<acc_t> rows[K];
 #pragma unroll
-  for (int k = 0; k < K; ++k) rows[k] = lane_rows(x[k], st, n, L, b0);
+  for (int k = 0; k < K; ++k) rows[k] = lane_rows<DT>(x[k], st, n, L, b0);
 #pragma unroll
   for (int nb = 0; nb < kBatches<DT>; ++nb)
 #pragma unroll
@@ -628,7 +652,7 @@ __device__ __forceinline__ void agreements(const Src& src, const Dims& n, const 
 #pragma unroll
           for (int k = 0; k < K; ++k) {
             acc_t f[4];
-            load_frag(rows[k], st, n, L, grp * GJ + jl0 + s, dt, f);
+            load_frag<DT>(rows[k], n, grp * GJ + jl0 + s, dt, f);
             const acc_t(&u)[4] = uh[s * DT + dt];
             p[((sb + s) * 2) * K + k] += u[0] * f[0] + u[2] * f[2];
             p[((sb + s) * 2 + 1) * K + k] += u[1] * f[1] + u[3] * f[3];
@@ -833,8 +857,6 @@ __device__ __forceinline__ void keep_couplings(const Dims& n, const Lane& L, acc
 
 #ifdef CAPSROUTE_EMULATE
 using emu::cp_async16;
-using emu::cp_async4;
-using emu::cp_async8;
 using emu::cp_async_commit;
 using emu::cp_async_wait_all;
 using emu::cp_async_wait_one;
@@ -843,31 +865,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
 }
-// 4 or 8 bytes (an element of float or double), through L1 (.ca: the only mode for them).
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src));
-}
-__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(src));
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits until at most one group (the newest) of this thread's copies is still in flight.
 __device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
 // Waits until all of this thread's copies have landed.
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 #endif
-
-// One element of the accumulation type (float or double), copied asynchronously.
-template <typename acc_t>
-__device__ __forceinline__ void cp_async_elem(acc_t* dst, const acc_t* src) {
-  static_assert(sizeof(acc_t) == 4 || sizeof(acc_t) == 8, "float or double");
-  if constexpr (sizeof(acc_t) == 4)
-    cp_async4(dst, src);
-  else
-    cp_async8(dst, src);
-}
 
 // Output capsules of group grp: the first, and how many (the last group may be short).
 __device__ __forceinline__ int64_t group_j0(const Dims& n, int grp) {
@@ -1011,7 +1014,9 @@ __host__ __device__ inline SmemLayout smem_layout(const Dims& n, size_t head, si
 template <typename scalar_t, typename acc_t>
 __host__ __device__ inline SmemLayout pass_layout(const Dims& n, int tiles, bool fragments) {
   const size_t tile_bytes =
-      n.tiles_shared ? size_t(tiles) * n.warps * kTileB * n.tile_stride * sizeof(acc_t) : 0;
+      n.tiles_shared ? size_t(tiles) * n.warps * widest_group_caps(n) * row_tiles(n) * kTileElems *
+                           sizeof(acc_t)
+                     : 0;
   const size_t w_bytes =
       n.w_shared ? size_t(fragments ? 1 : 2) * widest_group_cols(n) * n.D_in * sizeof(scalar_t)
                  : 0;
@@ -1047,8 +1052,9 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   const int64_t i_end = min(i_begin + n.i_per_block, n.N_in);
 
   const SmemLayout smem = pass_layout<scalar_t, acc_t>(n, kTiles, Src::kFragments);
-  const int64_t tile_rows = int64_t(n.warps) * kTileB;
-  const int64_t tile_elems = n.tiles_shared ? tile_rows * n.tile_stride : 0;
+  // A warp's tile of V (or gs): its batch tile's row tiles of the widest group's capsules.
+  const int64_t warp_tile = widest_group_caps(n) * DT * kTileElems;
+  const int64_t tile_elems = n.tiles_shared ? n.warps * warp_tile : 0;
   acc_t* tiles = reinterpret_cast<acc_t*>(smem_raw);
   scalar_t* wbuf = reinterpret_cast<scalar_t*>(smem_raw + smem.w);
   // A buffer holds one group's rows of W[i].
@@ -1063,25 +1069,20 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
       stage_weight(src, n, i_begin, grp, wbuf);
       cp_async_commit();
     }
-  if (n.tiles_shared && !st.first) {  // the block's rows of V (and gs), its group's capsules
-    // A row per warp at a time, a column per lane, as asynchronous copies all in flight
-    // together (zeros past B). Plain loads and stores waited a round trip to L2 per element,
-    // and a 64-bit division made the row and column: ncu put 16% of the forward pass's stall
-    // samples on that loop's store.
-    const int64_t x0 = group_j0(n, grp) * n.D_out;
-    const int cols = static_cast<int>(group_caps(n, grp) * n.D_out);
-    for (int bl = warp; bl < tile_rows; bl += blockDim.x >> 5) {
-      const int64_t b = block_b0 + bl;
+  if (n.tiles_shared && !st.first) {  // the block's tiles of V (and gs), its group's capsules
+    // Each warp its own batch tile, one contiguous run of the tiled array, in 16-byte
+    // asynchronous copies all in flight together (a warp past B has none, and reads none).
+    if (has_rows) {
+      const int64_t from = ((b0 / kTileB) * n.N_out + group_j0(n, grp)) * DT * kTileElems;
+      const int pieces = static_cast<int>(group_caps(n, grp) * DT * kTileElems * sizeof(acc_t) / 16);
 #pragma unroll
       for (int k = 0; k < kTiles; ++k) {
-        acc_t* dst = tiles + k * tile_elems + bl * n.tile_stride;
-        const acc_t* from = (k == 0 ? st.V : st.gs) + (b < n.B ? b : 0) * n.J + x0;
-        for (int x = threadIdx.x & 31; x < cols; x += 32) {
-          if (b < n.B)
-            cp_async_elem(dst + x, from + x);
-          else
-            dst[x] = acc_t(0);
-        }
+        const unsigned char* src_bytes =
+            reinterpret_cast<const unsigned char*>((k == 0 ? st.V : st.gs) + from);
+        unsigned char* dst_bytes =
+            reinterpret_cast<unsigned char*>(tiles + k * tile_elems + warp * warp_tile);
+        for (int x = threadIdx.x & 31; x < pieces; x += 32)
+          cp_async16(dst_bytes + 16 * x, src_bytes + 16 * x);
       }
     }
     cp_async_commit();
@@ -1089,7 +1090,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
     st.V = tiles;
     if (kTiles == 2) st.gs = tiles + tile_elems;
     st.b_base = block_b0;
-    st.stride = n.tile_stride;
+    st.caps = widest_group_caps(n);
     st.j_base = group_j0(n, grp);
   }
   __syncthreads();
@@ -1298,6 +1299,7 @@ __device__ __forceinline__ acc_t sum_partials(const acc_t* p, int count, int64_t
 
 struct CapsuleLane {
   int64_t b, j, e;  // e: offset of (b, j, d) in a [B, N_out, D_out] array
+  int64_t te;       // ... and in a tiled one (V, V_prev, gs: tiled_offset)
   bool valid;       // lane < D_out
   bool active;      // the warp has a capsule
   __device__ CapsuleLane(const Dims& n) {
@@ -1308,11 +1310,13 @@ struct CapsuleLane {
     j = w % n.N_out;
     valid = active && d < n.D_out;
     e = (b * n.N_out + j) * n.D_out + d;
+    te = tiled_offset(n, b, j, d);
   }
 };
 
 // Forward, after a pass: s = bias + sum of the blocks' partials (in block order);
-// v = squash(s); V += v (V = v on the first iteration); v written on the last iteration.
+// v = squash(s); V += v (V = v on the first iteration; V tiled); v written on the last
+// iteration.
 template <typename scalar_t>
 __global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>::acc* partial,
                                         const scalar_t* __restrict__ bias, double eps,
@@ -1330,12 +1334,12 @@ __global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>:
   const acc_t f = squash_scale(warp_sum(s * s), acc_t(eps));
   if (!c.valid) return;
   s_out[c.e] = s;
-  V[c.e] = (first ? acc_t(0) : V[c.e]) + f * s;
+  V[c.te] = (first ? acc_t(0) : V[c.te]) + f * s;
   if (v_out != nullptr) v_out[c.e] = Scalar<scalar_t>::store(f * s);
 }
 
 // Backward sweep step for iteration t: G += sum of the partials of the pass for t + 1 (if
-// any), then gs^(t) = J_squash(s^(t))^T (G + [t == r] grad_v).
+// any), then gs^(t) = J_squash(s^(t))^T (G + [t == r] grad_v) (gs tiled).
 template <typename acc_t>
 __global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials,
                                   const acc_t* s_t, const acc_t* grad_v, double eps, acc_t* G,
@@ -1353,22 +1357,22 @@ __global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials,
   }
   acc_t a, bb;
   squash_vjp_coeffs(warp_sum(s * s), warp_sum(s * gv), acc_t(eps), &a, &bb);
-  if (c.valid) gs_t[c.e] = a * gv + bb * s;
+  if (c.valid) gs_t[c.te] = a * gv + bb * s;
 }
 
-// V_prev[t] = v^(1) + ... + v^(t) for t = 0 .. r-1 (V_prev[0] = 0), v = squash(s).
+// V_prev[t] = v^(1) + ... + v^(t) for t = 0 .. r-1 (V_prev[0] = 0), v = squash(s); V_prev
+// tiled (tiled_elems apart), s not.
 template <typename acc_t>
 __global__ void running_sums_kernel(Dims n, int iterations, const acc_t* s, double eps,
                                     acc_t* V_prev) {
   const CapsuleLane c(n);
   if (!c.active) return;
-  const int64_t stride = n.B * n.J;
   acc_t V = 0;
-  if (c.valid) V_prev[c.e] = V;
+  if (c.valid) V_prev[c.te] = V;
   for (int t = 1; t < iterations; ++t) {
-    const acc_t st = c.valid ? s[(t - 1) * stride + c.e] : acc_t(0);
+    const acc_t st = c.valid ? s[(t - 1) * n.B * n.J + c.e] : acc_t(0);
     V += squash_scale(warp_sum(st * st), acc_t(eps)) * st;
-    if (c.valid) V_prev[t * stride + c.e] = V;
+    if (c.valid) V_prev[t * tiled_elems(n) + c.te] = V;
   }
 }
 
@@ -1387,8 +1391,8 @@ constexpr int final_warps() {
 
 template <typename acc_t>
 struct Sweep {
-  const acc_t* V_prev;   // [r, B, N_out, D_out]: V^(t-1) at t-1
-  const acc_t* gs;       // [r, B, N_out, D_out]: dL/ds^(t) at t-1
+  const acc_t* V_prev;   // [r, tiled_elems]: V^(t-1) at t-1
+  const acc_t* gs;       // [r, tiled_elems]: dL/ds^(t) at t-1
   const acc_t* grad_c;   // [B, N_in, N_out] or null
   int t_min, iterations;
   bool detach;
@@ -1439,7 +1443,7 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
                                                 const Sweep<acc_t>& sw, int64_t i, int64_t b0,
                                                 int grp, Rows& g_uh) {
   constexpr int GJ = kGroupRows / DT;
-  const int64_t stride = n.B * n.J;
+  const int64_t stride = tiled_elems(n);
 #pragma unroll
   for (int r = 0; r < kGroupRows; ++r) {
     if (!has_capsule(n, grp * GJ + r / DT)) break;  // warp-uniform
@@ -1449,7 +1453,7 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
   for (int t = sw.t_min; t <= sw.iterations; ++t) {
     const int64_t per_t = n.B * n.N_in;
     const State<acc_t> st{sw.V_prev + (t - 1) * stride, sw.gs + (t - 1) * stride,
-                          t == sw.iterations ? sw.grad_c : nullptr, t == 1, 0, n.J, 0,
+                          t == sw.iterations ? sw.grad_c : nullptr, t == 1, 0, n.N_out, 0,
                           sw.stats != nullptr ? sw.stats + (t - 1) * per_t * 2 : nullptr,
                           sw.cg != nullptr ? sw.cg + (t - 1) * per_t : nullptr};
     // The logit gradient's term: none at t = 1 (V^(0) = 0) or with detach (c^(r) constant).
@@ -1463,8 +1467,8 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
     // then the sums, so that a batch waits for memory once (one row at a time, each row's
     // loads waited behind the previous row's store: ncu, 43% of the last pass's stalls).
     constexpr int kRows = 4;
-    const LaneRows<acc_t> gs_rows = lane_rows(st.gs, st, n, L, b0);
-    const LaneRows<acc_t> v_rows = lane_rows(logit_grad ? st.V : st.gs, st, n, L, b0);
+    const LaneRows<acc_t> gs_rows = lane_rows<DT>(st.gs, st, n, L, b0);
+    const LaneRows<acc_t> v_rows = lane_rows<DT>(logit_grad ? st.V : st.gs, st, n, L, b0);
 #pragma unroll
     for (int r0 = 0; r0 < kGroupRows; r0 += kRows) {
       if (!has_capsule(n, grp * GJ + r0 / DT)) break;  // warp-uniform
@@ -1472,8 +1476,8 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
 #pragma unroll
       for (int m = 0; m < kRows; ++m) {
         const int r = r0 + m, j = grp * GJ + r / DT;
-        load_frag(gs_rows, st, n, L, j, r % DT, fg[m]);
-        if (logit_grad) load_frag(v_rows, st, n, L, j, r % DT, fv[m]);
+        load_frag<DT>(gs_rows, n, j, r % DT, fg[m]);
+        if (logit_grad) load_frag<DT>(v_rows, n, j, r % DT, fv[m]);
       }
 #pragma unroll
       for (int m = 0; m < kRows; ++m) {
@@ -1507,14 +1511,14 @@ __device__ __forceinline__ void kept_rows(const Dims& n, const Lane& L, const Sw
                                           int64_t i, int64_t b0, int grp, int r,
                                           acc_t (&a)[4]) {
   constexpr int GJ = kGroupRows / DT;
-  const int64_t stride = n.B * n.J;
-  const State<acc_t> global{nullptr, nullptr, nullptr, false, 0, n.J};
+  const int64_t stride = tiled_elems(n);
+  const State<acc_t> global{nullptr, nullptr, nullptr, false, 0, n.N_out};
   const int jl = r / DT, j = grp * GJ + jl;
   const bool has = has_capsule(n, j);
   // Iteration t's gs^(t) and V^(t-1), both at t - 1, and its pair (lane t: batch 2t, 2t + 1)
   // of c^(t) and, a plane on, gbeta^(t) (see keep_couplings): walked one iteration at a time.
-  LaneRows<acc_t> gs = lane_rows(sw.gs, global, n, L, b0);
-  LaneRows<acc_t> V = lane_rows(sw.V_prev, global, n, L, b0);
+  LaneRows<acc_t> gs = lane_rows<DT>(sw.gs, global, n, L, b0);
+  LaneRows<acc_t> V = lane_rows<DT>(sw.V_prev, global, n, L, b0);
   const int64_t plane = kept_plane(n) / 2;
   const int64_t next_t = (kept_offset(n, 3) - kept_offset(n, 2)) / 2;  // from t's pairs to t + 1's
   const Pair<acc_t>* kc = reinterpret_cast<const Pair<acc_t>*>(
@@ -1530,18 +1534,15 @@ __device__ __forceinline__ void kept_rows(const Dims& n, const Lane& L, const Sw
     for (int p = 0; p < P; ++p) {
       const int t = t0 + p;
       if (t > sw.iterations) break;
-      load_frag(gs, global, n, L, j, r % DT, fg[p]);
+      load_frag<DT>(gs, n, j, r % DT, fg[p]);
       if (t > 1) {
-        load_frag(V, global, n, L, j, r % DT, fv[p]);
+        load_frag<DT>(V, n, j, r % DT, fv[p]);
         c[p] = has ? kc[0] : Pair<acc_t>{0, 0};
         g[p] = has ? kc[plane] : Pair<acc_t>{0, 0};
         kc += next_t;
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        gs.row[h] += stride;
-        V.row[h] += stride;
-      }
+      gs.p += stride;
+      V.p += stride;
     }
 #pragma unroll
     for (int p = 0; p < P; ++p) {

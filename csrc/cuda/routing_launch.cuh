@@ -100,10 +100,16 @@ inline Dims make_dims(const char* op, const RoutingSizes& n, bool leaky) {
                     ": too large for the CUDA kernels' grid: B = ", n.B, ", N_out = ", n.N_out);
   plan_chunks(d, cuda::kPassBlocksPerSM * std::max(1, cuda::kWarps / d.warps),
               b_blocks * d.n_groups);
-  // Tiles of V / gs rows (a group's columns): stride % 32 == 4, so that lanes hit distinct banks.
-  const int64_t group_cols = cuda::widest_group_cols(d);
-  d.tile_stride = group_cols + ((4 - group_cols % 32) + 32) % 32;
   return d;
+}
+
+// `count` tiled arrays (V, V_prev, gs: cuda::tiled_offset), [count, tiled_elems]. Their
+// padding past B and D_out must read as zeros, so a padded layout starts zeroed; without
+// padding the kernels write every element before any is read.
+inline at::Tensor tiled_scratch(const Dims& d, int64_t count, const at::TensorOptions& options) {
+  const bool padded = d.B % cuda::kTileB != 0 || d.D_out % cuda::kTileD != 0;
+  return padded ? at::zeros({count, cuda::tiled_elems(d)}, options)
+                : cuda::scratch({count, cuda::tiled_elems(d)}, options);
 }
 
 // Shared memory of a pass (bytes), deciding what is staged there (at most kPassSmem bytes):
@@ -207,13 +213,13 @@ void forward(const Src& src, const Dims& d, int64_t iterations, double eps, cons
              T* v, T* c, typename cuda::Scalar<T>::acc* s, const at::TensorOptions& acc_opts) {
   using acc_t = typename cuda::Scalar<T>::acc;
   cudaStream_t stream = cuda::current_stream();
-  auto V = cuda::scratch({d.B, d.J}, acc_opts);  // written first by iteration 1's finish
+  auto V = tiled_scratch(d, 1, acc_opts);  // written first by iteration 1's finish
   auto partial = cuda::scratch({d.n_chunks, d.B, d.J}, acc_opts);
   const bool groups = d.n_groups > 1;
   auto stats = cuda::scratch({groups ? d.B * d.N_in * 2 : 0}, acc_opts);
   for (int64_t t = 1; t <= iterations; ++t) {
     const bool last = t == iterations;
-    cuda::State<acc_t> st{aptr<acc_t>(V), nullptr, nullptr, t == 1, 0, d.J};
+    cuda::State<acc_t> st{aptr<acc_t>(V), nullptr, nullptr, t == 1, 0, d.N_out};
     if (groups && t > 1) {
       launch_group_stats<DT, T>(src, d, st, aptr<acc_t>(stats), static_cast<acc_t*>(nullptr),
                                      stream);
@@ -243,7 +249,7 @@ inline int64_t coupling_cache_bytes() {
 }
 
 // What the backward sweep leaves for the last pass, per iteration t at t - 1: V_prev
-// (V^(t-1)) and gs (dL/ds^(t)), [r, B, N_out * D_out]; with several groups of output capsules
+// (V^(t-1)) and gs (dL/ds^(t)), [r, tiled_elems]; with several groups of output capsules
 // also the softmax statistics and sums of group_stats_kernel, [r, B * N_in * 2] and
 // [r, B * N_in] (else empty); the kept couplings of t >= 2, [r - 1, 2, kept_plane], where
 // the gradient passes keep them (else empty).
@@ -266,13 +272,14 @@ SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_m
                   const at::Tensor& grad_v, const at::Tensor& grad_c, const at::Tensor& s) {
   using acc_t = typename cuda::Scalar<T>::acc;
   cudaStream_t stream = cuda::current_stream();
-  const int64_t stride = d.B * d.J, per_t = d.B * d.N_in;
+  // s is [r, B, N_out * D_out]; V_prev and gs are tiled, tiled_elems per iteration.
+  const int64_t stride = d.B * d.J, tiled = cuda::tiled_elems(d), per_t = d.B * d.N_in;
   SweepResult out;
-  out.V_prev = cuda::scratch({iterations, d.B, d.J}, s.options());
+  out.V_prev = tiled_scratch(d, iterations, s.options());
   cuda::launch(cuda::running_sums_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
                d, static_cast<int>(iterations), aptr<acc_t>(s), eps, aptr<acc_t>(out.V_prev));
   // Written for the iterations t_min .. r that the last pass and grad_bias read.
-  out.gs = cuda::scratch({iterations, d.B, d.J}, s.options());
+  out.gs = tiled_scratch(d, iterations, s.options());
   const bool groups = d.n_groups > 1;
   out.stats = cuda::scratch({groups ? iterations * per_t * 2 : 0}, s.options());
   out.cg = cuda::scratch({groups ? iterations * per_t : 0}, s.options());
@@ -288,12 +295,12 @@ SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_m
   acc_t* gs_ = aptr<acc_t>(out.gs);
   cuda::launch(cuda::sweep_step_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
                d, nullptr, 0, s_ + (iterations - 1) * stride, aptr<acc_t>(grad_v), eps,
-               aptr<acc_t>(G), gs_ + (iterations - 1) * stride);
+               aptr<acc_t>(G), gs_ + (iterations - 1) * tiled);
   // Iteration t's state, with its group statistics made first (t >= 2; with cg when its
   // softmax is differentiated, i.e. without detach).
   auto state = [&](int64_t t) {
-    cuda::State<acc_t> st{aptr<acc_t>(out.V_prev) + (t - 1) * stride, gs_ + (t - 1) * stride,
-                          t == iterations ? aptr<acc_t>(grad_c) : nullptr, false, 0, d.J};
+    cuda::State<acc_t> st{aptr<acc_t>(out.V_prev) + (t - 1) * tiled, gs_ + (t - 1) * tiled,
+                          t == iterations ? aptr<acc_t>(grad_c) : nullptr, false, 0, d.N_out};
     if (groups) {
       acc_t* stats = aptr<acc_t>(out.stats) + (t - 1) * per_t * 2;
       acc_t* cg = t > t_min ? aptr<acc_t>(out.cg) + (t - 1) * per_t : nullptr;
@@ -310,7 +317,7 @@ SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_m
                                            static_cast<T*>(nullptr), stream);
     cuda::launch(cuda::sweep_step_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
                  d, aptr<acc_t>(partial), d.n_chunks, s_ + (t - 2) * stride, nullptr, eps,
-                 aptr<acc_t>(G), gs_ + (t - 2) * stride);
+                 aptr<acc_t>(G), gs_ + (t - 2) * tiled);
   }
   if (t_min > 1) state(t_min);  // detach: the last pass needs c^(r) only
   return out;
@@ -340,11 +347,17 @@ void dispatch_dim_tiles(const char* op, int64_t D_out, F&& f) {
 }
 
 inline at::Tensor grad_bias_of(const at::Tensor& gs, int64_t t_min, int64_t iterations,
-                               const RoutingSizes& n, at::ScalarType dtype) {
-  // The sum over the iterations that carry gradient and over the batch.
+                               const Dims& d, at::ScalarType dtype) {
+  // The sum over the iterations that carry gradient and over the batch, of gs tiled:
+  // [t][batch tile][N_out][DT][g][t][dim half][batch half] (cuda::tiled_offset), batch
+  // element 8 tile + 2 t + half, dim 16 DT + 8 half + g.
+  const int64_t DT = cuda::row_tiles(d);
   return gs.narrow(0, t_min - 1, iterations - t_min + 1)
-      .sum(at::IntArrayRef{0, 1})
-      .view({n.N_out, n.D_out})
+      .view({iterations - t_min + 1, ceil_div(d.B, cuda::kTileB), d.N_out, DT, 8, 4, 2, 2})
+      .sum(at::IntArrayRef{0, 1, 5, 7})
+      .permute({0, 1, 3, 2})
+      .reshape({d.N_out, DT * cuda::kTileD})
+      .narrow(1, 0, d.D_out)
       .to(dtype);
 }
 
@@ -400,7 +413,7 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     constexpr int DT = decltype(dt)::value;
     const SweepResult sr = sweep<DT, decltype(src), T>(src, d, iterations, t_min, eps, in.grad_v,
                                                        in.grad_c, in.s);
-    if (has_bias) grad_bias = grad_bias_of(sr.gs, t_min, iterations, n, u.scalar_type());
+    if (has_bias) grad_bias = grad_bias_of(sr.gs, t_min, iterations, d, u.scalar_type());
     // grad_u's part of each group (added up below), or with one group of output capsules
     // and grad_u in the accumulation type, grad_u itself.
     const bool direct = std::is_same<T, acc_t>::value && d.n_groups == 1;
@@ -448,7 +461,7 @@ void route_backward(const BackwardInputs& in, const at::Tensor& u_hat, const Rou
     constexpr int DT = decltype(dt)::value;
     const SweepResult sr = sweep<DT, decltype(src), T>(src, d, iterations, t_min, eps, in.grad_v,
                                                        in.grad_c, in.s);
-    if (has_bias) grad_bias = grad_bias_of(sr.gs, t_min, iterations, n, u_hat.scalar_type());
+    if (has_bias) grad_bias = grad_bias_of(sr.gs, t_min, iterations, d, u_hat.scalar_type());
     constexpr int kW = cuda::final_warps<acc_t>();
     const dim3 grid(static_cast<unsigned>(ceil_div(n.N_in, kW)), d.n_groups);
     const cuda::Sweep<acc_t> sw = sr.view<acc_t>(in.grad_c, t_min, iterations, detach);

@@ -283,8 +283,6 @@ inline void cp_async(void* dst, const void* src) {
   m.copies[m.current].open.push_back({dst, src, kBytes});
 }
 inline void cp_async16(void* dst, const void* src) { cp_async<16>(dst, src); }
-inline void cp_async4(void* dst, const void* src) { cp_async<4>(dst, src); }
-inline void cp_async8(void* dst, const void* src) { cp_async<8>(dst, src); }
 inline void cp_async_commit() {
   auto& c = machine().copies[machine().current];
   c.committed.push_back(std::move(c.open));
