@@ -1501,14 +1501,28 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
 
 // Row r of g_uh for (i, b0) from the couplings the gradient passes kept (every iteration
 // carries gradient: t_min = 1, no detach): sum_t c^(t) gs^(t) + gbeta^(t) V^(t-1), where
-// c^(1) is uniform and t = 1 has no logit term (V^(0) = 0). A row of a capsule past N_out (and
-// batch elements past B) comes out as zeros. The loads of P iterations are issued before the
-// first is used: one L2 round trip per row for up to three iterations, where one per
-// iteration left the last pass waiting on them (ncu: a quarter of its stall samples on the
-// first FMA after the loads). float64 takes one at a time (its values take two registers).
+// c^(1) is uniform and t = 1 has no logit term (V^(0) = 0), added to `a` for the iterations
+// t_begin .. r. A row of a capsule past N_out (and batch elements past B) adds zeros. The
+// loads of P iterations are issued before the first is used: one L2 round trip per row for
+// up to three iterations, where one per iteration left the last pass waiting on them (ncu: a
+// quarter of its stall samples on the first FMA after the loads). float64 takes one at a
+// time (its values take two registers).
+template <typename acc_t>
+struct KeptPairs {  // where the lane's pairs of row r's capsule are, at iteration t = 2
+  const Pair<acc_t>* kc;
+  int64_t plane, next_t;  // from a c pair to its gbeta pair, and from t's pairs to t + 1's
+};
+template <int DT, typename acc_t>
+__device__ __forceinline__ KeptPairs<acc_t> kept_pairs(const Dims& n, const Lane& L,
+                                                       const Sweep<acc_t>& sw, int64_t i,
+                                                       int64_t b0, int grp, int r) {
+  return {reinterpret_cast<const Pair<acc_t>*>(sw.kept + kept_pair_offset<DT>(n, L, i, b0, grp)) +
+              (r / DT) * (kept_batch(n) / 2),
+          kept_plane(n) / 2, (kept_offset(n, 3) - kept_offset(n, 2)) / 2};
+}
 template <int DT, typename acc_t, int P = std::is_same<acc_t, float>::value ? 3 : 1>
 __device__ __forceinline__ void kept_rows(const Dims& n, const Lane& L, const Sweep<acc_t>& sw,
-                                          int64_t i, int64_t b0, int grp, int r,
+                                          int64_t i, int64_t b0, int grp, int r, int t_begin,
                                           acc_t (&a)[4]) {
   constexpr int GJ = kGroupRows / DT;
   const int64_t stride = tiled_elems(n);
@@ -1517,17 +1531,13 @@ __device__ __forceinline__ void kept_rows(const Dims& n, const Lane& L, const Sw
   const bool has = has_capsule(n, j);
   // Iteration t's gs^(t) and V^(t-1), both at t - 1, and its pair (lane t: batch 2t, 2t + 1)
   // of c^(t) and, a plane on, gbeta^(t) (see keep_couplings): walked one iteration at a time.
-  LaneRows<acc_t> gs = lane_rows<DT>(sw.gs, global, n, L, b0);
-  LaneRows<acc_t> V = lane_rows<DT>(sw.V_prev, global, n, L, b0);
-  const int64_t plane = kept_plane(n) / 2;
-  const int64_t next_t = (kept_offset(n, 3) - kept_offset(n, 2)) / 2;  // from t's pairs to t + 1's
-  const Pair<acc_t>* kc = reinterpret_cast<const Pair<acc_t>*>(
-                              sw.kept + kept_pair_offset<DT>(n, L, i, b0, grp)) +
-                          jl * (kept_batch(n) / 2);
+  LaneRows<acc_t> gs = lane_rows<DT>(sw.gs + (t_begin - 1) * stride, global, n, L, b0);
+  LaneRows<acc_t> V = lane_rows<DT>(sw.V_prev + (t_begin - 1) * stride, global, n, L, b0);
+  const KeptPairs<acc_t> kp = kept_pairs<DT>(n, L, sw, i, b0, grp, r);
+  const int64_t plane = kp.plane, next_t = kp.next_t;
+  const Pair<acc_t>* kc = kp.kc + (t_begin > 2 ? (t_begin - 2) * next_t : 0);
   const acc_t uniform = acc_t(1) / acc_t(n.N_out + (n.leaky ? 1 : 0));
-#pragma unroll
-  for (int q = 0; q < 4; ++q) a[q] = acc_t(0);
-  for (int t0 = 1; t0 <= sw.iterations; t0 += P) {
+  for (int t0 = t_begin; t0 <= sw.iterations; t0 += P) {
     acc_t fg[P][4], fv[P][4];
     Pair<acc_t> c[P], g[P];
 #pragma unroll
@@ -1589,8 +1599,8 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
 #pragma unroll 1
       for (int r = 0; r < kGroupRows; ++r) {
         if (!has_capsule(n, grp * GJ + r / DT)) break;  // warp-uniform
-        acc_t a[4];
-        kept_rows<DT>(n, L, sw, i, b0, grp, r, a);
+        acc_t a[4] = {0, 0, 0, 0};
+        kept_rows<DT>(n, L, sw, i, b0, grp, r, 1, a);
         store(b0, r, a);
       }
     } else {
@@ -1644,13 +1654,17 @@ __host__ __device__ inline void weight_grad_slot(int e, int lane, int& row, int&
 }
 
 // The kernel's shared memory: head = the warps' grad_W accumulators (kFinalAccBytes), then
-// their g_uh tiles (float32, not kept), or the g_uh and u tiles (float64); W[i] = the group's
-// rows (w_shared), then the operands with fragments.
+// their g_uh tiles (float32, not kept) or rings (float32, kept), or the g_uh and u tiles
+// (float64); W[i] = the group's rows (w_shared), then the operands with fragments.
 constexpr size_t kFinalAccBytes = size_t(kFinalWarps) * 64 * 32 * sizeof(float);
+// The rings of the kept pass in float32 (see stage_ring_row).
+constexpr int kRingIterations = 3;
+constexpr int kRingTiles = 2 * kRingIterations - 1;  // gs^(1), gs^(2), gs^(3), V^(1), V^(2)
+constexpr size_t kRingBytes = size_t(kFinalWarps) * 2 * kRingTiles * kTileElems * sizeof(float);
 template <typename scalar_t, typename acc_t>
 __host__ __device__ inline SmemLayout weight_grad_layout(const Dims& n, bool fragments,
                                                          bool kept) {
-  const size_t g_uh = kept ? 0 : size_t(kFinalWarps) * kGroupRows * 32 * sizeof(float4);
+  const size_t g_uh = kept ? kRingBytes : size_t(kFinalWarps) * kGroupRows * 32 * sizeof(float4);
   const size_t tiles = std::is_same<acc_t, float>::value
                            ? kFinalAccBytes + g_uh
                            : size_t(kFinalWarps) * kTileB * (kFinalTileStride + 8) * sizeof(acc_t);
@@ -1773,8 +1787,69 @@ __device__ __forceinline__ void add_weight_grad_fma(const acc_t* tile_g, acc_t* 
   __syncwarp();
 }
 
-// Two blocks per SM with the couplings kept (float32 accumulation: ~69 KB of shared memory
-// each); recomputing needs all the registers.
+// The last pass with kept couplings in float32 accumulation: a warp's ring of two row slots in
+// shared memory. While row r is summed, the next row's tiles of gs^(t) and V^(t-1) for
+// t <= kRingIterations are copied into the other slot (cp.async, each lane its own fragment,
+// so that a lane reads only what it copied itself) and its kept pairs are loaded into
+// registers: a row's L2 round trip overlaps the previous row's work, where each row waited
+// for its own (ncu: long-scoreboard stalls, a third of the pass's). Later iterations (r > 3)
+// are loaded as kept_rows does. Registers held no staging room for a row ahead: the pass
+// runs two blocks per SM at 128.
+
+struct RingPairs {  // the lane's kept pairs of a row: c^(t) and gbeta^(t), t = 2 .. 3
+  Pair<float> c[kRingIterations - 1], g[kRingIterations - 1];
+};
+
+// Row r of batch tile b0 (a capsule that exists) into `slot`, and its pairs.
+template <int DT>
+__device__ __forceinline__ RingPairs stage_ring_row(const Dims& n, const Lane& L,
+                                                    const Sweep<float>& sw, int64_t i,
+                                                    int64_t b0, int grp, int r, float* slot) {
+  const int off = (L.g * 4 + L.t) * 4;  // the lane's slots of a tile
+  const int64_t j = int64_t(grp) * (kGroupRows / DT) + r / DT;
+  const int64_t at = (((b0 / kTileB) * n.N_out + j) * DT + r % DT) * kTileElems + off;
+  const KeptPairs<float> kp = kept_pairs<DT>(n, L, sw, i, b0, grp, r);
+  RingPairs x;
+#pragma unroll
+  for (int t = 1; t <= kRingIterations; ++t) {
+    const bool in = t <= sw.iterations;
+    if (in) cp_async16(slot + (t - 1) * kTileElems + off, sw.gs + (t - 1) * tiled_elems(n) + at);
+    if (t == 1) continue;
+    if (in)
+      cp_async16(slot + (kRingIterations + t - 2) * kTileElems + off,
+                 sw.V_prev + (t - 1) * tiled_elems(n) + at);
+    x.c[t - 2] = in ? kp.kc[(t - 2) * kp.next_t] : Pair<float>{0, 0};
+    x.g[t - 2] = in ? kp.kc[(t - 2) * kp.next_t + kp.plane] : Pair<float>{0, 0};
+  }
+  return x;
+}
+
+// ... and, once its copies have landed, the row's terms of iterations 1 .. 3 into `a`.
+__device__ __forceinline__ void ring_row(const Dims& n, const Lane& L, const float* slot,
+                                         int iterations, const RingPairs& x, float (&a)[4]) {
+  const int off = (L.g * 4 + L.t) * 4;
+  const float uniform = 1.f / float(n.N_out + (n.leaky ? 1 : 0));
+  float f[4];
+  load4(slot + off, f);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) a[q] = uniform * f[q];
+#pragma unroll
+  for (int t = 2; t <= kRingIterations; ++t) {
+    if (t > iterations) break;
+    float fv[4];
+    load4(slot + (t - 1) * kTileElems + off, f);
+    load4(slot + (kRingIterations + t - 2) * kTileElems + off, fv);
+    const Pair<float> c = x.c[t - 2], g = x.g[t - 2];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      a[q] += (q & 1 ? c.y : c.x) * f[q];
+      a[q] += (q & 1 ? g.y : g.x) * fv[q];
+    }
+  }
+}
+
+// Two blocks per SM with the couplings kept (float32 accumulation: ~109 KB of shared memory
+// each for the MNIST layer, the ring included); recomputing needs all the registers.
 template <int DT, typename Src, typename scalar_t, bool kKept>
 __global__ void __launch_bounds__(kFinalWarps * 32, blocks_per_sm<scalar_t>(kKept ? 2 : 1))
 weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
@@ -1833,6 +1908,18 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   acc_t* tile_u = reinterpret_cast<acc_t*>(smem) + kFinalWarps * kTileB * kFinalTileStride +
                   warp * kTileB * 8;
 
+  // float32, kept: the warp's ring (see stage_ring_row), its first row staged ahead; `step`
+  // counts the rows, whose slots alternate.
+  float* ring = reinterpret_cast<float*>(smem + kFinalAccBytes) + warp * 2 * kRingTiles * kTileElems;
+  const int rows = static_cast<int>(min(int64_t(kGroupRows), (n.N_out - int64_t(grp) * GJ) * DT));
+  RingPairs ring_pairs;
+  int step = 0;
+  if constexpr (kKept && kMatrixUnits) {
+    if (int64_t(warp) * kTileB < n.B)
+      ring_pairs = stage_ring_row<DT>(n, L, sw, i, int64_t(warp) * kTileB, grp, 0, ring);
+    cp_async_commit();
+  }
+
   for (int64_t b0 = int64_t(warp) * kTileB; b0 < n.B; b0 += kFinalWarps * kTileB) {
     acc_t gu[2][8];
 #pragma unroll
@@ -1842,8 +1929,8 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
     if constexpr (kKept) {
       // One row of g_uh at a time, used as soon as it is made, in a loop that is not unrolled
       // (ptxas, float32: 128 registers and no spills, as two blocks per SM need; unrolled, the
-      // compiler hoisted later rows' loads into 244 registers). kept_rows issues the row's
-      // loads of all iterations at once; two rows a call took 420 B of spills that way.
+      // compiler hoisted later rows' loads into 244 registers). float32 stages the next row in
+      // the ring meanwhile; float64 (kept_rows) issues a row's loads when it needs them.
       uint32_t bh[2], bl[2];
       if constexpr (kMatrixUnits) weight_grad_operand(src.u, n, L, i, b0, k0, bh, bl);
 #pragma unroll 1
@@ -1851,8 +1938,24 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
         const bool has = has_capsule(n, grp * GJ + r / DT);  // warp-uniform
         // (float64 walks every row: its tile must hold zeros past N_out)
         if (kMatrixUnits && !has) break;
-        acc_t a[4];
-        kept_rows<DT>(n, L, sw, i, b0, grp, r, a);
+        acc_t a[4] = {0, 0, 0, 0};
+        if constexpr (kMatrixUnits) {
+          // The next row (this tile's, or the warp's next tile's first) into the other slot,
+          // then this row from its slot once its copies (all but the newest group) have landed.
+          const RingPairs pairs = ring_pairs;
+          const int64_t next_b0 = r + 1 < rows ? b0 : b0 + kFinalWarps * kTileB;
+          if (next_b0 < n.B)
+            ring_pairs = stage_ring_row<DT>(n, L, sw, i, next_b0, grp, r + 1 < rows ? r + 1 : 0,
+                                            ring + ((step + 1) & 1) * kRingTiles * kTileElems);
+          cp_async_commit();
+          cp_async_wait_one();
+          ring_row(n, L, ring + (step & 1) * kRingTiles * kTileElems, sw.iterations, pairs, a);
+          ++step;
+          if (sw.iterations > kRingIterations)
+            kept_rows<DT>(n, L, sw, i, b0, grp, r, kRingIterations + 1, a);
+        } else {
+          kept_rows<DT>(n, L, sw, i, b0, grp, r, 1, a);
+        }
         if (has) add_grad_u<DT>(w_rows, w_j0, n, L, grp, r, k0, a, gu);
         if constexpr (kMatrixUnits) {
           if (has) add_weight_grad(gw_s, lane, r, a, bh, bl);
