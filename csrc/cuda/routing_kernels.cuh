@@ -1626,8 +1626,9 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
 // - false: prediction_grad makes the warp's 16 rows of g_uh (recomputing predictions, logits
 //   and the softmax of every iteration) into a tile that is then read row by row;
 // - true, where the gradient passes kept their couplings (sw.kept): each row of g_uh is a few
-//   loads and FMAs (kept_rows) and is used at once. No predictions, no g_uh tile and a
-//   fraction of the registers: two blocks fit per multiprocessor (float32 accumulation).
+//   loads and FMAs (kept_rows; float32 stages a row's loads one row ahead, stage_ring_row)
+//   and is used at once. No predictions, no g_uh tile and a fraction of the registers: two
+//   blocks fit per multiprocessor (float32 accumulation).
 //
 // grad_W's sum over the batch is a matrix product per row tile r (16 (j, d) rows):
 // gW_r[16 x 8 dims k] += g_uh_r[16 x 8 batch] u[8 batch x 8 dims k]. In float32 it runs on the
