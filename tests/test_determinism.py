@@ -146,8 +146,8 @@ def test_cuda_graph_replay_matches_eager(op, shape, detach, cache_mb, monkeypatc
         pytest.skip("needs CUDA kernels (this build is CPU-only)")
     monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", cache_mb)
     inputs, g_v, g_c = _problem(op, torch.float32, "cuda", key=("graph", str(shape)), shape=shape)
-    new_inputs, new_g_v, new_g_c = _problem(op, torch.float32, "cuda", key=("graph, new", str(shape)),
-                                            shape=shape)
+    new_inputs, new_g_v, new_g_c = _problem(op, torch.float32, "cuda",
+                                            key=("graph, new", str(shape)), shape=shape)
     static = [t.clone() for t in list(inputs) + [g_v, g_c]]
     side = torch.cuda.Stream()  # warm-up on a side stream, as capture requires
     side.wait_stream(torch.cuda.current_stream())

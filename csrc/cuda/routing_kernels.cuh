@@ -160,7 +160,9 @@ __host__ __device__ __forceinline__ int64_t widest_group_cols(const Dims& n) {
 // bounds tests, where [b, j, d] order took four 4-byte loads from four rows, each with its
 // own address and tests. DT = row_tiles(n), the kernels' DT.
 constexpr int kTileElems = kTileB * kTileD;  // a row tile: 32 lanes x 4 slots
-__host__ __device__ __forceinline__ int row_tiles(const Dims& n) { return n.D_out > kTileD ? 2 : 1; }
+__host__ __device__ __forceinline__ int row_tiles(const Dims& n) {
+  return n.D_out > kTileD ? 2 : 1;
+}
 __host__ __device__ inline int64_t tiled_elems(const Dims& n) {
   return (n.B + kTileB - 1) / kTileB * n.N_out * row_tiles(n) * kTileElems;
 }
@@ -252,7 +254,8 @@ __device__ __forceinline__ void load4(const float* p, float (&f)[4]) {
   f[0] = x.x, f[1] = x.y, f[2] = x.z, f[3] = x.w;
 }
 __device__ __forceinline__ void load4(const double* p, double (&f)[4]) {
-  const double2 x = reinterpret_cast<const double2*>(p)[0], y = reinterpret_cast<const double2*>(p)[1];
+  const double2* v = reinterpret_cast<const double2*>(p);
+  const double2 x = v[0], y = v[1];
   f[0] = x.x, f[1] = x.y, f[2] = y.x, f[3] = y.y;
 }
 template <int DT, typename acc_t>
@@ -1074,7 +1077,8 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
     // asynchronous copies all in flight together (a warp past B has none, and reads none).
     if (has_rows) {
       const int64_t from = ((b0 / kTileB) * n.N_out + group_j0(n, grp)) * DT * kTileElems;
-      const int pieces = static_cast<int>(group_caps(n, grp) * DT * kTileElems * sizeof(acc_t) / 16);
+      const int pieces =
+          static_cast<int>(group_caps(n, grp) * DT * kTileElems * sizeof(acc_t) / 16);
 #pragma unroll
       for (int k = 0; k < kTiles; ++k) {
         const unsigned char* src_bytes =
@@ -1234,7 +1238,8 @@ group_stats_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   acc_t m = -INFINITY, l = acc_t(0);
   auto merge = [&](acc_t m2, acc_t l2) {  // (m, l) with another (m2, l2): l = 0 holds nothing
     const acc_t mx = fmax(m, m2);
-    l = (l == acc_t(0) ? acc_t(0) : l * exp_(m - mx)) + (l2 == acc_t(0) ? acc_t(0) : l2 * exp_(m2 - mx));
+    l = (l == acc_t(0) ? acc_t(0) : l * exp_(m - mx)) +
+        (l2 == acc_t(0) ? acc_t(0) : l2 * exp_(m2 - mx));
     m = mx;
   };
   for (int grp = 0; grp < n.n_groups; ++grp) {
@@ -1911,7 +1916,8 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
 
   // float32, kept: the warp's ring (see stage_ring_row), its first row staged ahead; `step`
   // counts the rows, whose slots alternate.
-  float* ring = reinterpret_cast<float*>(smem + kFinalAccBytes) + warp * 2 * kRingTiles * kTileElems;
+  float* ring =
+      reinterpret_cast<float*>(smem + kFinalAccBytes) + warp * 2 * kRingTiles * kTileElems;
   const int rows = static_cast<int>(min(int64_t(kGroupRows), (n.N_out - int64_t(grp) * GJ) * DT));
   RingPairs ring_pairs;
   int step = 0;
