@@ -50,7 +50,10 @@ def _extension():
         link.append("-fopenmp")
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "-lineinfo"]
+        # -lineinfo maps SASS to source lines for the profilers. -compress-all compresses every
+        # image of the fat binary: nvcc's default left some uncompressed, which more than
+        # doubled the extension (37 MB against 16 MB).
+        nvcc = ["-O3", "-lineinfo", "-Xfatbin=-compress-all"]
         if _flag("CAPSROUTE_PTXAS_VERBOSE"):  # the register / spill report of every kernel
             nvcc.append("-Xptxas=-v")
         return cpp_extension.CUDAExtension(
