@@ -567,7 +567,7 @@ __device__ __forceinline__ void predict_tiles(const Src& src, const Dims& n, con
 // sums in those 8 lanes; reduce_scatter leaves each whole sum in the one lane that holds it
 // (14 shuffles for 4 capsules' logits and gradients, where an all-reduce that left all 16 sums
 // in every lane took 48), and the softmax then takes one exp per value, not 8 copies of it.
-// The arrays are a sixteenth of the all-lanes ones (c and g took 64 registers of the
+// The arrays are an eighth of the all-lanes ones (c and g took 64 registers of the
 // gradient pass's 128, and it spilled 388 bytes). Where a row tile needs its capsule's value
 // for both batch halves (the accumulator layout), spread_at fetches them: two shuffles per
 // capsule.
