@@ -201,16 +201,6 @@ struct Lane {
   __device__ __forceinline__ int col(int q) const { return 2 * t + (q & 1); }
 };
 
-// x summed over the 8 lanes that share t, in each of them.
-template <typename T>
-__device__ __forceinline__ T sum_over_dims(T x) {
-  // The 8 lanes sharing t hold the 16 dims of one row tile (2 each).
-  x += __shfl_xor_sync(0xffffffffu, x, 4);
-  x += __shfl_xor_sync(0xffffffffu, x, 8);
-  x += __shfl_xor_sync(0xffffffffu, x, 16);
-  return x;
-}
-
 // Whether output capsule j exists, in 32 bits (N_out < 2^31: make_dims limits the groups;
 // the tests run in the kernels' inner loops).
 __device__ __forceinline__ bool has_capsule(const Dims& n, int j) {
@@ -1700,24 +1690,25 @@ __device__ __forceinline__ void add_grad_u(const scalar_t* w_rows, int64_t w_j0,
   }
 }
 
-// The 8 lanes that share t add up their dims of gu; lanes g = 0 write grad_u_part[grp, b, i,
-// k0 + k] for their two batch elements.
+// The 8 lanes that share t add up their dims of gu, each sum left in one of them
+// (reduce_scatter: 14 shuffles, where 8 copies of all 16 sums took 48); lane g writes
+// grad_u_part[grp, b, i, k0 + k] of batch half g / 4, dims k = 2 (g % 4), 2 (g % 4) + 1.
 template <typename acc_t>
 __device__ __forceinline__ void store_grad_u(const Dims& n, const Lane& L, int grp, int64_t i,
-                                             int64_t b0, int64_t k0, acc_t (&gu)[2][8],
+                                             int64_t b0, int64_t k0, const acc_t (&gu)[2][8],
                                              acc_t* grad_u_part) {
+  acc_t x[16];  // x[h * 8 + k]
 #pragma unroll
   for (int h = 0; h < 2; ++h)
 #pragma unroll
-    for (int k = 0; k < 8; ++k) gu[h][k] = sum_over_dims(gu[h][k]);
-  if (L.g != 0) return;
+    for (int k = 0; k < 8; ++k) x[h * 8 + k] = gu[h][k];
+  reduce_scatter(x, L);
+  const int64_t b = b0 + 2 * L.t + (L.g >> 2);
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t b = b0 + 2 * L.t + h;
-#pragma unroll
-    for (int k = 0; k < 8; ++k)
-      if (b < n.B && k0 + k < n.D_in)
-        grad_u_part[((int64_t(grp) * n.B + b) * n.N_in + i) * n.D_in + k0 + k] = gu[h][k];
+  for (int e = 0; e < 2; ++e) {
+    const int64_t k = k0 + 2 * (L.g & 3) + e;
+    if (b < n.B && k < n.D_in)
+      grad_u_part[((int64_t(grp) * n.B + b) * n.N_in + i) * n.D_in + k] = x[e];
   }
 }
 
