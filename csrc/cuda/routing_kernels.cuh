@@ -199,6 +199,8 @@ struct Lane {
   __device__ Lane() : g((threadIdx.x & 31) >> 2), t(threadIdx.x & 3) {}
   __device__ __forceinline__ int dim(int dt, int q) const { return dt * kTileD + g + ((q >> 1) << 3); }
   __device__ __forceinline__ int col(int q) const { return 2 * t + (q & 1); }
+  // Where its four slots of a row tile start in a tiled array (see tiled_offset).
+  __device__ __forceinline__ int slots() const { return (g * 4 + t) * 4; }
 };
 
 // Whether output capsule j exists, in 32 bits (N_out < 2^31: make_dims limits the groups;
@@ -232,7 +234,7 @@ template <int DT, typename acc_t>
 __device__ __forceinline__ LaneRows<acc_t> lane_rows(const acc_t* a, const State<acc_t>& st,
                                                      const Dims&, const Lane& L, int64_t b0) {
   const int64_t tile = (b0 - st.b_base) / kTileB;
-  return {opaque(a + tile * st.caps * DT * kTileElems + (L.g * 4 + L.t) * 4),
+  return {opaque(a + tile * st.caps * DT * kTileElems + L.slots()),
           static_cast<int>(st.j_base)};
 }
 
@@ -1515,6 +1517,17 @@ __device__ __forceinline__ KeptPairs<acc_t> kept_pairs(const Dims& n, const Lane
               (r / DT) * (kept_batch(n) / 2),
           kept_plane(n) / 2, (kept_offset(n, 3) - kept_offset(n, 2)) / 2};
 }
+// a += c^(t) gs^(t) + gbeta^(t) V^(t-1) at the lane's slots (c, g: its pairs, batch half q & 1).
+template <typename acc_t>
+__device__ __forceinline__ void add_kept_terms(const Pair<acc_t>& c, const Pair<acc_t>& g,
+                                               const acc_t (&fg)[4], const acc_t (&fv)[4],
+                                               acc_t (&a)[4]) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    a[q] += (q & 1 ? c.y : c.x) * fg[q];
+    a[q] += (q & 1 ? g.y : g.x) * fv[q];
+  }
+}
 template <int DT, typename acc_t, int P = std::is_same<acc_t, float>::value ? 3 : 1>
 __device__ __forceinline__ void kept_rows(const Dims& n, const Lane& L, const Sweep<acc_t>& sw,
                                           int64_t i, int64_t b0, int grp, int r, int t_begin,
@@ -1553,14 +1566,11 @@ __device__ __forceinline__ void kept_rows(const Dims& n, const Lane& L, const Sw
     for (int p = 0; p < P; ++p) {
       const int t = t0 + p;
       if (t > sw.iterations) break;
+      if (t == 1) {
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        if (t == 1) {
-          a[q] += uniform * fg[p][q];
-        } else {
-          a[q] += (q & 1 ? c[p].y : c[p].x) * fg[p][q];
-          a[q] += (q & 1 ? g[p].y : g[p].x) * fv[p][q];
-        }
+        for (int q = 0; q < 4; ++q) a[q] += uniform * fg[p][q];
+      } else {
+        add_kept_terms(c[p], g[p], fg[p], fv[p], a);
       }
     }
   }
@@ -1802,7 +1812,7 @@ template <int DT>
 __device__ __forceinline__ RingPairs stage_ring_row(const Dims& n, const Lane& L,
                                                     const Sweep<float>& sw, int64_t i,
                                                     int64_t b0, int grp, int r, float* slot) {
-  const int off = (L.g * 4 + L.t) * 4;  // the lane's slots of a tile
+  const int off = L.slots();
   const int64_t j = int64_t(grp) * (kGroupRows / DT) + r / DT;
   const int64_t at = (((b0 / kTileB) * n.N_out + j) * DT + r % DT) * kTileElems + off;
   const KeptPairs<float> kp = kept_pairs<DT>(n, L, sw, i, b0, grp, r);
@@ -1824,7 +1834,7 @@ __device__ __forceinline__ RingPairs stage_ring_row(const Dims& n, const Lane& L
 // ... and, once its copies have landed, the row's terms of iterations 1 .. 3 into `a`.
 __device__ __forceinline__ void ring_row(const Dims& n, const Lane& L, const float* slot,
                                          int iterations, const RingPairs& x, float (&a)[4]) {
-  const int off = (L.g * 4 + L.t) * 4;
+  const int off = L.slots();
   const float uniform = 1.f / float(n.N_out + (n.leaky ? 1 : 0));
   float f[4];
   load4(slot + off, f);
@@ -1836,12 +1846,7 @@ __device__ __forceinline__ void ring_row(const Dims& n, const Lane& L, const flo
     float fv[4];
     load4(slot + (t - 1) * kTileElems + off, f);
     load4(slot + (kRingIterations + t - 2) * kTileElems + off, fv);
-    const Pair<float> c = x.c[t - 2], g = x.g[t - 2];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      a[q] += (q & 1 ? c.y : c.x) * f[q];
-      a[q] += (q & 1 ? g.y : g.x) * fv[q];
-    }
+    add_kept_terms(x.c[t - 2], x.g[t - 2], f, fv, a);
   }
 }
 
