@@ -649,8 +649,14 @@ __device__ __forceinline__ void agreements(const Src& src, const Dims& n, const 
             acc_t f[4];
             load_frag<DT>(rows[k], n, grp * GJ + jl0 + s, dt, f);
             const acc_t(&u)[4] = uh[s * DT + dt];
-            p[((sb + s) * 2) * K + k] += u[0] * f[0] + u[2] * f[2];
-            p[((sb + s) * 2 + 1) * K + k] += u[1] * f[1] + u[3] * f[3];
+            // (one product at a time: two FMAs, where a sum of two products took an FMUL,
+            // an FMA and an add)
+            acc_t& p0 = p[((sb + s) * 2) * K + k];
+            acc_t& p1 = p[((sb + s) * 2 + 1) * K + k];
+            p0 += u[0] * f[0];
+            p0 += u[2] * f[2];
+            p1 += u[1] * f[1];
+            p1 += u[3] * f[3];
           }
     }
     reduce_scatter(p, L);
