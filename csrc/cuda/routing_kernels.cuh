@@ -1713,6 +1713,43 @@ __device__ __forceinline__ void add_grad_u(const scalar_t* w_rows, int64_t w_j0,
   }
 }
 
+// The same from W[i]'s group rows staged in shared memory with whole 16-byte rows of 8
+// input dims (n.rows8: D_in % 8 == 0, and staged rows start 16-byte aligned): each dim's 8
+// weights are one or a few 16-byte loads from shared memory, with 32-bit offsets and no test
+// per k. The general form above tests every k against D_in and reads through a generic
+// pointer (W is in global memory where it does not fit): ~130 instructions a row, a third
+// of the kept last pass's (SASS).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_row8(const scalar_t* p, acc_t (&w)[8]) {
+  constexpr int kPer = 16 / sizeof(scalar_t);
+#pragma unroll
+  for (int v = 0; v < 8 / kPer; ++v) {
+    const uint4 x = reinterpret_cast<const uint4*>(p)[v];
+    scalar_t e[kPer];
+    memcpy(e, &x, sizeof(x));
+#pragma unroll
+    for (int m = 0; m < kPer; ++m) w[v * kPer + m] = Scalar<scalar_t>::load(e + m);
+  }
+}
+template <int DT, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void add_grad_u_staged(const scalar_t* w_group, const Dims& n,
+                                                  const Lane& L, int r, int k0,
+                                                  const acc_t (&gr)[4], acc_t (&gu)[2][8]) {
+  const int D_in = static_cast<int>(n.D_in), D_out = static_cast<int>(n.D_out);
+#pragma unroll
+  for (int dh = 0; dh < 2; ++dh) {
+    const int d = L.dim(r % DT, 2 * dh);
+    if (d >= D_out) continue;
+    acc_t w[8];
+    load_row8(w_group + ((r / DT) * D_out + d) * D_in + k0, w);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      gu[0][k] += w[k] * gr[2 * dh];
+      gu[1][k] += w[k] * gr[2 * dh + 1];
+    }
+  }
+}
+
 // The 8 lanes that share t add up their dims of gu, each sum left in one of them
 // (reduce_scatter: 14 shuffles, where 8 copies of all 16 sums took 48); lane g writes
 // grad_u_part[grp, b, i, k0 + k] of batch half g / 4, dims k = 2 (g % 4), 2 (g % 4) + 1.
@@ -1820,28 +1857,57 @@ struct RingPairs {  // the lane's kept pairs of a row: c^(t) and gbeta^(t), t = 
   Pair<float> c[kRingIterations - 1], g[kRingIterations - 1];
 };
 
-// Row r of batch tile b0 (a capsule that exists) into `slot`, and its pairs.
+// Where the lane's sources of one row of the ring are: its fragment of gs^(1) and the same
+// place in V_prev (gs^(t) and V^(t-1) are t - 1 arrays on), and its pair of c^(2). Found in
+// full once per batch tile (ring_source); a tile's rows follow at fixed steps (next_row),
+// where every row's 64-bit indices took ~60 instructions (SASS).
+struct RingSource {
+  const float* gs;
+  const float* V;
+  const Pair<float>* kc;
+};
+struct RingSteps {  // the sources' loop invariants
+  int64_t stride;         // from one iteration's tiled array to the next
+  int64_t next_t, plane;  // kept pairs: t's to t + 1's, and a c pair to its gbeta pair
+  int64_t capsule_pairs;  // kept pairs: one capsule's to the next one's
+};
+__device__ __forceinline__ RingSteps ring_steps(const Dims& n) {
+  return {tiled_elems(n), (kept_offset(n, 3) - kept_offset(n, 2)) / 2, kept_plane(n) / 2,
+          kept_batch(n) / 2};
+}
+// Row 0 of batch tile b0 ...
 template <int DT>
-__device__ __forceinline__ RingPairs stage_ring_row(const Dims& n, const Lane& L,
-                                                    const Sweep<float>& sw, int64_t i,
-                                                    int64_t b0, int grp, int r, float* slot) {
-  const int off = L.slots();
-  const int64_t j = int64_t(grp) * (kGroupRows / DT) + r / DT;
-  const int64_t at = (((b0 / kTileB) * n.N_out + j) * DT + r % DT) * kTileElems + off;
-  const KeptPairs<float> kp = kept_pairs<DT>(n, L, sw, i, b0, grp, r);
-  RingPairs x;
+__device__ __forceinline__ RingSource ring_source(const Dims& n, const Lane& L,
+                                                  const Sweep<float>& sw, int64_t i, int64_t b0,
+                                                  int grp) {
+  const int64_t at =
+      ((b0 / kTileB) * n.N_out + int64_t(grp) * (kGroupRows / DT)) * DT * kTileElems + L.slots();
+  return {sw.gs + at, sw.V_prev + at, kept_pairs<DT>(n, L, sw, i, b0, grp, 0).kc};
+}
+// ... and from row r to row r + 1 of the same tile (row tiles follow each other in the tiled
+// arrays; a capsule's pairs change every DT rows).
+template <int DT>
+__device__ __forceinline__ void next_row(RingSource& x, const RingSteps& s, int r) {
+  x.gs += kTileElems;
+  x.V += kTileElems;
+  if ((r + 1) % DT == 0) x.kc += s.capsule_pairs;
+}
+
+// The row at x (a capsule that exists) into `slot`, and its pairs.
+__device__ __forceinline__ RingPairs stage_ring_row(const RingSource& x, const RingSteps& s,
+                                                    int iterations, int off, float* slot) {
+  RingPairs p;
 #pragma unroll
   for (int t = 1; t <= kRingIterations; ++t) {
-    const bool in = t <= sw.iterations;
-    if (in) cp_async16(slot + (t - 1) * kTileElems + off, sw.gs + (t - 1) * tiled_elems(n) + at);
+    const bool in = t <= iterations;
+    if (in) cp_async16(slot + (t - 1) * kTileElems + off, x.gs + (t - 1) * s.stride);
     if (t == 1) continue;
     if (in)
-      cp_async16(slot + (kRingIterations + t - 2) * kTileElems + off,
-                 sw.V_prev + (t - 1) * tiled_elems(n) + at);
-    x.c[t - 2] = in ? kp.kc[(t - 2) * kp.next_t] : Pair<float>{0, 0};
-    x.g[t - 2] = in ? kp.kc[(t - 2) * kp.next_t + kp.plane] : Pair<float>{0, 0};
+      cp_async16(slot + (kRingIterations + t - 2) * kTileElems + off, x.V + (t - 1) * s.stride);
+    p.c[t - 2] = in ? x.kc[(t - 2) * s.next_t] : Pair<float>{0, 0};
+    p.g[t - 2] = in ? x.kc[(t - 2) * s.next_t + s.plane] : Pair<float>{0, 0};
   }
-  return x;
+  return p;
 }
 
 // ... and, once its copies have landed, the row's terms of iterations 1 .. 3 into `a`.
@@ -1929,12 +1995,27 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
       reinterpret_cast<float*>(smem + kFinalAccBytes) + warp * 2 * kRingTiles * kTileElems;
   const int rows = static_cast<int>(min(int64_t(kGroupRows), (n.N_out - int64_t(grp) * GJ) * DT));
   RingPairs ring_pairs;
+  RingSteps strides;
+  RingSource next;  // the last row staged
   int step = 0;
   if constexpr (kKept && kMatrixUnits) {
-    if (int64_t(warp) * kTileB < n.B)
-      ring_pairs = stage_ring_row<DT>(n, L, sw, i, int64_t(warp) * kTileB, grp, 0, ring);
+    strides = ring_steps(n);
+    if (int64_t(warp) * kTileB < n.B) {
+      next = ring_source<DT>(n, L, sw, i, int64_t(warp) * kTileB, grp);
+      ring_pairs = stage_ring_row(next, strides, sw.iterations, L.slots(), ring);
+    }
     cp_async_commit();
   }
+  // W[i]'s group rows in shared memory as whole 16-byte rows: grad_u from them by
+  // add_grad_u_staged.
+  const bool w_staged = n.w_shared && n.rows8;
+  auto grad_u_row = [&](int r, const acc_t (&a)[4], acc_t (&gu)[2][8]) {
+    if (w_staged)  // (the pointer made here, where the compiler sees that it is shared memory)
+      add_grad_u_staged<DT>(reinterpret_cast<const scalar_t*>(smem + layout.w), n, L, r,
+                            static_cast<int>(k0), a, gu);
+    else
+      add_grad_u<DT>(w_rows, w_j0, n, L, grp, r, k0, a, gu);
+  };
 
   for (int64_t b0 = int64_t(warp) * kTileB; b0 < n.B; b0 += kFinalWarps * kTileB) {
     acc_t gu[2][8];
@@ -1960,9 +2041,14 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
           // then this row from its slot once its copies (all but the newest group) have landed.
           const RingPairs pairs = ring_pairs;
           const int64_t next_b0 = r + 1 < rows ? b0 : b0 + kFinalWarps * kTileB;
-          if (next_b0 < n.B)
-            ring_pairs = stage_ring_row<DT>(n, L, sw, i, next_b0, grp, r + 1 < rows ? r + 1 : 0,
-                                            ring + ((step + 1) & 1) * kRingTiles * kTileElems);
+          if (next_b0 < n.B) {
+            if (r + 1 < rows)
+              next_row<DT>(next, strides, r);
+            else
+              next = ring_source<DT>(n, L, sw, i, next_b0, grp);
+            ring_pairs = stage_ring_row(next, strides, sw.iterations, L.slots(),
+                                        ring + ((step + 1) & 1) * kRingTiles * kTileElems);
+          }
           cp_async_commit();
           cp_async_wait_one();
           ring_row(n, L, ring + (step & 1) * kRingTiles * kTileElems, sw.iterations, pairs, a);
@@ -1972,7 +2058,7 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
         } else {
           kept_rows<DT>(n, L, sw, i, b0, grp, r, 1, a);
         }
-        if (has) add_grad_u<DT>(w_rows, w_j0, n, L, grp, r, k0, a, gu);
+        if (has) grad_u_row(r, a, gu);
         if constexpr (kMatrixUnits) {
           if (has) add_weight_grad(gw_s, lane, r, a, bh, bl);
         } else {
@@ -1992,7 +2078,7 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
         if (!has_capsule(n, grp * GJ + r / DT)) break;  // warp-uniform
         acc_t gr[4];
         g_uh.get(r, gr);
-        add_grad_u<DT>(w_rows, w_j0, n, L, grp, r, k0, gr, gu);
+        grad_u_row(r, gr, gu);
       }
       store_grad_u(n, L, grp, i, b0, k0, gu, grad_u_part);
       if constexpr (kMatrixUnits) {
