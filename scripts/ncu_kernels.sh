@@ -4,7 +4,7 @@
 # and per-instruction stall samples (SASS) of the heaviest kernels. A diagnostic for a lent
 # GPU; logs under $OUT, named after the shape.
 #   bash scripts/ncu_kernels.sh [batch] [n_in] [n_out]
-#   bash scripts/ncu_kernels.sh 128 32768 64     # the scale shape (group_stats too)
+#   bash scripts/ncu_kernels.sh 128 32768 64     # the scale shape (the statistics passes too)
 set -uo pipefail
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1

@@ -142,7 +142,8 @@ def test_every_option_float64(emu, op, iterations, bias, leaky, detach, coupling
                          ids=lambda x: str(int(x)) if isinstance(x, bool) else str(x))
 def test_groups_every_option_float64(emu, op, iterations, leaky, detach, coupling):
     """Several groups of output capsules: the softmax statistics made once per iteration by
-    group_stats_kernel, used by every group's pass and by the last backward pass."""
+    a statistics pass per group and merged, used by every group's pass and by the last
+    backward pass."""
     run_emulated(emu, op, TINY_GROUPS, torch.float64, iterations=iterations, bias=True,
                  leaky=leaky, detach=detach, return_coupling=coupling)
 

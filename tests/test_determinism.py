@@ -138,7 +138,7 @@ def test_cuda_graph_replay_matches_eager(op, shape, detach, cache_mb, monkeypatc
     """Forward and backward captured in one CUDA graph: the capture succeeds (no host
     synchronisation, no host read of device values inside the ops), and a replay on new
     inputs, copied into the captured ones, gives the bits of an eager call on those inputs.
-    20 output capsules make two groups (group_stats_kernel); cache_mb=0 makes the backward's
+    20 output capsules make two groups (statistics passes); cache_mb=0 makes the backward's
     last pass recompute the couplings instead of reading the kept ones."""
     from capsroute import _ops
 

@@ -78,9 +78,8 @@ def test_couplings_recomputed_cuda(op, dtype, shape, monkeypatch):
 @pytest.mark.parametrize("op", OPS)
 def test_groups_over_many_capsules_cuda(op, dtype, cache_mb, monkeypatch):
     """Two groups of output capsules over more input capsules than one wave of pass blocks
-    (two per multiprocessor): each group's pass blocks walk several capsules, and
-    group_stats_kernel runs one block per capsule (with the small shapes a pass block gets
-    one capsule)."""
+    (two per multiprocessor): each group's pass blocks, and its statistics pass's, walk several
+    capsules (with the small shapes a pass block gets one capsule)."""
     monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", cache_mb)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     run_case(op, Shape(9, 6 * sms + 5, 20, 8, 16), dtype, "cuda", iterations=3, bias=True,

@@ -15,8 +15,8 @@
 // which hold each (b, j)'s logit once between them ("spread", see reduce_scatter) after the
 // sums over dims. A warp sums up to 16 row tiles (16 capsules of
 // <= 16 dims, or 8 of <= 32): a group; more capsules are split into groups run by separate
-// blocks, with the softmax statistics over all of them made once per iteration by
-// group_stats_kernel.
+// blocks, with the softmax statistics over all of them made once per iteration by a
+// statistics pass per group, merged (Pass::kStats, merge_group_stats_kernel).
 //
 // Sums over input capsules are formed per warp in registers, written per block, and added
 // across blocks by a separate kernel in block order: no float atomics, so results are
@@ -185,7 +185,7 @@ struct State {
   int64_t b_base = 0, caps = 0, j_base = 0;
   // Several groups of output capsules only (else null): the softmax statistics over ALL
   // capsules, [B, N_in, 2] (max, sum of exp), and the softmax backward's sum_k c_k g_k,
-  // [B, N_in], made once per iteration by group_stats_kernel instead of by every group.
+  // [B, N_in], made once per iteration by launch_group_stats instead of by every group.
   const acc_t* stats = nullptr;
   const acc_t* cg = nullptr;
   // Gradient pass only (else null): where it keeps c^(t) and the logit gradient for the last
@@ -691,7 +691,7 @@ __device__ __forceinline__ void accumulate(const Src& src, const Dims& n, const 
 }
 
 // The group's logits in c (agreements with V) become its coupling coefficients: the softmax
-// over all capsules, whose statistics with several groups come from group_stats_kernel
+// over all capsules, whose statistics with several groups come from launch_group_stats
 // (st.stats, which the launch code always provides then). One exp per value and one division
 // per lane: expf and IEEE division are ~10 instructions each, and with 32 logits per lane (each
 // lane had all of them) they outweighed the predictions. Capsules past N_out give 0.
@@ -759,7 +759,7 @@ __device__ __forceinline__ void add_grad_c(const Dims& n, const Lane& L, const S
 }
 
 // Back through the softmax: g <- c * (g - sum_k c_k g_k), the sum over ALL capsules k (with
-// several groups: st.cg, from group_stats_kernel). On entry g holds dL/dc (add_grad_c).
+// several groups: st.cg, from launch_group_stats). On entry g holds dL/dc (add_grad_c).
 template <int DT, typename acc_t>
 __device__ __forceinline__ void coupling_grad(const Dims& n, const Lane& L, const State<acc_t>& st,
                                               int64_t i, int64_t b0,
@@ -852,6 +852,96 @@ __device__ __forceinline__ void keep_couplings(const Dims& n, const Lane& L, acc
       pg[4 * nb * rows] = in ? g[nb] : acc_t(0);
     }
   }
+}
+
+// --- softmax statistics over several groups ----------------------------------------------
+//
+// With several groups of output capsules, a group's pass needs the softmax over ALL capsules
+// of each (b, i): its max m and sum l of exp(logit - m), and in the backward the softmax
+// backward's sum cg = sum_k c_k g_k (g = dL/dc). Each group's are made by a pass of their own
+// (Pass::kStats, which stages its batch tiles' V (and gs) in shared memory once per block, as
+// every pass does), and merge_group_stats_kernel merges them in group order. A kernel that
+// made every group's for one input capsule per block read 256 KB of V (and gs) per capsule
+// at the 32768 x 64 shape, L1- and L2-bound (Nsight Compute).
+//
+// m, l and e = sum of exp(logit - m) g over the values added so far, e rescaled with l
+// whenever m grows (online softmax). l = 0 holds nothing.
+template <typename acc_t>
+struct SoftmaxStats {
+  acc_t m = -INFINITY, l = acc_t(0), e = acc_t(0);
+  __device__ __forceinline__ void add(acc_t m2, acc_t l2, acc_t e2) {
+    const acc_t mx = fmax(m, m2);
+    const acc_t s1 = l == acc_t(0) ? acc_t(0) : exp_(m - mx);
+    const acc_t s2 = l2 == acc_t(0) ? acc_t(0) : exp_(m2 - mx);
+    l = l * s1 + l2 * s2;
+    e = e * s1 + e2 * s2;
+    m = mx;
+  }
+};
+// Values per (grp, b, i) of the groups' statistics: (m, l), and e with the backward's sums.
+__host__ __device__ inline int stats_values(bool sums) { return sums ? 3 : 2; }
+
+// The group's statistics for (b, i) of the warp's batch tile, over its logits <u_hat, V> and,
+// where st.gs is given, the sums with dL/dc = <u_hat, gs> (+ grad_c): one walk over the
+// group's predictions. Written by lanes g = 0, 1 (batch half g) to
+// part[((grp * B + b) * N_in + i) * stats_values + {0, 1, 2}].
+template <int DT, typename Src, typename acc_t>
+__device__ __forceinline__ void group_partial_stats(const Src& src, const Dims& n, const Lane& L,
+                                                   const State<acc_t>& st, int64_t i, int64_t b0,
+                                                   int grp, acc_t* part) {
+  constexpr int GJ = kGroupRows / DT;
+  const bool sums = st.gs != nullptr;
+  SoftmaxStats<acc_t> x;
+  if (sums) {
+    acc_t ag[2][kBatches<DT>];  // logits, dL/dc
+    agreements<DT, 2>(src, n, L, st, {st.V, st.gs}, i, b0, grp, ag);
+    add_grad_c<DT>(n, L, st, i, b0, grp, ag[1]);
+#pragma unroll
+    for (int nb = 0; nb < kBatches<DT>; ++nb)
+      if (has_capsule(n, grp * GJ + spread_capsule(L, nb))) x.add(ag[0][nb], acc_t(1), ag[1][nb]);
+  } else {
+    acc_t a[1][kBatches<DT>];
+    agreements<DT, 1>(src, n, L, st, {st.V}, i, b0, grp, a);
+#pragma unroll
+    for (int nb = 0; nb < kBatches<DT>; ++nb)
+      if (has_capsule(n, grp * GJ + spread_capsule(L, nb))) x.add(a[0][nb], acc_t(1), acc_t(0));
+  }
+  // The 4 lanes that share the batch half: each side adds the same two terms (in swapped
+  // order), so that they end with the same bits.
+#pragma unroll
+  for (int o = 8; o <= 16; o <<= 1) {
+    const acc_t m2 = __shfl_xor_sync(0xffffffffu, x.m, o);
+    const acc_t l2 = __shfl_xor_sync(0xffffffffu, x.l, o);
+    const acc_t e2 = sums ? __shfl_xor_sync(0xffffffffu, x.e, o) : acc_t(0);
+    x.add(m2, l2, e2);
+  }
+  const int64_t b = spread_batch(L, b0);
+  if (L.g >= 2 || b >= n.B) return;
+  const int S = stats_values(sums);
+  acc_t* out = part + ((int64_t(grp) * n.B + b) * n.N_in + i) * S;
+  out[0] = x.m;
+  out[1] = x.l;
+  if (sums) out[2] = x.e;
+}
+
+// stats[b, i] = (m, l) over all groups (and leaky routing's extra logit 0), and with `cg`
+// cg[b, i] = e / l: one thread per (b, i), the groups merged in order.
+template <typename acc_t>
+__global__ void merge_group_stats_kernel(Dims n, const acc_t* __restrict__ part,
+                                         acc_t* __restrict__ stats, acc_t* __restrict__ cg) {
+  const int64_t bi = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (bi >= n.B * n.N_in) return;
+  const int S = stats_values(cg != nullptr);
+  SoftmaxStats<acc_t> x;
+  for (int grp = 0; grp < n.n_groups; ++grp) {
+    const acc_t* p = part + (int64_t(grp) * n.B * n.N_in + bi) * S;
+    x.add(p[0], p[1], cg != nullptr ? p[2] : acc_t(0));
+  }
+  // The extra logit 0 of leaky routing (its coefficient is dropped: no dL/dc).
+  if (n.leaky) x.add(acc_t(0), acc_t(1), acc_t(0));
+  stats[bi * 2] = x.m;
+  stats[bi * 2 + 1] = x.l;
+  if (cg != nullptr) cg[bi] = x.e / x.l;
 }
 
 // --- asynchronous copies to shared memory (sm_80+) ------------------------------------
@@ -987,7 +1077,9 @@ __device__ __forceinline__ void stage_u(const FragmentSource<scalar_t, kChunks>&
 
 // --- kernels ---------------------------------------------------------------------------
 
-enum class Pass { kForward, kGradient };
+// kStats: several groups of output capsules, the softmax statistics of each group's capsules
+// (see group_partial_stats); the other two sum over input capsules.
+enum class Pass { kForward, kGradient, kStats };
 
 // Byte offsets in the shared memory of a kernel that computes predictions from W[i]:
 // [head: the kernel's own tiles][W[i] as copied][with fragments (FragmentSource): the A
@@ -1034,6 +1126,8 @@ __host__ __device__ inline SmemLayout pass_layout(const Dims& n, int tiles, bool
 // grid = (n_chunks, ceil(B / (8 * warps)), n_groups).
 //   kForward:  partial[chunk] = sum_i c_ij u_hat_ij;  c written when c_out != null.
 //   kGradient: partial[chunk] = sum_i gbeta_ij u_hat_ij (the logit-gradient term G).
+//   kStats:    partial = the group's softmax statistics per (b, i) (group_partial_stats),
+//              with the softmax backward's sums when st.gs is given (then V and gs tiles).
 template <Pass kPass, int DT, typename Src, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kPassBlocksPerSM)
 routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
@@ -1041,7 +1135,9 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
                     scalar_t* __restrict__ c_out) {
   using acc_t = typename Scalar<scalar_t>::acc;
   constexpr int GJ = kGroupRows / DT;
-  constexpr int kTiles = kPass == Pass::kGradient ? 2 : 1;
+  // Tiled arrays staged: V, and gs for the gradient (and the statistics with their sums).
+  constexpr int kFixedTiles = kPass == Pass::kGradient ? 2 : kPass == Pass::kForward ? 1 : 0;
+  const int n_tiles = kFixedTiles > 0 ? kFixedTiles : st.gs != nullptr ? 2 : 1;
   unsigned char* smem_raw = dynamic_smem<unsigned char>();
   const Lane L;
   const int warp = threadIdx.x >> 5;
@@ -1052,7 +1148,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   const int64_t i_begin = int64_t(blockIdx.x) * n.i_per_block;
   const int64_t i_end = min(i_begin + n.i_per_block, n.N_in);
 
-  const SmemLayout smem = pass_layout<scalar_t, acc_t>(n, kTiles, Src::kFragments);
+  const SmemLayout smem = pass_layout<scalar_t, acc_t>(n, n_tiles, Src::kFragments);
   // A warp's tile of V (or gs): its batch tile's row tiles of the widest group's capsules.
   const int64_t warp_tile = widest_group_caps(n) * DT * kTileElems;
   const int64_t tile_elems = n.tiles_shared ? n.warps * warp_tile : 0;
@@ -1078,7 +1174,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
       const int pieces =
           static_cast<int>(group_caps(n, grp) * DT * kTileElems * sizeof(acc_t) / 16);
 #pragma unroll
-      for (int k = 0; k < kTiles; ++k) {
+      for (int k = 0; k < n_tiles; ++k) {
         const unsigned char* src_bytes =
             reinterpret_cast<const unsigned char*>((k == 0 ? st.V : st.gs) + from);
         unsigned char* dst_bytes =
@@ -1090,7 +1186,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
     cp_async_commit();
     cp_async_wait_all();  // (W[i_begin]'s copy too: it is needed first anyway)
     st.V = tiles;
-    if (kTiles == 2) st.gs = tiles + tile_elems;
+    if (n_tiles == 2) st.gs = tiles + tile_elems;
     st.b_base = block_b0;
     st.caps = widest_group_caps(n);
     st.j_base = group_j0(n, grp);
@@ -1142,7 +1238,9 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
       }
     }
     if (has_rows) {
-      if constexpr (kPass == Pass::kForward) {
+      if constexpr (kPass == Pass::kStats) {
+        group_partial_stats<DT>(src, n, L, st, i, b0, grp, partial);
+      } else if constexpr (kPass == Pass::kForward) {
         coupling<DT>(src, n, L, st, i, b0, grp, c);
         if (c_out != nullptr) {  // each lane its own values
           const int64_t b = spread_batch(L, b0);
@@ -1166,7 +1264,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   }
 
   // The block's partial sum over its capsules, for the warp's batch tile.
-  if (!has_rows) return;
+  if (kPass == Pass::kStats || !has_rows) return;
 #pragma unroll
   for (int r = 0; r < kGroupRows; ++r) {
     const int64_t j = int64_t(grp) * GJ + r / DT;
@@ -1179,108 +1277,6 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
         partial[(int64_t(blockIdx.x) * n.B + b) * n.J + j * n.D_out + d] = acc[r][q];
     }
   }
-}
-
-// Several groups of output capsules: the softmax statistics over all capsules for each
-// (b, i) at iteration t, stats[b, i] = (max, sum of exp) of the logits <u_hat, V>, and with
-// cg_out the softmax backward's sum_k c_k g_k (g = dL/dc = <u_hat, gs> + grad_c), so that the
-// passes of each group need only their own capsules' predictions. A block's warps take 8
-// batch elements each and share one input capsule, whose whole W[i] is staged in shared
-// memory when w_shared. (Blocks that walk a chunk of capsules, copying W[i + 1] while W[i]
-// is in use, measured 15% slower at the 32768x64 shape on an H100: benchmarks/RESULTS.md.)
-// grid = (N_in, ceil(B / (8 * kWarps))); dynamic shared memory: group_stats_layout().
-template <typename scalar_t>
-__host__ __device__ inline SmemLayout group_stats_layout(const Dims& n, bool fragments) {
-  const size_t w_bytes = n.w_shared ? n.J * n.D_in * sizeof(scalar_t) : 0;
-  return smem_layout<scalar_t>(n, 0, w_bytes, fragments, n.n_groups, kWarps);
-}
-
-template <int DT, typename Src, typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-group_stats_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
-                   typename Scalar<scalar_t>::acc* __restrict__ stats,
-                   typename Scalar<scalar_t>::acc* __restrict__ cg_out) {
-  using acc_t = typename Scalar<scalar_t>::acc;
-  constexpr int GJ = kGroupRows / DT;
-  const Lane L;
-  const int64_t i = blockIdx.x;
-  const int64_t b0 = (int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5)) * kTileB;
-  if constexpr (Src::kComputed) {
-    const scalar_t* w_all = src.W + i * n.J * n.D_in;
-    unsigned char* smem = dynamic_smem<unsigned char>();
-    if (n.w_shared) {  // all of W[i], every copy in flight at once
-      scalar_t* w = reinterpret_cast<scalar_t*>(smem);
-      copy_weight(n, w_all, n.J * n.D_in, w);
-      cp_async_commit();
-      cp_async_wait_all();
-      w_all = w;
-    }
-    if constexpr (Src::kFragments) {  // every group's operands (always staged W[i])
-      __syncthreads();
-      const SmemLayout layout = group_stats_layout<scalar_t>(n, true);
-      src.Wf = reinterpret_cast<uint4*>(smem + layout.wf);
-      src.group_stride = kGroupRows * Src::kParts * n.k_chunks * 32;
-      src.Uf = reinterpret_cast<uint4*>(smem + layout.uf) + (threadIdx.x >> 5) * n.k_chunks * 32;
-      for (int grp = 0; grp < n.n_groups; ++grp)
-        build_fragments<DT, Src::kChunks>(w_all + group_j0(n, grp) * n.D_out * n.D_in, n,
-                                          grp, src.Wf + grp * src.group_stride);
-    } else {
-      src.Wi = w_all;
-    }
-    __syncthreads();
-  }
-  if (b0 >= n.B) return;  // whole warps, after the block's last barrier
-  if constexpr (Src::kFragments) stage_u(src, n, L, i, b0);
-  // The lane's running max m and sum l of exp(logit - m) over its values (batch half
-  // spread_batch), then over the 4 lanes that share it (merge); with cg_out also the running
-  // sum e of exp(logit - m) dL/dc, rescaled with l whenever m grows, so that
-  // cg = sum_k c_k g_k = e / l comes from the same walk (online softmax). A second walk once
-  // m and l were known made the call with cg 2.4 times as long as the one without (Nsight
-  // Compute, H100, the 32768 x 64 shape: 12.6 against 5.2 ms).
-  acc_t m = -INFINITY, l = acc_t(0), e = acc_t(0);
-  auto merge = [&](acc_t m2, acc_t l2, acc_t e2) {  // l = 0 holds nothing
-    const acc_t mx = fmax(m, m2);
-    const acc_t s1 = l == acc_t(0) ? acc_t(0) : exp_(m - mx);
-    const acc_t s2 = l2 == acc_t(0) ? acc_t(0) : exp_(m2 - mx);
-    l = l * s1 + l2 * s2;
-    e = e * s1 + e2 * s2;
-    m = mx;
-  };
-  for (int grp = 0; grp < n.n_groups; ++grp) {
-    if (cg_out != nullptr) {
-      acc_t ag[2][kBatches<DT>];  // logits, dL/dc
-      agreements<DT, 2>(src, n, L, st, {st.V, st.gs}, i, b0, grp, ag);
-      add_grad_c<DT>(n, L, st, i, b0, grp, ag[1]);
-#pragma unroll
-      for (int nb = 0; nb < kBatches<DT>; ++nb)
-        if (has_capsule(n, grp * GJ + spread_capsule(L, nb)))
-          merge(ag[0][nb], acc_t(1), ag[1][nb]);
-    } else {
-      acc_t a[1][kBatches<DT>];
-      agreements<DT, 1>(src, n, L, st, {st.V}, i, b0, grp, a);
-#pragma unroll
-      for (int nb = 0; nb < kBatches<DT>; ++nb)
-        if (has_capsule(n, grp * GJ + spread_capsule(L, nb)))
-          merge(a[0][nb], acc_t(1), acc_t(0));
-    }
-  }
-  // Partners' sums: each side adds the same two terms (in swapped order), so the 4 lanes end
-  // with the same bits.
-#pragma unroll
-  for (int o = 8; o <= 16; o <<= 1) {
-    const acc_t m2 = __shfl_xor_sync(0xffffffffu, m, o), l2 = __shfl_xor_sync(0xffffffffu, l, o);
-    const acc_t e2 = cg_out != nullptr ? __shfl_xor_sync(0xffffffffu, e, o) : acc_t(0);
-    merge(m2, l2, e2);
-  }
-  // The extra logit 0 of leaky routing (its coefficient is dropped, so it has no dL/dc).
-  if (n.leaky) merge(acc_t(0), acc_t(1), acc_t(0));
-  const acc_t cg = e / l;
-  if (L.g >= 2) return;  // lanes g = 0, 1 write batch half h = g
-  const int64_t b = spread_batch(L, b0);
-  if (b >= n.B) return;
-  stats[(b * n.N_in + i) * 2] = m;
-  stats[(b * n.N_in + i) * 2 + 1] = l;
-  if (cg_out != nullptr) cg_out[b * n.N_in + i] = cg;
 }
 
 // --- per-(b, j) kernels: one warp per output capsule, lane = dim (D_out <= 32) ---------
@@ -1406,7 +1402,7 @@ struct Sweep {
   const acc_t* grad_c;   // [B, N_in, N_out] or null
   int t_min, iterations;
   bool detach;
-  // Several groups only: group_stats_kernel's outputs for iteration t at t - 1,
+  // Several groups only: launch_group_stats' outputs for iteration t at t - 1,
   // [r, B, N_in, 2] and [r, B, N_in] (else null).
   const acc_t* stats = nullptr;
   const acc_t* cg = nullptr;

@@ -7,10 +7,11 @@
 // squashes and updates the running sum V. Backward: the sweep t = r .. t_min alternates a
 // pass that forms the logit-gradient term G with a per-capsule step that maps it through
 // squash; a last pass (route_grad_kernel / weight_grad_kernel) forms the input gradients.
-// With several groups of output capsules, group_stats_kernel first makes each iteration's
+// With several groups of output capsules, a statistics pass first makes each iteration's
 // softmax statistics over all capsules. Temporaries are O(B * N_out * D_out) (per-block
-// partial sums included), plus O(B * N_in * iterations) statistics with several groups and
-// grad_u's per-group parts: nothing grows with N_in * N_out * D_out.
+// partial sums included), plus O(B * N_in * iterations) statistics with several groups (and
+// while they are made, each group's, O(B * N_in * N_out / 16)) and grad_u's per-group parts:
+// nothing grows with N_in * N_out * D_out.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -128,7 +129,7 @@ size_t plan_pass_smem(Dims& d, bool computed, bool fragments, int tiles) {
 
 // Whether a kernel can stage W[i] in shared memory (with fragments: also as the matrix
 // units' operands, FragmentSource), V and gs tiles left out: `layout(d, fragments)` is the
-// kernel's shared-memory layout (pass_layout, group_stats_layout, weight_grad_layout).
+// kernel's shared-memory layout (pass_layout, weight_grad_layout).
 template <typename Layout>
 bool staged_fits(Dims d, bool fragments, Layout&& layout) {
   d.w_shared = true;
@@ -162,11 +163,12 @@ void launch_with_source(const cuda::WeightSource<T>& src, const Dims& d, Fits&& 
   launch(src);
 }
 
-// One pass over the input capsules (see routing_pass_kernel).
+// One pass over the input capsules (see routing_pass_kernel); `tiles` tiled arrays staged (V,
+// and gs for the gradient and for the statistics with their sums).
 template <cuda::Pass kPass, int DT, typename Src, typename T, typename acc_t>
 void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* partial,
                  T* c_out, cudaStream_t stream) {
-  constexpr int tiles = kPass == cuda::Pass::kGradient ? 2 : 1;
+  const int tiles = st.gs != nullptr ? 2 : 1;
   const dim3 grid(d.n_chunks, static_cast<unsigned>(ceil_div(ceil_div(d.B, cuda::kTileB), d.warps)),
                   d.n_groups);
   launch_with_source(
@@ -184,28 +186,21 @@ void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* pa
       });
 }
 
-// Several groups of output capsules: the softmax statistics (and with cg, the softmax
-// backward's sums) of iteration t over all capsules, written once for the groups' passes
-// (see group_stats_kernel). st must read V (and gs) from global memory.
+// Several groups of output capsules: the softmax statistics of iteration t over all capsules
+// into `stats`, and with `cg` the softmax backward's sums (from st.gs and st.grad_c): each
+// group's by a pass (Pass::kStats), merged by merge_group_stats_kernel. st reads V (and gs)
+// from global memory.
 template <int DT, typename T, typename Src, typename acc_t>
-void launch_group_stats(const Src& src, Dims d, cuda::State<acc_t> st, acc_t* stats, acc_t* cg,
-                        cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(d.N_in),
-                  static_cast<unsigned>(ceil_div(d.B, cuda::kTileB * cuda::kWarps)));
-  // W[i] staged in shared memory where it fits (always with operands).
-  auto staged = [&](bool fragments) {
-    return staged_fits(d, fragments,
-                       [](const Dims& e, bool f) { return cuda::group_stats_layout<T>(e, f); });
-  };
-  launch_with_source(
-      src, d, [&] { return staged(true); },
-      [&](auto source) {
-        using S = decltype(source);
-        d.w_shared = S::kComputed && staged(S::kFragments);
-        cuda::launch(cuda::group_stats_kernel<DT, S, T>, grid, cuda::kThreads,
-                     cuda::group_stats_layout<T>(d, S::kFragments).end, stream, source, d, st,
-                     stats, cg);
-      });
+void launch_group_stats(const Src& src, const Dims& d, cuda::State<acc_t> st, acc_t* stats,
+                        acc_t* cg, const at::TensorOptions& acc_opts, cudaStream_t stream) {
+  if (cg == nullptr) st.gs = st.grad_c = nullptr;  // (the pass makes the sums where gs is given)
+  auto part =
+      cuda::scratch({d.n_groups * d.B * d.N_in * cuda::stats_values(cg != nullptr)}, acc_opts);
+  launch_pass<cuda::Pass::kStats, DT>(src, d, st, aptr<acc_t>(part), static_cast<T*>(nullptr),
+                                      stream);
+  cuda::launch(cuda::merge_group_stats_kernel<acc_t>,
+               dim3(static_cast<unsigned>(ceil_div(d.B * d.N_in, 256))), 256, 0, stream, d,
+               aptr<acc_t>(part), stats, cg);
 }
 
 template <int DT, typename Src, typename T>
@@ -222,7 +217,7 @@ void forward(const Src& src, const Dims& d, int64_t iterations, double eps, cons
     cuda::State<acc_t> st{aptr<acc_t>(V), nullptr, nullptr, t == 1, 0, d.N_out};
     if (groups && t > 1) {
       launch_group_stats<DT, T>(src, d, st, aptr<acc_t>(stats), static_cast<acc_t*>(nullptr),
-                                     stream);
+                                acc_opts, stream);
       st.stats = aptr<acc_t>(stats);
     }
     launch_pass<cuda::Pass::kForward, DT>(src, d, st, aptr<acc_t>(partial), last ? c : nullptr,
@@ -250,7 +245,7 @@ inline int64_t coupling_cache_bytes() {
 
 // What the backward sweep leaves for the last pass, per iteration t at t - 1: V_prev
 // (V^(t-1)) and gs (dL/ds^(t)), [r, tiled_elems]; with several groups of output capsules
-// also the softmax statistics and sums of group_stats_kernel, [r, B * N_in * 2] and
+// also the softmax statistics and sums of launch_group_stats, [r, B * N_in * 2] and
 // [r, B * N_in] (else empty); the kept couplings of t >= 2, [r - 1, 2, kept_plane], where
 // the gradient passes keep them (else empty).
 struct SweepResult {
@@ -304,7 +299,7 @@ SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_m
     if (groups) {
       acc_t* stats = aptr<acc_t>(out.stats) + (t - 1) * per_t * 2;
       acc_t* cg = t > t_min ? aptr<acc_t>(out.cg) + (t - 1) * per_t : nullptr;
-      launch_group_stats<DT, T>(src, d, st, stats, cg, stream);
+      launch_group_stats<DT, T>(src, d, st, stats, cg, s.options(), stream);
       st.stats = stats;
       st.cg = cg;
     }
