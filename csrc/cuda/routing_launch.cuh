@@ -10,7 +10,7 @@
 // With several groups of output capsules, a statistics pass first makes each iteration's
 // softmax statistics over all capsules. Temporaries are O(B * N_out * D_out) (per-block
 // partial sums included), plus O(B * N_in * iterations) statistics with several groups (and
-// while they are made, each group's, O(B * N_in * N_out / 16)) and grad_u's per-group parts:
+// while they are made, each group's: O(B * N_in * groups)) and grad_u's per-group parts:
 // nothing grows with N_in * N_out * D_out.
 #pragma once
 
