@@ -46,9 +46,11 @@ else
   echo "build: $(( $(date +%s) - t0 )) s"
   ptxas_summary "$OUT/build.log" > "$OUT/ptxas.txt"
 fi
-# profile_cuda.py with the extension now in capsroute/: the canonical shape, then the scale shape.
+# profile_cuda.py with the extension now in capsroute/: the canonical shape (dynamic_routing, then
+# route), then the scale shape.
 profile_shapes() {
   timeout $(cap 60) python3 scripts/profile_cuda.py
+  timeout $(cap 45) python3 scripts/profile_cuda.py --op route
   timeout $(cap 90) python3 scripts/profile_cuda.py --n-in 32768 --n-out 64 --calls 3
 }
 for step in "$@"; do

@@ -1,11 +1,13 @@
 """Where the fused op's time goes on a GPU: per-kernel CUDA times (torch.profiler) of one
-forward and one forward+backward of capsroute.dynamic_routing, and beside them the wall time
+forward and one forward+backward of capsroute.dynamic_routing (or, with --op route, of
+capsroute.route on the predictions W u), and beside them the wall time
 of a call with its synchronisation, so that host overhead (launches, allocations) shows as
 the gap between the two; and the time per call of back-to-back calls, eagerly and replayed
 from a CUDA graph (no host work): where the eager one is longer, the calls wait on the host.
 A diagnostic for kernel work, not the benchmark (benchmarks/ratios.py).
 
-    python scripts/profile_cuda.py [--batch 128] [--n-in 1152] [--n-out 10] [--dtype float32]
+    python scripts/profile_cuda.py [--op dynamic_routing|route] [--batch 128] [--n-in 1152]
+                                   [--n-out 10] [--dtype float32]
 """
 import argparse
 import time
@@ -16,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 import capsroute
 
 p = argparse.ArgumentParser()
+p.add_argument("--op", default="dynamic_routing", choices=["dynamic_routing", "route"])
 p.add_argument("--batch", type=int, default=128)
 p.add_argument("--n-in", type=int, default=1152)
 p.add_argument("--n-out", type=int, default=10)
@@ -30,16 +33,21 @@ W = (torch.randn(args.n_in, args.n_out, 16, 8, device="cuda", dtype=dtype, gener
      * (8 * args.n_in) ** -0.5 * 4).requires_grad_()
 u.requires_grad_()
 gv = torch.randn(args.batch, args.n_out, 16, device="cuda", dtype=dtype, generator=gen)
+if args.op == "route":  # route's input: the predictions, [B, N_in, N_out, 16]
+    with torch.no_grad():
+        u_hat = torch.einsum("ijdk,bik->bijd", W, u).requires_grad_()
+    call, inputs = (lambda: capsroute.route(u_hat, 3)), (u_hat,)
+else:
+    call, inputs = (lambda: capsroute.dynamic_routing(u, W, 3)), (u, W)
 
 
 def forward():
     with torch.no_grad():
-        capsroute.dynamic_routing(u, W, 3)
+        call()
 
 
 def forward_backward():
-    v = capsroute.dynamic_routing(u, W, 3)
-    torch.autograd.grad(v, (u, W), gv)
+    torch.autograd.grad(call(), inputs, gv)
 
 
 for name, fn in [("forward", forward), ("forward+backward", forward_backward)]:
@@ -57,8 +65,8 @@ for name, fn in [("forward", forward), ("forward+backward", forward_backward)]:
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     kernel_us = sum(e.device_time_total for e in events) / args.calls
-    print(f"\n== {name}, B={args.batch} N_in={args.n_in} N_out={args.n_out} {args.dtype}: "
-          f"wall {wall_us:.1f} us per call (with sync), GPU busy {kernel_us:.1f} us")
+    print(f"\n== {args.op} {name}, B={args.batch} N_in={args.n_in} N_out={args.n_out} "
+          f"{args.dtype}: wall {wall_us:.1f} us per call (with sync), GPU busy {kernel_us:.1f} us")
     for e in sorted(events, key=lambda e: -e.device_time_total):
         print(f"  {e.device_time_total / args.calls:9.1f} us  {e.count / args.calls:4.1f}x  {e.key[:100]}")
 
