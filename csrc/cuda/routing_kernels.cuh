@@ -825,6 +825,14 @@ template <typename T>
 struct alignas(2 * sizeof(T)) Pair {
   T x, y;
 };
+// Steps between a lane's pairs in the kept planes: from one capsule's to the next one's, from
+// a c pair to its gbeta pair (a plane on), and from iteration t's pairs to t + 1's.
+struct KeptSteps {
+  int64_t capsule, plane, next_t;
+};
+__host__ __device__ inline KeptSteps kept_steps(const Dims& n) {
+  return {kept_batch(n) / 2, kept_plane(n) / 2, (kept_offset(n, 3) - kept_offset(n, 2)) / 2};
+}
 // Where the lane's pair of the group's first capsule starts in a c plane, for (i, b0); capsule
 // jl's is jl * kept_batch(n) / 2 pairs on, its logit gradient's kept_plane(n) / 2 pairs on.
 template <int DT>
@@ -1549,9 +1557,10 @@ template <int DT, typename acc_t>
 __device__ __forceinline__ KeptPairs<acc_t> kept_pairs(const Dims& n, const Lane& L,
                                                        const Sweep<acc_t>& sw, int64_t i,
                                                        int64_t b0, int grp, int r) {
+  const KeptSteps s = kept_steps(n);
   return {reinterpret_cast<const Pair<acc_t>*>(sw.kept + kept_pair_offset<DT>(n, L, i, b0, grp)) +
-              (r / DT) * (kept_batch(n) / 2),
-          kept_plane(n) / 2, (kept_offset(n, 3) - kept_offset(n, 2)) / 2};
+              (r / DT) * s.capsule,
+          s.plane, s.next_t};
 }
 // a += c^(t) gs^(t) + gbeta^(t) V^(t-1) at the lane's slots (c, g: its pairs, batch half q & 1).
 template <typename acc_t>
@@ -1895,8 +1904,8 @@ struct RingSteps {  // the sources' loop invariants
   int64_t capsule_pairs;  // kept pairs: one capsule's to the next one's
 };
 __device__ __forceinline__ RingSteps ring_steps(const Dims& n) {
-  return {tiled_elems(n), (kept_offset(n, 3) - kept_offset(n, 2)) / 2, kept_plane(n) / 2,
-          kept_batch(n) / 2};
+  const KeptSteps s = kept_steps(n);
+  return {tiled_elems(n), s.next_t, s.plane, s.capsule};
 }
 // Row 0 of batch tile b0 ...
 template <int DT>
