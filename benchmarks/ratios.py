@@ -25,9 +25,9 @@ no synchronisation inside the timed call, so the host's launches overlap the GPU
 in a training loop and count only where the GPU waits for them. (The runs in
 benchmarks/RESULTS.md up to the sixth device session ended each timed call with
 torch.cuda.synchronize(), which put the host's wake-up and the next call's launch latency
-into every figure: identical kernels measured 0.645 and 0.907 ms in two runs.) With --graph, each call is also captured once in a CUDA graph and its
-replays timed the same way: the GPU's work alone, with no host work, for the fused op and the
-eager reference.
+into every figure: identical kernels measured 0.645 and 0.907 ms in two runs.) With
+--graph, each call is also captured once in a CUDA graph and its replays timed the same way:
+the GPU's work alone, with no host work, for the fused op and the eager reference.
 """
 from __future__ import annotations
 
