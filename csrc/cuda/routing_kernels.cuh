@@ -1448,11 +1448,12 @@ struct Sweep {
   const acc_t* kept = nullptr;
 };
 
-// Where prediction_grad sums a warp's g_uh (the group's 16 row tiles, accumulator layout):
-// in registers, or (weight_grad, float32) in the warp's slot of shared memory, [row][lane]
-// as float4. Registers run out in the last pass otherwise: g_uh (64) live beside c and g (64)
-// and the predictions made the compiler spill and rebuild every V and gs address per load
-// (ncu: ~3900 instructions per batch tile and iteration, three quarters of them integer).
+// A warp's g_uh, the group's 16 row tiles in the accumulator layout, summed over the
+// iterations in registers. The float32 last pass held them in shared memory (64 KB a block)
+// while c and g took 64 registers beside them; spread over the lanes, those take 8. The 64 KB
+// go to the L1 cache (its share of the SM's 256 KB: 92 -> 156 KB for the 32768 x 64 shape's
+// kernel), which can then hold the V and gs rows that each iteration reads twice, for the
+// agreements and for the rows (a block's 8 warps: 128 KB per iteration at 16 capsules).
 template <typename acc_t>
 struct RegisterRows {
   acc_t v[kGroupRows][4];
@@ -1465,24 +1466,12 @@ struct RegisterRows {
     for (int q = 0; q < 4; ++q) v[r][q] = f[q];
   }
 };
-struct SharedRows {
-  float4* p;  // the lane's row 0; row r at p[r * 32]
-  __device__ __forceinline__ void get(int r, float (&f)[4]) const {
-    const float4 x = p[r * 32];
-    f[0] = x.x, f[1] = x.y, f[2] = x.z, f[3] = x.w;
-  }
-  __device__ __forceinline__ void set(int r, const float (&f)[4]) {
-    p[r * 32] = float4{f[0], f[1], f[2], f[3]};
-  }
-};
-
-// g_uh of the warp's group for (i, b0), into `g_uh` (RegisterRows or SharedRows), recomputing
-// every iteration's couplings (with kept ones, the last passes use kept_rows instead). Rows
-// of capsules past N_out are not touched.
-template <int DT, typename Src, typename acc_t, typename Rows>
+// g_uh of the warp's group for (i, b0), recomputing every iteration's couplings (with kept
+// ones, the last passes use kept_rows instead). Rows of capsules past N_out are not touched.
+template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, const Lane& L,
                                                 const Sweep<acc_t>& sw, int64_t i, int64_t b0,
-                                                int grp, Rows& g_uh) {
+                                                int grp, RegisterRows<acc_t>& g_uh) {
   constexpr int GJ = kGroupRows / DT;
   const int64_t stride = tiled_elems(n);
 #pragma unroll
@@ -1674,7 +1663,7 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
 //
 // Two ways to get g_uh, one instantiation each (kKept):
 // - false: prediction_grad makes the warp's 16 rows of g_uh (recomputing predictions, logits
-//   and the softmax of every iteration) into a tile that is then read row by row;
+//   and the softmax of every iteration) into registers, then read row by row;
 // - true, where the gradient passes kept their couplings (sw.kept): each row of g_uh is a few
 //   loads and FMAs (kept_rows; float32 stages a row's loads one row ahead, stage_ring_row)
 //   and is used at once. No predictions, no g_uh tile and a fraction of the registers: two
@@ -1705,8 +1694,8 @@ __host__ __device__ inline void weight_grad_slot(int e, int lane, int& row, int&
 }
 
 // The kernel's shared memory: head = the warps' grad_W accumulators (kFinalAccBytes), then
-// their g_uh tiles (float32, not kept) or rings (float32, kept), or the g_uh and u tiles
-// (float64); W[i] = the group's rows (w_shared), then the operands with fragments.
+// their rings (float32, kept), or the g_uh and u tiles (float64); W[i] = the group's rows
+// (w_shared), then the operands with fragments.
 constexpr size_t kFinalAccBytes = size_t(kFinalWarps) * 64 * 32 * sizeof(float);
 // The rings of the kept pass in float32 (see stage_ring_row).
 constexpr int kRingIterations = 3;
@@ -1715,9 +1704,8 @@ constexpr size_t kRingBytes = size_t(kFinalWarps) * 2 * kRingTiles * kTileElems 
 template <typename scalar_t, typename acc_t>
 __host__ __device__ inline SmemLayout weight_grad_layout(const Dims& n, bool fragments,
                                                          bool kept) {
-  const size_t g_uh = kept ? kRingBytes : size_t(kFinalWarps) * kGroupRows * 32 * sizeof(float4);
   const size_t tiles = std::is_same<acc_t, float>::value
-                           ? kFinalAccBytes + g_uh
+                           ? kFinalAccBytes + (kept ? kRingBytes : 0)
                            : size_t(kFinalWarps) * kTileB * (kFinalTileStride + 8) * sizeof(acc_t);
   const size_t w_bytes = n.w_shared ? widest_group_cols(n) * n.D_in * sizeof(scalar_t) : 0;
   return smem_layout<scalar_t>(n, tiles, w_bytes, fragments, 1, kFinalWarps);
@@ -2099,10 +2087,8 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
       }
       store_grad_u(n, L, grp, i, b0, k0, gu, grad_u_part);
     } else {
-      // g_uh of the warp's batch tile: float32 in shared memory, after the accumulators.
-      std::conditional_t<kMatrixUnits, SharedRows, RegisterRows<acc_t>> g_uh;
-      if constexpr (kMatrixUnits)
-        g_uh.p = reinterpret_cast<float4*>(smem + kFinalAccBytes) + warp * kGroupRows * 32 + lane;
+      // g_uh of the warp's batch tile.
+      RegisterRows<acc_t> g_uh;
       if constexpr (Src::kFragments) stage_u(src, n, L, i, b0);
       prediction_grad<DT>(src, n, L, sw, i, b0, grp, g_uh);
 #pragma unroll
