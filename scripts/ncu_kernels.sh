@@ -42,4 +42,4 @@ ncu -i $rep.ncu-rep --page source --csv --print-source sass -k regex:weight_grad
 ncu -i $rep.ncu-rep --page source --csv --print-source sass -k regex:routing_pass --launch-skip 1 --launch-count 1 > "$OUT/ncu_${tag}_src_pass_fwd.csv" 2>&1
 ncu -i $rep.ncu-rep --page source --csv --print-source sass -k regex:routing_pass --launch-skip 3 --launch-count 1 > "$OUT/ncu_${tag}_src_pass_grad.csv" 2>&1
 ls -la "$OUT"
-grep -E "^  [a-z_]|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issue Slots Busy|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|Local Memory|Block Limit|Throughput|Hit Rate" "$OUT/ncu_${tag}_details.txt" | head -150
+grep -E "^  [a-z_]|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issue Slots Busy|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|Local Memory|Block Limit|Throughput|Hit Rate|Shared Memory Configuration Size" "$OUT/ncu_${tag}_details.txt" | head -150
