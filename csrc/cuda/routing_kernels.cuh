@@ -1451,9 +1451,10 @@ struct Sweep {
 // A warp's g_uh, the group's 16 row tiles in the accumulator layout, summed over the
 // iterations in registers. The float32 last pass held them in shared memory (64 KB a block)
 // while c and g took 64 registers beside them; spread over the lanes, those take 8. The 64 KB
-// go to the L1 cache (its share of the SM's 256 KB: 92 -> 156 KB for the 32768 x 64 shape's
-// kernel), which can then hold the V and gs rows that each iteration reads twice, for the
-// agreements and for the rows (a block's 8 warps: 128 KB per iteration at 16 capsules).
+// can go to the L1 cache instead (its share of the SM's 256 KB: 92 -> 156 KB for the
+// 32768 x 64 shape's kernel, with the smallest carveout that fits), which can then hold the
+// V and gs rows that each iteration reads twice, for the agreements and for the rows (a
+// block's 8 warps: 128 KB per iteration at 16 capsules; not yet measured).
 template <typename acc_t>
 struct RegisterRows {
   acc_t v[kGroupRows][4];
