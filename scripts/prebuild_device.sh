@@ -4,8 +4,9 @@
 # it (the device tool's carry: ["build/device"]) and skips its own ~140 s build, a sixth of
 # the session's device time. scripts/gpu_session.sh uses it only when the digest of csrc/ and
 # setup.py matches and it loads there with its CUDA kernels registered; otherwise it builds.
-# About 10 minutes on 2 cores. The build environment, build/device-venv, is torch 2.11.0 from
-# PyPI (its +cu130 build) over the main .venv's packages (the CUDA libraries torch loads).
+# 3 to 10 minutes on 2 cores (3 at 0593017, torch 2.11's install included). The build
+# environment, build/device-venv, is torch 2.11.0 from PyPI (its +cu130 build) over the main
+# .venv's packages (the CUDA libraries torch loads).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/device_build.sh
