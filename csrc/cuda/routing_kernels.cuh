@@ -1448,38 +1448,24 @@ struct Sweep {
   const acc_t* kept = nullptr;
 };
 
-// A warp's g_uh, the group's 16 row tiles in the accumulator layout, summed over the
-// iterations in registers. The float32 last pass held them in shared memory (64 KB a block)
-// while c and g took 64 registers beside them; spread over the lanes, those take 8. The 64 KB
-// can go to the L1 cache instead (its share of the SM's 256 KB: 92 -> 156 KB for the
-// 32768 x 64 shape's kernel, with the smallest carveout that fits), which can then hold the
-// V and gs rows that each iteration reads twice, for the agreements and for the rows (a
-// block's 8 warps: 128 KB per iteration at 16 capsules; not yet measured).
-template <typename acc_t>
-struct RegisterRows {
-  acc_t v[kGroupRows][4];
-  __device__ __forceinline__ void get(int r, acc_t (&f)[4]) const {
-#pragma unroll
-    for (int q = 0; q < 4; ++q) f[q] = v[r][q];
-  }
-  __device__ __forceinline__ void set(int r, const acc_t (&f)[4]) {
-#pragma unroll
-    for (int q = 0; q < 4; ++q) v[r][q] = f[q];
-  }
-};
-// g_uh of the warp's group for (i, b0), recomputing every iteration's couplings (with kept
-// ones, the last passes use kept_rows instead). Rows of capsules past N_out are not touched.
+// g_uh of the warp's group for (i, b0), its 16 row tiles in the accumulator layout, summed
+// over the iterations in registers, recomputing every iteration's couplings (with kept ones,
+// the last passes use kept_rows instead). Rows of capsules past N_out are not touched.
+// (float32 held g_uh in shared memory, 64 KB a block, while c and g took 64 registers beside
+// it; spread over the lanes they take 8. The 64 KB left to the L1 cache can hold the V and gs
+// rows that each iteration reads twice, for the agreements and for the rows: 92 -> 156 KB of
+// L1 at the 32768 x 64 shape with the smallest carveout that fits; not yet measured.)
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, const Lane& L,
                                                 const Sweep<acc_t>& sw, int64_t i, int64_t b0,
-                                                int grp, RegisterRows<acc_t>& g_uh) {
+                                                int grp, acc_t (&g_uh)[kGroupRows][4]) {
   constexpr int GJ = kGroupRows / DT;
   const int64_t stride = tiled_elems(n);
 #pragma unroll
   for (int r = 0; r < kGroupRows; ++r) {
     if (!has_capsule(n, grp * GJ + r / DT)) break;  // warp-uniform
-    const acc_t zero[4] = {0, 0, 0, 0};
-    g_uh.set(r, zero);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) g_uh[r][q] = acc_t(0);
   }
   for (int t = sw.t_min; t <= sw.iterations; ++t) {
     const int64_t per_t = n.B * n.N_in;
@@ -1514,8 +1500,7 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
       for (int m = 0; m < kRows; ++m) {
         const int r = r0 + m;
         if (!has_capsule(n, grp * GJ + r / DT)) break;  // warp-uniform
-        acc_t a[4];
-        g_uh.get(r, a);
+        acc_t(&a)[4] = g_uh[r];
         const acc_t c0 = spread_at(c, L, r / DT, 0), c1 = spread_at(c, L, r / DT, 1);
 #pragma unroll
         for (int q = 0; q < 4; ++q) a[q] += (q & 1 ? c1 : c0) * fg[m][q];
@@ -1524,7 +1509,6 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
 #pragma unroll
           for (int q = 0; q < 4; ++q) a[q] += (q & 1 ? g1 : g0) * fv[m][q];
         }
-        g_uh.set(r, a);
       }
     }
   }
@@ -1644,10 +1628,10 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
         store(b0, r, a);
       }
     } else {
-      RegisterRows<acc_t> g_uh;
+      acc_t g_uh[kGroupRows][4];
       prediction_grad<DT>(src, n, L, sw, i, b0, grp, g_uh);
 #pragma unroll
-      for (int r = 0; r < kGroupRows; ++r) store(b0, r, g_uh.v[r]);
+      for (int r = 0; r < kGroupRows; ++r) store(b0, r, g_uh[r]);
     }
   }
 }
@@ -2089,15 +2073,13 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
       store_grad_u(n, L, grp, i, b0, k0, gu, grad_u_part);
     } else {
       // g_uh of the warp's batch tile.
-      RegisterRows<acc_t> g_uh;
+      acc_t g_uh[kGroupRows][4];
       if constexpr (Src::kFragments) stage_u(src, n, L, i, b0);
       prediction_grad<DT>(src, n, L, sw, i, b0, grp, g_uh);
 #pragma unroll
       for (int r = 0; r < kGroupRows; ++r) {
         if (!has_capsule(n, grp * GJ + r / DT)) break;  // warp-uniform
-        acc_t gr[4];
-        g_uh.get(r, gr);
-        grad_u_row(r, gr, gu);
+        grad_u_row(r, g_uh[r], gu);
       }
       store_grad_u(n, L, grp, i, b0, k0, gu, grad_u_part);
       if constexpr (kMatrixUnits) {
@@ -2106,14 +2088,12 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
 #pragma unroll
         for (int r = 0; r < kGroupRows; ++r) {
           if (!has_capsule(n, grp * GJ + r / DT)) break;  // warp-uniform
-          acc_t gr[4];
-          g_uh.get(r, gr);
-          add_weight_grad(gw_s, lane, r, gr, bh, bl);
+          add_weight_grad(gw_s, lane, r, g_uh[r], bh, bl);
         }
       } else {
 #pragma unroll
         for (int r = 0; r < kGroupRows; ++r)
-          stage_grad_row(tile_g, L, r, has_capsule(n, grp * GJ + r / DT), g_uh.v[r]);
+          stage_grad_row(tile_g, L, r, has_capsule(n, grp * GJ + r / DT), g_uh[r]);
       }
     }
     // float64: the tile of g_uh, staged row by row above, into grad_W's sums.
