@@ -209,6 +209,13 @@ __device__ __forceinline__ bool has_capsule(const Dims& n, int j) {
   return j < static_cast<int>(n.N_out);
 }
 
+// c^(1): the coupling coefficients of the first iteration, whose logits are all 0 (with leaky
+// routing an extra logit 0 joins the softmax).
+template <typename acc_t>
+__host__ __device__ __forceinline__ acc_t uniform_coupling(const Dims& n) {
+  return acc_t(1) / acc_t(n.N_out + (n.leaky ? 1 : 0));
+}
+
 // Where a lane's fragments of a batch tile start in a tiled array (V or gs, in global memory
 // or a block's shared-memory tiles, as State says), found once per batch tile: a fragment load
 // is then one 32-bit offset from it, where the full index (64-bit, with b) was rebuilt for
@@ -505,22 +512,26 @@ constexpr int capsule_batch() {
   return !Src::kFragments ? 1 : GJ < 4 ? GJ : 4;
 }
 
-// Row tiles r0 .. r0 + N - 1 of predict_tile, made together. From staged operands with the
-// chunk count compiled in, the matrix instructions go stage by stage across the tiles, so
-// that each is independent of the one before it (the matrix units' latency overlaps).
-template <int DT, int N, typename Src, typename acc_t>
-__device__ __forceinline__ void predict_tiles(const Src& src, const Dims& n, const Lane& L,
-                                              int64_t i, int64_t b0, int grp, int r0,
-                                              acc_t (&uh)[N][4]) {
+// Row tiles r0 .. r0 + N - 1 of predict_tile, made together, into uh[m0 .. m0 + N - 1]: as
+// they are (kAdd false) or added to what uh holds (kAdd). From staged operands with the chunk
+// count compiled in, the matrix instructions go stage by stage across the tiles, so that each
+// is independent of the one before it (the matrix units' latency overlaps), and kAdd has them
+// accumulate in uh itself.
+template <int DT, bool kAdd, int N, typename Src, typename acc_t, int M>
+__device__ __forceinline__ void make_tiles(const Src& src, const Dims& n, const Lane& L,
+                                           int64_t i, int64_t b0, int grp, int r0,
+                                           acc_t (&uh)[M][4], int m0) {
+  static_assert(N <= M, "the tiles fit the array");
   if constexpr (Src::kFragments && Src::kChunks > 0) {
     constexpr bool kExact = Src::kParts == 1;
     constexpr int P = Src::kParts, KC = Src::kChunks;
     const int lane = threadIdx.x & 31;
     const uint4* a = src.Wf + grp * src.group_stride + r0 * KC * P * 32 + lane;
+    if (!kAdd)
 #pragma unroll
-    for (int m = 0; m < N; ++m)
+      for (int m = 0; m < N; ++m)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) uh[m][q] = 0.f;
+        for (int q = 0; q < 4; ++q) uh[m0 + m][q] = 0.f;
 #pragma unroll
     for (int c = 0; c < KC; ++c) {
       const uint4 bu = src.Uf[c * 32 + lane];
@@ -537,17 +548,40 @@ __device__ __forceinline__ void predict_tiles(const Src& src, const Dims& n, con
       }
       if (!kExact) {  // small terms first, as in mma_split
 #pragma unroll
-        for (int m = 0; m < N; ++m) mma_tf32(uh[m], a_lo[m], b_hi);
+        for (int m = 0; m < N; ++m) mma_tf32(uh[m0 + m], a_lo[m], b_hi);
 #pragma unroll
-        for (int m = 0; m < N; ++m) mma_tf32(uh[m], a_hi[m], b_lo);
+        for (int m = 0; m < N; ++m) mma_tf32(uh[m0 + m], a_hi[m], b_lo);
       }
 #pragma unroll
-      for (int m = 0; m < N; ++m) mma_tf32(uh[m], a_hi[m], b_hi);
+      for (int m = 0; m < N; ++m) mma_tf32(uh[m0 + m], a_hi[m], b_hi);
     }
   } else {
 #pragma unroll
-    for (int m = 0; m < N; ++m) predict_tile<DT>(src, n, L, i, b0, grp, r0 + m, uh[m]);
+    for (int m = 0; m < N; ++m) {
+      if constexpr (kAdd) {
+        acc_t x[4];
+        predict_tile<DT>(src, n, L, i, b0, grp, r0 + m, x);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) uh[m0 + m][q] += x[q];
+      } else {
+        predict_tile<DT>(src, n, L, i, b0, grp, r0 + m, uh[m0 + m]);
+      }
+    }
   }
+}
+// uh = row tiles r0 .. r0 + N - 1.
+template <int DT, int N, typename Src, typename acc_t>
+__device__ __forceinline__ void predict_tiles(const Src& src, const Dims& n, const Lane& L,
+                                              int64_t i, int64_t b0, int grp, int r0,
+                                              acc_t (&uh)[N][4]) {
+  make_tiles<DT, false, N>(src, n, L, i, b0, grp, r0, uh, 0);
+}
+// sum[r] += row tile r for r = r0 .. r0 + N - 1 (sum: all kGroupRows row tiles of a group).
+template <int DT, int N, typename Src, typename acc_t>
+__device__ __forceinline__ void add_tiles(const Src& src, const Dims& n, const Lane& L,
+                                          int64_t i, int64_t b0, int grp, int r0,
+                                          acc_t (&sum)[kGroupRows][4]) {
+  make_tiles<DT, true, N>(src, n, L, i, b0, grp, r0, sum, r0);
 }
 
 // --- per-(b, j) values, spread over the lanes ------------------------------------------
@@ -690,6 +724,22 @@ __device__ __forceinline__ void accumulate(const Src& src, const Dims& n, const 
   }
 }
 
+// t = 1: every coupling coefficient is uniform_coupling(n), so the pass sums the predictions
+// themselves, acc[r] += u_hat tile r, and scales the block's sums once when it writes them.
+// From staged operands the matrix products accumulate in acc directly: three products a row
+// tile, where accumulate adds 4 FMAs a tile and 2 shuffles a capsule to fetch the weights.
+template <int DT, typename Src, typename acc_t>
+__device__ __forceinline__ void sum_predictions(const Src& src, const Dims& n, const Lane& L,
+                                                int64_t i, int64_t b0, int grp,
+                                                acc_t (&acc)[kGroupRows][4]) {
+  constexpr int GJ = kGroupRows / DT, KB = capsule_batch<Src, GJ>();
+#pragma unroll
+  for (int jb = 0; jb < GJ; jb += KB) {
+    if (!has_capsule(n, grp * GJ + jb)) break;  // warp-uniform
+    add_tiles<DT, KB * DT>(src, n, L, i, b0, grp, jb * DT, acc);
+  }
+}
+
 // The group's logits in c (agreements with V) become its coupling coefficients: the softmax
 // over all capsules, whose statistics with several groups come from launch_group_stats
 // (st.stats, which the launch code always provides then). One exp per value and one division
@@ -731,7 +781,7 @@ __device__ __forceinline__ void coupling(const Src& src, const Dims& n, const La
                                          const State<acc_t>& st, int64_t i, int64_t b0,
                                          int grp, acc_t (&c)[kBatches<DT>]) {
   if (st.first) {
-    const acc_t uniform = acc_t(1) / acc_t(n.N_out + (n.leaky ? 1 : 0));
+    const acc_t uniform = uniform_coupling<acc_t>(n);
 #pragma unroll
     for (int nb = 0; nb < kBatches<DT>; ++nb) c[nb] = uniform;
     return;
@@ -1085,9 +1135,25 @@ __device__ __forceinline__ void stage_u(const FragmentSource<scalar_t, kChunks>&
 
 // --- kernels ---------------------------------------------------------------------------
 
-// kStats: several groups of output capsules, the softmax statistics of each group's capsules
-// (see group_partial_stats); the other two sum over input capsules.
-enum class Pass { kForward, kGradient, kStats };
+// c_out[b, i, j] = the lane's coupling coefficients c (spread, see kBatches), each lane its own.
+template <int DT, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_couplings(const Dims& n, const Lane& L, int64_t i,
+                                                int64_t b0, int grp, const acc_t (&c)[kBatches<DT>],
+                                                scalar_t* c_out) {
+  const int64_t b = spread_batch(L, b0);
+#pragma unroll
+  for (int nb = 0; nb < kBatches<DT>; ++nb) {
+    const int64_t j = int64_t(grp) * (kGroupRows / DT) + spread_capsule(L, nb);
+    if (b < n.B && j < n.N_out)
+      c_out[(b * n.N_in + i) * n.N_out + j] = Scalar<scalar_t>::store(c[nb]);
+  }
+}
+
+// kForward: the forward's iterations t >= 2; kFirst: its first, whose couplings are uniform
+// (no agreements, see sum_predictions); kStats: several groups of output capsules, the softmax
+// statistics of each group's capsules (see group_partial_stats). The others sum over input
+// capsules. (kFirst last: profiles name the kernels by number, (Pass)0 is still the forward.)
+enum class Pass { kForward, kGradient, kStats, kFirst };
 
 // Byte offsets in the shared memory of a kernel that computes predictions from W[i]:
 // [head: the kernel's own tiles][W[i] as copied][with fragments (FragmentSource): the A
@@ -1132,7 +1198,7 @@ __host__ __device__ inline SmemLayout pass_layout(const Dims& n, int tiles, bool
 // (build_fragments); otherwise double-buffered as it is (float64), or read from global memory
 // where it does not fit.
 // grid = (n_chunks, ceil(B / (8 * warps)), n_groups).
-//   kForward:  partial[chunk] = sum_i c_ij u_hat_ij;  c written when c_out != null.
+//   kFirst, kForward: partial[chunk] = sum_i c_ij u_hat_ij;  c written when c_out != null.
 //   kGradient: partial[chunk] = sum_i gbeta_ij u_hat_ij (the logit-gradient term G).
 //   kStats:    partial = the group's softmax statistics per (b, i) (group_partial_stats),
 //              with the softmax backward's sums when st.gs is given (then V and gs tiles).
@@ -1144,7 +1210,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   using acc_t = typename Scalar<scalar_t>::acc;
   constexpr int GJ = kGroupRows / DT;
   // Tiled arrays staged: V, and gs for the gradient (and the statistics with their sums).
-  constexpr int kFixedTiles = kPass == Pass::kGradient ? 2 : kPass == Pass::kForward ? 1 : 0;
+  constexpr int kFixedTiles = kPass == Pass::kGradient ? 2 : kPass == Pass::kStats ? 0 : 1;
   const int n_tiles = kFixedTiles > 0 ? kFixedTiles : st.gs != nullptr ? 2 : 1;
   unsigned char* smem_raw = dynamic_smem<unsigned char>();
   const Lane L;
@@ -1174,7 +1240,8 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
       stage_weight(src, n, i_begin, grp, wbuf);
       cp_async_commit();
     }
-  if (n.tiles_shared && !st.first) {  // the block's tiles of V (and gs), its group's capsules
+  // The block's tiles of V (and gs), its group's capsules (none at t = 1: V = 0).
+  if (kPass != Pass::kFirst && n.tiles_shared && !st.first) {
     // Each warp its own batch tile, one contiguous run of the tiled array, in 16-byte
     // asynchronous copies all in flight together (a warp past B has none, and reads none).
     if (has_rows) {
@@ -1248,17 +1315,16 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
     if (has_rows) {
       if constexpr (kPass == Pass::kStats) {
         group_partial_stats<DT>(src, n, L, st, i, b0, grp, partial);
+      } else if constexpr (kPass == Pass::kFirst) {
+        if (c_out != nullptr) {
+#pragma unroll
+          for (int nb = 0; nb < kBatches<DT>; ++nb) c[nb] = uniform_coupling<acc_t>(n);
+          store_couplings<DT>(n, L, i, b0, grp, c, c_out);
+        }
+        sum_predictions<DT>(src, n, L, i, b0, grp, acc);
       } else if constexpr (kPass == Pass::kForward) {
         coupling<DT>(src, n, L, st, i, b0, grp, c);
-        if (c_out != nullptr) {  // each lane its own values
-          const int64_t b = spread_batch(L, b0);
-#pragma unroll
-          for (int nb = 0; nb < kBatches<DT>; ++nb) {
-            const int64_t j = int64_t(grp) * GJ + spread_capsule(L, nb);
-            if (b < n.B && j < n.N_out)
-              c_out[(b * n.N_in + i) * n.N_out + j] = Scalar<scalar_t>::store(c[nb]);
-          }
-        }
+        if (c_out != nullptr) store_couplings<DT>(n, L, i, b0, grp, c, c_out);
         accumulate<DT>(src, n, L, i, b0, grp, c, acc);
       } else {  // t >= 2
         acc_t g[kBatches<DT>];
@@ -1271,8 +1337,10 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
       __syncthreads();  // the buffer is refilled next round
   }
 
-  // The block's partial sum over its capsules, for the warp's batch tile.
+  // The block's partial sum over its capsules, for the warp's batch tile (at t = 1 the sum of
+  // the predictions, see sum_predictions, times the coupling coefficient they all share).
   if (kPass == Pass::kStats || !has_rows) return;
+  const acc_t scale = kPass == Pass::kFirst ? uniform_coupling<acc_t>(n) : acc_t(1);
 #pragma unroll
   for (int r = 0; r < kGroupRows; ++r) {
     const int64_t j = int64_t(grp) * GJ + r / DT;
@@ -1282,7 +1350,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
       const int64_t b = b0 + L.col(q);
       const int d = L.dim(r % DT, q);
       if (b < n.B && d < n.D_out)
-        partial[(int64_t(blockIdx.x) * n.B + b) * n.J + j * n.D_out + d] = acc[r][q];
+        partial[(int64_t(blockIdx.x) * n.B + b) * n.J + j * n.D_out + d] = scale * acc[r][q];
     }
   }
 }
@@ -1563,7 +1631,7 @@ __device__ __forceinline__ void kept_rows(const Dims& n, const Lane& L, const Sw
   const KeptPairs<acc_t> kp = kept_pairs<DT>(n, L, sw, i, b0, grp, r);
   const int64_t plane = kp.plane, next_t = kp.next_t;
   const Pair<acc_t>* kc = kp.kc + (t_begin > 2 ? (t_begin - 2) * next_t : 0);
-  const acc_t uniform = acc_t(1) / acc_t(n.N_out + (n.leaky ? 1 : 0));
+  const acc_t uniform = uniform_coupling<acc_t>(n);
   for (int t0 = t_begin; t0 <= sw.iterations; t0 += P) {
     acc_t fg[P][4], fv[P][4];
     Pair<acc_t> c[P], g[P];
@@ -1919,7 +1987,7 @@ __device__ __forceinline__ RingPairs stage_ring_row(const RingSource& x, const R
 __device__ __forceinline__ void ring_row(const Dims& n, const Lane& L, const float* slot,
                                          int iterations, const RingPairs& x, float (&a)[4]) {
   const int off = L.slots();
-  const float uniform = 1.f / float(n.N_out + (n.leaky ? 1 : 0));
+  const float uniform = uniform_coupling<float>(n);
   float f[4];
   load4(slot + off, f);
 #pragma unroll

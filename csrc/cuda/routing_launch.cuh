@@ -220,8 +220,12 @@ void forward(const Src& src, const Dims& d, int64_t iterations, double eps, cons
                                 acc_opts, stream);
       st.stats = aptr<acc_t>(stats);
     }
-    launch_pass<cuda::Pass::kForward, DT>(src, d, st, aptr<acc_t>(partial), last ? c : nullptr,
+    if (t == 1)
+      launch_pass<cuda::Pass::kFirst, DT>(src, d, st, aptr<acc_t>(partial), last ? c : nullptr,
                                           stream);
+    else
+      launch_pass<cuda::Pass::kForward, DT>(src, d, st, aptr<acc_t>(partial),
+                                            last ? c : nullptr, stream);
     cuda::launch(cuda::finish_iteration_kernel<T>, capsule_grid(d), 256, 0, stream,
                  d, aptr<acc_t>(partial), bias, eps, t == 1, aptr<acc_t>(V),
                  s + (t - 1) * d.B * d.J, last ? v : nullptr);
