@@ -1155,6 +1155,15 @@ __device__ __forceinline__ void store_couplings(const Dims& n, const Lane& L, in
 // capsules. (kFirst last: profiles name the kernels by number, (Pass)0 is still the forward.)
 enum class Pass { kForward, kGradient, kStats, kFirst };
 
+// The tiled arrays a pass stages in shared memory (the launch code sizes the allocation with
+// the same count): V, and gs for the gradient (and the statistics with their sums); none at
+// t = 1 (V = 0).
+template <Pass kPass, typename acc_t>
+__host__ __device__ inline int pass_tiles(const State<acc_t>& st) {
+  if (kPass == Pass::kFirst) return 0;
+  return kPass == Pass::kGradient || st.gs != nullptr ? 2 : 1;
+}
+
 // Byte offsets in the shared memory of a kernel that computes predictions from W[i]:
 // [head: the kernel's own tiles][W[i] as copied][with fragments (FragmentSource): the A
 // operands, kGroupRows row tiles per group of `groups`][each of `warps` warps' B operands].
@@ -1209,9 +1218,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
                     scalar_t* __restrict__ c_out) {
   using acc_t = typename Scalar<scalar_t>::acc;
   constexpr int GJ = kGroupRows / DT;
-  // Tiled arrays staged: V, and gs for the gradient (and the statistics with their sums).
-  constexpr int kFixedTiles = kPass == Pass::kGradient ? 2 : kPass == Pass::kStats ? 0 : 1;
-  const int n_tiles = kFixedTiles > 0 ? kFixedTiles : st.gs != nullptr ? 2 : 1;
+  const int n_tiles = pass_tiles<kPass>(st);
   unsigned char* smem_raw = dynamic_smem<unsigned char>();
   const Lane L;
   const int warp = threadIdx.x >> 5;
@@ -1241,7 +1248,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
       cp_async_commit();
     }
   // The block's tiles of V (and gs), its group's capsules (none at t = 1: V = 0).
-  if (kPass != Pass::kFirst && n.tiles_shared && !st.first) {
+  if (n_tiles > 0 && n.tiles_shared && !st.first) {
     // Each warp its own batch tile, one contiguous run of the tiled array, in 16-byte
     // asynchronous copies all in flight together (a warp past B has none, and reads none).
     if (has_rows) {

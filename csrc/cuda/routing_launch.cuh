@@ -168,7 +168,7 @@ void launch_with_source(const cuda::WeightSource<T>& src, const Dims& d, Fits&& 
 template <cuda::Pass kPass, int DT, typename Src, typename T, typename acc_t>
 void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* partial,
                  T* c_out, cudaStream_t stream) {
-  const int tiles = st.gs != nullptr ? 2 : 1;
+  const int tiles = cuda::pass_tiles<kPass>(st);
   const dim3 grid(d.n_chunks, static_cast<unsigned>(ceil_div(ceil_div(d.B, cuda::kTileB), d.warps)),
                   d.n_groups);
   launch_with_source(
