@@ -77,10 +77,11 @@ OPTIONS = list(itertools.product([1, 2, 3], [False, True], [False, True], [False
 
 
 def run_emulated(emu, op: str, shape: Shape, dtype, *, iterations: int, bias: bool,
-                 leaky: bool, detach: bool, return_coupling: bool, eps: float = 1e-8):
+                 leaky: bool, detach: bool, return_coupling: bool, eps: float = 1e-8,
+                 tol: float | None = None):
     """The emulated forward and backward op against the float64 reference (forward through
     autograd) on fresh random inputs; asserts the relative errors of v, c and every
-    gradient."""
+    gradient (within TOL and GRAD_TOL of dtype, or `tol` for all of them)."""
     gen = make_generator("emulation", op, tuple(shape), str(dtype), iterations, bias, leaky,
                          detach, return_coupling)
     if op == "dynamic_routing":
@@ -116,6 +117,8 @@ def run_emulated(emu, op: str, shape: Shape, dtype, *, iterations: int, bias: bo
     gouts = [as_reference(grad_v)] + ([as_reference(grad_c)] if c_differentiable else [])
     ref_grads = torch.autograd.grad(outs, list(refs.values()), gouts)
     names = list(leaves)
+    for out, name in ((v, "v"), (c, "c"), *zip(grads, ["grad_" + n for n in names])):
+        assert out.is_contiguous(), f"{name}: strides {out.stride()}, not contiguous like its fake"
     for k, name in enumerate(names):
         g = grads[k]
         assert g.shape == leaves[name].shape and g.dtype == dtype, name
@@ -124,7 +127,9 @@ def run_emulated(emu, op: str, shape: Shape, dtype, *, iterations: int, bias: bo
         assert grads[len(names)].numel() == 0
     for name, t in leaves.items():  # nothing of the caller's is written
         assert torch.equal(t, originals[name]), f"{name} was modified"
-    bad = {k: f"{e:.2e} > {tol:.0e}" for k, (e, tol) in errors.items() if not e <= tol}
+    if tol is not None:
+        errors = {k: (e, tol) for k, (e, _) in errors.items()}
+    bad = {k: f"{e:.2e} > {t:.0e}" for k, (e, t) in errors.items() if not e <= t}
     assert not bad, f"relative errors: {bad}"
 
 
@@ -164,6 +169,18 @@ def test_shapes_float64(emu, op, shape, detach):
 def test_many_iterations(emu, op, dtype, iterations):
     run_emulated(emu, op, SHAPES[0], dtype, iterations=iterations, bias=True, leaky=True,
                  detach=False, return_coupling=True)
+
+
+# Long float32 sums: 150 input capsules per block in the t = 1 pass's sums (the emulation has
+# 2 SMs, so plan_chunks makes few chunks), 64 batch tiles per warp in weight_grad's
+# accumulators. The matrix units round toward zero (emulated as the hardware does), so a sum
+# kept in their accumulators drifts: such sums measured 5.7e-6 (v) and 4.7e-6 (grad_weight)
+# here, under the float32 target of 1e-5 but over this test's bound; products added with
+# FADDs land near 3e-7.
+@pytest.mark.parametrize("shape", [Shape(64, 600, 10, 8, 16), Shape(4096, 4, 10, 8, 16)], ids=str)
+def test_long_sums_float32(emu, shape):
+    run_emulated(emu, "dynamic_routing", shape, torch.float32, iterations=1, bias=False,
+                 leaky=False, detach=False, return_coupling=False, tol=1e-6)
 
 
 # float32 and the half types stage W[i] as the matrix units' operands (FragmentSource) on

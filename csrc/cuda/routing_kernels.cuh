@@ -515,8 +515,12 @@ constexpr int capsule_batch() {
 // Row tiles r0 .. r0 + N - 1 of predict_tile, made together, into uh[m0 .. m0 + N - 1]: as
 // they are (kAdd false) or added to what uh holds (kAdd). From staged operands with the chunk
 // count compiled in, the matrix instructions go stage by stage across the tiles, so that each
-// is independent of the one before it (the matrix units' latency overlaps), and kAdd has them
-// accumulate in uh itself.
+// is independent of the one before it (the matrix units' latency overlaps).
+// The products start from zero and kAdd adds the finished tiles with FADDs: the matrix units
+// round their float32 sums toward zero, so a running sum kept in their accumulators drifts
+// towards zero by up to an ulp per instruction, three per capsule. Over the hundreds of
+// capsules of a block at large batch sizes (plan_chunks) that bias reached 1e-5 of v on the
+// H100; each tile's own truncation is relative to the tile and does not accumulate.
 template <int DT, bool kAdd, int N, typename Src, typename acc_t, int M>
 __device__ __forceinline__ void make_tiles(const Src& src, const Dims& n, const Lane& L,
                                            int64_t i, int64_t b0, int grp, int r0,
@@ -527,11 +531,11 @@ __device__ __forceinline__ void make_tiles(const Src& src, const Dims& n, const 
     constexpr int P = Src::kParts, KC = Src::kChunks;
     const int lane = threadIdx.x & 31;
     const uint4* a = src.Wf + grp * src.group_stride + r0 * KC * P * 32 + lane;
-    if (!kAdd)
+    float x[N][4];
 #pragma unroll
-      for (int m = 0; m < N; ++m)
+    for (int m = 0; m < N; ++m)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) uh[m0 + m][q] = 0.f;
+      for (int q = 0; q < 4; ++q) x[m][q] = 0.f;
 #pragma unroll
     for (int c = 0; c < KC; ++c) {
       const uint4 bu = src.Uf[c * 32 + lane];
@@ -548,13 +552,17 @@ __device__ __forceinline__ void make_tiles(const Src& src, const Dims& n, const 
       }
       if (!kExact) {  // small terms first, as in mma_split
 #pragma unroll
-        for (int m = 0; m < N; ++m) mma_tf32(uh[m0 + m], a_lo[m], b_hi);
+        for (int m = 0; m < N; ++m) mma_tf32(x[m], a_lo[m], b_hi);
 #pragma unroll
-        for (int m = 0; m < N; ++m) mma_tf32(uh[m0 + m], a_hi[m], b_lo);
+        for (int m = 0; m < N; ++m) mma_tf32(x[m], a_hi[m], b_lo);
       }
 #pragma unroll
-      for (int m = 0; m < N; ++m) mma_tf32(uh[m0 + m], a_hi[m], b_hi);
+      for (int m = 0; m < N; ++m) mma_tf32(x[m], a_hi[m], b_hi);
     }
+#pragma unroll
+    for (int m = 0; m < N; ++m)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) uh[m0 + m][q] = kAdd ? uh[m0 + m][q] + x[m][q] : x[m][q];
   } else {
 #pragma unroll
     for (int m = 0; m < N; ++m) {
@@ -726,8 +734,8 @@ __device__ __forceinline__ void accumulate(const Src& src, const Dims& n, const 
 
 // t = 1: every coupling coefficient is uniform_coupling(n), so the pass sums the predictions
 // themselves, acc[r] += u_hat tile r, and scales the block's sums once when it writes them.
-// From staged operands the matrix products accumulate in acc directly: three products a row
-// tile, where accumulate adds 4 FMAs a tile and 2 shuffles a capsule to fetch the weights.
+// A row tile takes three products and 4 FADDs (add_tiles), where accumulate adds 4 FMAs a
+// tile and 2 shuffles a capsule to fetch the weights.
 template <int DT, typename Src, typename acc_t>
 __device__ __forceinline__ void sum_predictions(const Src& src, const Dims& n, const Lane& L,
                                                 int64_t i, int64_t b0, int grp,
@@ -1866,7 +1874,9 @@ __device__ __forceinline__ void weight_grad_operand(const scalar_t* u, const Dim
 
 // ... and row tile r's product, added to the lane's accumulators in shared memory (gw_s:
 // slot e = 4 r + q at gw_s[e * 32 + lane]). A = g_uh_r: a = {[g][2t], [g + 8][2t], [g][2t + 1],
-// [g + 8][2t + 1]} = slots 0, 2, 1, 3.
+// [g + 8][2t + 1]} = slots 0, 2, 1, 3. The product starts from zero and is added with FADDs:
+// the matrix units round toward zero (make_tiles), and the accumulators run over every batch
+// tile of the block's warp.
 __device__ __forceinline__ void add_weight_grad(float* gw_s, int lane, int r, const float (&gr)[4],
                                                 const uint32_t (&bh)[2], const uint32_t (&bl)[2]) {
   uint32_t ah[4], al[4];
@@ -1874,12 +1884,10 @@ __device__ __forceinline__ void add_weight_grad(float* gw_s, int lane, int r, co
   split_tf32<false>(gr[2], ah[1], al[1]);
   split_tf32<false>(gr[1], ah[2], al[2]);
   split_tf32<false>(gr[3], ah[3], al[3]);
-  float d[4];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) d[q] = gw_s[(4 * r + q) * 32 + lane];
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
   mma_split<false>(d, ah, al, bh, bl);
 #pragma unroll
-  for (int q = 0; q < 4; ++q) gw_s[(4 * r + q) * 32 + lane] = d[q];
+  for (int q = 0; q < 4; ++q) gw_s[(4 * r + q) * 32 + lane] += d[q];
 }
 
 // float64: row tile r of g_uh into the warp's tile, [batch][(j, d) row] (zeros for capsules
