@@ -378,6 +378,22 @@ __device__ __forceinline__ void mma_split(float (&d)[4], const uint32_t (&a_hi)[
   mma_tf32(d, a_hi, b_hi);
 }
 
+// d += A B as mma_split, the product made from zero and added with FADDs. The matrix units
+// round their float32 sums toward zero, so a sum that runs on in their accumulators drifts
+// towards zero by up to an ulp per instruction: over many chunks of input dims (D_in = 512:
+// grad_u and grad_W off by 1e-4 in float32, emulated) or capsules and batch tiles (make_tiles,
+// add_weight_grad). A product's own truncation is relative to it and does not accumulate.
+template <bool kExact>
+__device__ __forceinline__ void mma_split_add(float (&d)[4], const uint32_t (&a_hi)[4],
+                                              const uint32_t (&a_lo)[4],
+                                              const uint32_t (&b_hi)[2],
+                                              const uint32_t (&b_lo)[2]) {
+  float x[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_split<kExact>(x, a_hi, a_lo, b_hi, b_lo);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) d[q] += x[q];
+}
+
 // --- predictions, one row tile at a time -------------------------------------------
 //
 // The kernels never hold all of a group's predictions: each use (the agreements with V or
@@ -419,7 +435,7 @@ __device__ __forceinline__ void predict_tile(const WeightSource<scalar_t>& src, 
     split_tf32<kExact>(at(d1, ka), ah[1], al[1]);
     split_tf32<kExact>(at(d0, kb), ah[2], al[2]);
     split_tf32<kExact>(at(d1, kb), ah[3], al[3]);
-    mma_split<kExact>(uh, ah, al, bh, bl);
+    mma_split_add<kExact>(uh, ah, al, bh, bl);
   }
 }
 
@@ -448,7 +464,7 @@ __device__ __forceinline__ void predict_tile(const FragmentSource<scalar_t, kChu
       const uint4 al = a[32];
       a_lo[0] = al.x, a_lo[1] = al.y, a_lo[2] = al.z, a_lo[3] = al.w;
     }
-    mma_split<kExact>(uh, a_hi, a_lo, b_hi, b_lo);
+    mma_split_add<kExact>(uh, a_hi, a_lo, b_hi, b_lo);
   }
 }
 
@@ -516,11 +532,10 @@ constexpr int capsule_batch() {
 // they are (kAdd false) or added to what uh holds (kAdd). From staged operands with the chunk
 // count compiled in, the matrix instructions go stage by stage across the tiles, so that each
 // is independent of the one before it (the matrix units' latency overlaps).
-// The products start from zero and kAdd adds the finished tiles with FADDs: the matrix units
-// round their float32 sums toward zero, so a running sum kept in their accumulators drifts
-// towards zero by up to an ulp per instruction, three per capsule. Over the hundreds of
-// capsules of a block at large batch sizes (plan_chunks) that bias reached 1e-5 of v on the
-// H100; each tile's own truncation is relative to the tile and does not accumulate.
+// The products start from zero and kAdd adds the finished tiles with FADDs (see
+// mma_split_add): the t = 1 pass once kept its sums in the accumulators, three instructions a
+// capsule, and over the hundreds of capsules of a block at large batch sizes (plan_chunks)
+// that bias reached 1e-5 of v on the H100.
 template <int DT, bool kAdd, int N, typename Src, typename acc_t, int M>
 __device__ __forceinline__ void make_tiles(const Src& src, const Dims& n, const Lane& L,
                                            int64_t i, int64_t b0, int grp, int r0,
@@ -1874,9 +1889,8 @@ __device__ __forceinline__ void weight_grad_operand(const scalar_t* u, const Dim
 
 // ... and row tile r's product, added to the lane's accumulators in shared memory (gw_s:
 // slot e = 4 r + q at gw_s[e * 32 + lane]). A = g_uh_r: a = {[g][2t], [g + 8][2t], [g][2t + 1],
-// [g + 8][2t + 1]} = slots 0, 2, 1, 3. The product starts from zero and is added with FADDs:
-// the matrix units round toward zero (make_tiles), and the accumulators run over every batch
-// tile of the block's warp.
+// [g + 8][2t + 1]} = slots 0, 2, 1, 3. The accumulators run over every batch tile of the
+// warp, so the product is added with FADDs (mma_split_add).
 __device__ __forceinline__ void add_weight_grad(float* gw_s, int lane, int r, const float (&gr)[4],
                                                 const uint32_t (&bh)[2], const uint32_t (&bl)[2]) {
   uint32_t ah[4], al[4];
@@ -1884,10 +1898,12 @@ __device__ __forceinline__ void add_weight_grad(float* gw_s, int lane, int r, co
   split_tf32<false>(gr[2], ah[1], al[1]);
   split_tf32<false>(gr[1], ah[2], al[2]);
   split_tf32<false>(gr[3], ah[3], al[3]);
-  float d[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_split<false>(d, ah, al, bh, bl);
+  float d[4];
 #pragma unroll
-  for (int q = 0; q < 4; ++q) gw_s[(4 * r + q) * 32 + lane] += d[q];
+  for (int q = 0; q < 4; ++q) d[q] = gw_s[(4 * r + q) * 32 + lane];
+  mma_split_add<false>(d, ah, al, bh, bl);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) gw_s[(4 * r + q) * 32 + lane] = d[q];
 }
 
 // float64: row tile r of g_uh into the warp's tile, [batch][(j, d) row] (zeros for capsules
