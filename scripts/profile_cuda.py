@@ -7,7 +7,7 @@ from a CUDA graph (no host work): where the eager one is longer, the calls wait 
 A diagnostic for kernel work, not the benchmark (benchmarks/ratios.py).
 
     python scripts/profile_cuda.py [--op dynamic_routing|route] [--batch 128] [--n-in 1152]
-                                   [--n-out 10] [--dtype float32]
+                                   [--n-out 10] [--dtype float32] [--host]
 """
 import argparse
 import time
@@ -24,6 +24,9 @@ p.add_argument("--n-in", type=int, default=1152)
 p.add_argument("--n-out", type=int, default=10)
 p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
 p.add_argument("--calls", type=int, default=20)
+p.add_argument("--host", action="store_true",
+               help="only the host side of a forward+backward: CPU time per operator and "
+                    "runtime call (torch.profiler), to find where back-to-back calls wait")
 args = p.parse_args()
 
 dtype = getattr(torch, args.dtype)
@@ -49,6 +52,20 @@ def forward():
 def forward_backward():
     torch.autograd.grad(call(), inputs, gv)
 
+
+if args.host:
+    for _ in range(5):
+        forward_backward()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.calls):
+            forward_backward()
+        torch.cuda.synchronize()
+    print(f"\n== host side of {args.op} forward+backward, B={args.batch}: totals over "
+          f"{args.calls} calls back to back")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25,
+                                    max_name_column_width=60))
+    raise SystemExit
 
 for name, fn in [("forward", forward), ("forward+backward", forward_backward)]:
     for _ in range(5):
