@@ -216,6 +216,9 @@ def _setup_context(ctx, predictions: Sequence[Tensor], bias, iterations, leaky, 
     ctx.mark_non_differentiable(s)
     if not ctx.coupling_has_grad:
         ctx.mark_non_differentiable(c)
+    # Outputs without an incoming gradient reach backward as None (see _incoming), not as
+    # zeros that autograd would allocate and fill on every call (s always, c mostly).
+    ctx.set_materialize_grads(False)
 
 
 def _incoming(ctx, grad_v: Optional[Tensor], grad_c: Optional[Tensor], like: Tensor):

@@ -118,6 +118,35 @@ def test_routing_moves_the_coupling(op, device):
     assert 0.05 < norms.mean() < 0.95
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("used", ["v", "c"])
+@pytest.mark.parametrize("op", OPS)
+def test_gradient_of_one_output(op, used, device):
+    """With return_coupling, a loss that uses only v, or only c: the other output's gradient
+    reaches the backward as None (autograd does not materialise zeros for it) and counts as
+    zero. float64 against the reference."""
+    shape = SMALL_SHAPES[0]
+    gen = make_generator("one-output", op, used)
+    if op == "dynamic_routing":
+        inputs = make_routing_inputs(shape, torch.float64, device, bias=True, gen=gen)
+    else:
+        inputs = make_route_inputs(shape, torch.float64, device, bias=True, gen=gen)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    refs = [as_reference(t).requires_grad_() for t in inputs]
+    v, c = getattr(capsroute, op)(*leaves[:-1], 3, bias=leaves[-1], return_coupling=True)
+    v_ref, c_ref = getattr(reference, op)(*refs[:-1], 3, bias=refs[-1], return_coupling=True)
+    out, out_ref = (v, v_ref) if used == "v" else (c, c_ref)
+    g = randn(out.shape, gen, dtype=torch.float64, device=device)
+    grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
+    grads_ref = torch.autograd.grad(out_ref, refs, as_reference(g), allow_unused=True)
+    for name, gr, gr_ref in zip(["input", "bias"] if op == "route" else ["u", "weight", "bias"],
+                                grads, grads_ref):
+        if gr_ref is None:  # the bias does not reach c
+            assert gr is None or torch.count_nonzero(gr) == 0, name
+            continue
+        assert_close_rel(gr, gr_ref, GRAD_TOL[torch.float64], f"grad {name}")
+
+
 # --- gradcheck (float64) ------------------------------------------------------------------
 
 GRADCHECK_SHAPE = Shape(2, 3, 3, 2, 3)
