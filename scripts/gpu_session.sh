@@ -8,6 +8,7 @@
 #             memory; each call also replayed from a CUDA graph
 #   bench-ma  B=128 also against torch.compile(mode="max-autotune") (several minutes)
 #   profile   the fused op's per-kernel times and host overhead, canonical and scale shapes
+#   host      the host side of a B=128 forward+backward: CPU time per operator and runtime call
 #   tests     the test suite's CUDA cases
 #   ncu       Nsight Compute on the canonical shape's kernels (scripts/ncu_kernels.sh)
 #   ncu-scale the same on the 32768x64 scale shape
@@ -69,6 +70,7 @@ for step in "$@"; do
     ncu) timeout $(cap 240) bash scripts/ncu_kernels.sh 2>&1 | tail -60 ;;
     ncu-scale) timeout $(cap 240) bash scripts/ncu_kernels.sh 128 32768 64 2>&1 | tail -60 ;;
     profile) profile_shapes 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
+    host) timeout $(cap 60) python3 scripts/profile_cuda.py --host 2>&1 | grep -v -i warn | tee "$OUT/host.log" ;;
     ab)
       cp capsroute/_C.abi3.so "$OUT/.current.so"
       for b in build/device_*/ current; do
