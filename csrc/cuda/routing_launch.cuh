@@ -358,7 +358,7 @@ inline at::Tensor grad_bias_of(const at::Tensor& gs, int64_t t_min, int64_t iter
       .reshape({d.N_out, DT * cuda::kTileD})
       .narrow(1, 0, d.D_out)
       .to(dtype)
-      .contiguous();  // the narrow keeps the padded row stride (16 DT) where D_out is not whole tiles
+      .contiguous();  // the narrow keeps the padded row stride where D_out is not whole tiles
 }
 
 template <typename scalar_t, typename Src>
