@@ -30,7 +30,7 @@ torch.cuda.cudart().cudaProfilerStop()
 PY
 rep=/tmp/caps_$tag
 # --clock-control none: the card's clocks as found (ncu would otherwise lock them to base).
-timeout 240 ncu --profile-from-start off --clock-control none -k regex:"routing_pass|weight_grad|group_stats" \
+timeout 240 ncu --profile-from-start off --clock-control none -k regex:"routing_pass|weight_grad|group_stats|finish_iteration|sweep_step" \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
   --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters \
   --section ComputeWorkloadAnalysis --section InstructionStats \
