@@ -244,3 +244,42 @@ def test_route_past_2_31_predictions(device):
         assert_close_rel(v[b:b + 1], v_ref, TOL[dtype], f"v[{b}]")
         assert_close_rel(g[b:b + 1], g_ref, GRAD_TOL[dtype], f"grad u_hat[{b}]")
     assert torch.isfinite(v).all()
+
+
+# --- long float32 sums on the matrix units ----------------------------------------------------
+
+# The GPU's matrix units round their float32 sums toward zero, so the CUDA kernels add every
+# product to its sum with ordinary float32 adds (mma_split_add): sums kept in the units'
+# accumulators drifted by 1e-6 to 1e-5 (v at 1.09e-5 past 2^31 predictions on an H100; the
+# CUDA emulation measures the same in test_long_sums_float32). Each case runs one long sum, in
+# one iteration (uniform couplings: the sums themselves, not the routing's conditioning):
+# - B = 4096, MNIST capsules: each block sums a few hundred input capsules (the batch fills
+#   the GPU, so few blocks share N_in); the first batch elements are checked, each against
+#   the reference run on it alone;
+# - B = 4096, N_in = 4: grad_W sums 64 batch tiles per warp; the whole batch is checked;
+# - D_in = 1024: every prediction sums 128 chunks of 8 input dims.
+# The CPU kernels (rounded to nearest) land under 3e-7 on v and grad u, and at 8e-7 and 1e-6 on
+# grad weight and grad bias (4096-term sums); the bounds are 1e-6 and 2.5e-6. Kept in the
+# accumulators, the emulation's sums erred by 2e-6 to 8e-6 on such shapes.
+LONG_SUMS = [(Shape(4096, 1152, 10, 8, 16), 4), (Shape(4096, 4, 10, 8, 16), None),
+             (Shape(8, 8, 10, 1024, 16), None)]
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="the matrix units are the GPU's")
+@pytest.mark.parametrize("shape,checked", LONG_SUMS, ids=lambda x: str(x))
+def test_long_float32_sums_cuda(shape, checked, device="cuda"):
+    gen = make_generator("long-sums", tuple(shape))
+    ins = make_routing_inputs(shape, torch.float32, device, bias=True, gen=gen)
+    u, w, b = (t.detach().requires_grad_() for t in ins)
+    v = capsroute.dynamic_routing(u, w, 1, bias=b)
+    g_v = randn(v.shape, gen, dtype=torch.float32, device=device)
+    grads = torch.autograd.grad(v, (u, w, b), g_v)
+    n = checked or shape.B  # batch elements are independent: check the first n
+    refs = [as_reference(t[:n] if t is u else t).requires_grad_() for t in (u, w, b)]
+    v_ref = reference.dynamic_routing(refs[0], refs[1], 1, bias=refs[2])
+    grads_ref = torch.autograd.grad(v_ref, refs, as_reference(g_v[:n]))
+    assert_close_rel(v[:n], v_ref, 1e-6, "v")
+    assert_close_rel(grads[0][:n], grads_ref[0], 1e-6, "grad u")
+    if checked is None:  # grad_weight and grad_bias sum over the whole batch
+        assert_close_rel(grads[1], grads_ref[1], 2.5e-6, "grad weight")
+        assert_close_rel(grads[2], grads_ref[2], 2.5e-6, "grad bias")
