@@ -1385,7 +1385,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   }
 }
 
-// --- per-(b, j) kernels: one warp per output capsule, lane = dim (D_out <= 32) ---------
+// --- per-(b, j) kernels: one warp per output capsule (D_out <= 32) -----------------------
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T x) {
@@ -1394,22 +1394,34 @@ __device__ __forceinline__ T warp_sum(T x) {
   return x;
 }
 
+// VW consecutive values of the accumulation type: one 16-byte load where VW * sizeof(T) = 16.
+template <typename T, int VW>
+struct alignas(sizeof(T) * VW) Vec {
+  T v[VW];
+};
+// Values per lane of the per-capsule kernels: a 16-byte vector where D_out is a multiple of
+// it (then every lane's first dim, and the partial sums' strides, are whole vectors), else 1.
+template <typename acc_t>
+constexpr int kCapsuleVec = 16 / sizeof(acc_t);
+
+// A lane holds VW consecutive dims d .. d + VW - 1 of the warp's capsule (b, j).
+template <int VW>
 struct CapsuleLane {
   int64_t b, j, e;  // e: offset of (b, j, d) in a [B, N_out, D_out] array
-  int64_t te;       // ... and in a tiled one (V, V_prev, gs: tiled_offset)
-  // The warp holds `32 / span` copies of the capsule's dims, span = D_out rounded up to a
-  // power of two: lane = part * span + d. The copies share the sum over the blocks' partials
-  // (sum_partials); part 0 owns (b, j, d) for everything else.
+  // The warp holds `32 / span` copies of the capsule's dims, span = ceil(D_out / VW) rounded
+  // up to a power of two: lane = part * span + d / VW. The copies share the sum over the
+  // blocks' partials (sum_partials); part 0 owns (b, j, d ..) for everything else.
   int span, part, d;
-  bool has_dim;     // d < D_out (any copy)
+  bool has_dim;     // d < D_out (any copy; with VW > 1 all VW dims, D_out % VW == 0)
   bool valid;       // d < D_out and part == 0
   bool active;      // the warp has a capsule
   __device__ CapsuleLane(const Dims& n) {
     const int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
+    const int lanes = static_cast<int>((n.D_out + VW - 1) / VW);
     span = 1;
-    while (span < n.D_out) span <<= 1;
-    d = lane & (span - 1);
+    while (span < lanes) span <<= 1;
+    d = (lane & (span - 1)) * VW;
     part = lane / span;
     active = w < n.B * n.N_out;
     b = w / n.N_out;
@@ -1417,86 +1429,119 @@ struct CapsuleLane {
     has_dim = active && d < n.D_out;
     valid = has_dim && part == 0;
     e = (b * n.N_out + j) * n.D_out + d;
-    te = tiled_offset(n, b, j, d);
   }
+  // (b, j, d + v) in a tiled array (V, V_prev, gs: tiled_offset).
+  __device__ int64_t tiled(const Dims& n, int v) const { return tiled_offset(n, b, j, d + v); }
 };
 
-// p[0] + p[stride] + ... + p[(count - 1) * stride], the blocks' partial sums of the lane's
-// (b, j, d), in a fixed order (deterministic) and left in every copy of d (every lane of the
-// warp must call it): each copy sums its share of the blocks in eight interleaved running
-// sums (16 loads in flight), then the copies are added pairwise (each side adds the same two
-// values, so that all end with the same bits). With one copy per lane and four running sums,
-// a D_out = 16 capsule's warp left half its lanes idle and had 8 loads in flight per lane: 16
-// L2 round trips for the 128 partials of the MNIST layer at B = 128, ~4 us per call.
-template <typename acc_t>
-__device__ __forceinline__ acc_t sum_partials(const CapsuleLane& c, const acc_t* p, int count,
-                                              int64_t stride) {
+// p[0] + p[stride] + ... + p[(count - 1) * stride] for each of the lane's VW values, the
+// blocks' partial sums of (b, j, d ..), in a fixed order (deterministic) and left in every
+// copy of d (every lane of the warp must call it): each copy sums its share of the blocks in
+// eight interleaved running sums (16 vector loads in flight), then the copies are added
+// pairwise (each side adds the same two values, so that all end with the same bits).
+// The MNIST layer at B = 128 (128 partials, D_out = 16): 8 copies of 4 lanes, 16 partials
+// each, all of them in flight at once. With 4-byte loads, 2 copies of 16 lanes needed 4 L2
+// round trips of 16 loads (finish_iteration_kernel: 6.7 us per call on the H100); with one
+// copy and four sums, 16 (~4 us more).
+template <int VW, typename acc_t>
+__device__ __forceinline__ void sum_partials(const CapsuleLane<VW>& c, const acc_t* p, int count,
+                                             int64_t stride, acc_t (&x)[VW]) {
   constexpr int kSums = 8;
-  acc_t s[kSums];
+  using V = Vec<acc_t, VW>;
+  acc_t s[kSums][VW];
 #pragma unroll
-  for (int k = 0; k < kSums; ++k) s[k] = acc_t(0);
+  for (int k = 0; k < kSums; ++k)
+#pragma unroll
+    for (int v = 0; v < VW; ++v) s[k][v] = acc_t(0);
   if (c.has_dim) {
     const int parts = 32 / c.span;
     const int begin = static_cast<int>(int64_t(count) * c.part / parts);
     const int end = static_cast<int>(int64_t(count) * (c.part + 1) / parts);
+    auto add = [&](int k, int ch) {
+      const V x = *reinterpret_cast<const V*>(p + ch * stride);
+#pragma unroll
+      for (int v = 0; v < VW; ++v) s[k][v] += x.v[v];
+    };
     int ch = begin;
 #pragma unroll 2
     for (; ch + kSums <= end; ch += kSums)
 #pragma unroll
-      for (int k = 0; k < kSums; ++k) s[k] += p[(ch + k) * stride];
-    for (; ch < end; ++ch) s[0] += p[ch * stride];  // (a constant index: s stays in registers)
+      for (int k = 0; k < kSums; ++k) add(k, ch + k);
+    for (; ch < end; ++ch) add(0, ch);  // (a constant index: s stays in registers)
   }
-  acc_t x = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (int o = c.span; o < 32; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
+#pragma unroll
+  for (int v = 0; v < VW; ++v) {
+    x[v] = ((s[0][v] + s[1][v]) + (s[2][v] + s[3][v])) + ((s[4][v] + s[5][v]) + (s[6][v] + s[7][v]));
+    for (int o = c.span; o < 32; o <<= 1) x[v] += __shfl_xor_sync(0xffffffffu, x[v], o);
+  }
 }
 
 // Forward, after a pass: s = bias + sum of the blocks' partials (in block order);
 // v = squash(s); V += v (V = v on the first iteration; V tiled); v written on the last
-// iteration.
-template <typename scalar_t>
+// iteration. VW: values per lane (see kCapsuleVec).
+template <int VW, typename scalar_t>
 __global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>::acc* partial,
                                         const scalar_t* __restrict__ bias, double eps,
                                         bool first, typename Scalar<scalar_t>::acc* V,
                                         typename Scalar<scalar_t>::acc* s_out,
                                         scalar_t* __restrict__ v_out) {
   using acc_t = typename Scalar<scalar_t>::acc;
-  const CapsuleLane c(n);
+  const CapsuleLane<VW> c(n);
   if (!c.active) return;  // whole warps only
-  const acc_t sum = sum_partials(c, partial + c.e, n.n_chunks, n.B * n.J);
-  acc_t s = 0;
-  if (c.valid) {
-    if (bias != nullptr) s = Scalar<scalar_t>::load(bias + c.j * n.D_out + c.d);
-    s += sum;
+  acc_t s[VW];
+  sum_partials(c, partial + c.e, n.n_chunks, n.B * n.J, s);
+  acc_t sq = 0;
+#pragma unroll
+  for (int v = 0; v < VW; ++v) {
+    if (!c.valid) s[v] = 0;
+    else if (bias != nullptr) s[v] += Scalar<scalar_t>::load(bias + c.j * n.D_out + c.d + v);
+    sq += s[v] * s[v];
   }
-  const acc_t f = squash_scale(warp_sum(s * s), acc_t(eps));
+  const acc_t f = squash_scale(warp_sum(sq), acc_t(eps));
   if (!c.valid) return;
-  s_out[c.e] = s;
-  V[c.te] = (first ? acc_t(0) : V[c.te]) + f * s;
-  if (v_out != nullptr) v_out[c.e] = Scalar<scalar_t>::store(f * s);
+#pragma unroll
+  for (int v = 0; v < VW; ++v) {
+    s_out[c.e + v] = s[v];
+    acc_t& Vt = V[c.tiled(n, v)];
+    Vt = (first ? acc_t(0) : Vt) + f * s[v];
+    if (v_out != nullptr) v_out[c.e + v] = Scalar<scalar_t>::store(f * s[v]);
+  }
 }
 
 // Backward sweep step for iteration t: G += sum of the partials of the pass for t + 1 (if
 // any), then gs^(t) = J_squash(s^(t))^T (G + [t == r] grad_v) (gs tiled).
-template <typename acc_t>
+template <int VW, typename acc_t>
 __global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials,
                                   const acc_t* s_t, const acc_t* grad_v, double eps, acc_t* G,
                                   acc_t* gs_t) {
-  const CapsuleLane c(n);
+  const CapsuleLane<VW> c(n);
   if (!c.active) return;
-  const acc_t sum =
-      n_partials > 0 ? sum_partials(c, partial + c.e, n_partials, n.B * n.J) : acc_t(0);
-  acc_t s = 0, gv = 0;
-  if (c.valid) {
-    // G starts at zero: the first step (t = r) has no partials and does not read it.
-    const acc_t g = n_partials > 0 ? G[c.e] + sum : acc_t(0);
-    G[c.e] = g;
-    s = s_t[c.e];
-    gv = g + (grad_v != nullptr ? grad_v[c.e] : acc_t(0));
+  acc_t sum[VW];
+  if (n_partials > 0) {
+    sum_partials(c, partial + c.e, n_partials, n.B * n.J, sum);
+  } else {
+#pragma unroll
+    for (int v = 0; v < VW; ++v) sum[v] = acc_t(0);
+  }
+  acc_t s[VW], gv[VW], ss = 0, sg = 0;
+#pragma unroll
+  for (int v = 0; v < VW; ++v) {
+    s[v] = gv[v] = acc_t(0);
+    if (c.valid) {
+      // G starts at zero: the first step (t = r) has no partials and does not read it.
+      const acc_t g = n_partials > 0 ? G[c.e + v] + sum[v] : acc_t(0);
+      G[c.e + v] = g;
+      s[v] = s_t[c.e + v];
+      gv[v] = g + (grad_v != nullptr ? grad_v[c.e + v] : acc_t(0));
+    }
+    ss += s[v] * s[v];
+    sg += s[v] * gv[v];
   }
   acc_t a, bb;
-  squash_vjp_coeffs(warp_sum(s * s), warp_sum(s * gv), acc_t(eps), &a, &bb);
-  if (c.valid) gs_t[c.te] = a * gv + bb * s;
+  squash_vjp_coeffs(warp_sum(ss), warp_sum(sg), acc_t(eps), &a, &bb);
+  if (!c.valid) return;
+#pragma unroll
+  for (int v = 0; v < VW; ++v) gs_t[c.tiled(n, v)] = a * gv[v] + bb * s[v];
 }
 
 // V_prev[t] = v^(1) + ... + v^(t) for t = 0 .. r-1 (V_prev[0] = 0), v = squash(s); V_prev
@@ -1504,14 +1549,15 @@ __global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials,
 template <typename acc_t>
 __global__ void running_sums_kernel(Dims n, int iterations, const acc_t* s, double eps,
                                     acc_t* V_prev) {
-  const CapsuleLane c(n);
+  const CapsuleLane<1> c(n);
   if (!c.active) return;
+  const int64_t te = c.tiled(n, 0);
   acc_t V = 0;
-  if (c.valid) V_prev[c.te] = V;
+  if (c.valid) V_prev[te] = V;
   for (int t = 1; t < iterations; ++t) {
     const acc_t st = c.valid ? s[(t - 1) * n.B * n.J + c.e] : acc_t(0);
     V += squash_scale(warp_sum(st * st), acc_t(eps)) * st;
-    if (c.valid) V_prev[t * tiled_elems(n) + c.te] = V;
+    if (c.valid) V_prev[t * tiled_elems(n) + te] = V;
   }
 }
 

@@ -140,6 +140,17 @@ bool staged_fits(Dims d, bool fragments, Layout&& layout) {
 // One warp per (b, j) output capsule.
 inline dim3 capsule_grid(const Dims& d) { return dim3(static_cast<unsigned>(ceil_div(d.B * d.N_out, 8))); }
 
+// launch(vw) with the values per lane of the per-capsule kernels that sum partials: a 16-byte
+// vector (cuda::kCapsuleVec) where D_out is a multiple of it, else 1.
+template <typename acc_t, typename Launch>
+void with_capsule_vec(const Dims& d, Launch&& launch) {
+  constexpr int kVec = cuda::kCapsuleVec<acc_t>;
+  if (d.D_out % kVec == 0)
+    launch(std::integral_constant<int, kVec>{});
+  else
+    launch(std::integral_constant<int, 1>{});
+}
+
 // launch(source) with the source a kernel makes its predictions from: for dynamic_routing in
 // float32 and the half types, W[i] staged as the matrix units' operands (FragmentSource, with
 // its chunk count compiled in where D_in <= 8) if fits() says they fit in shared memory;
@@ -226,9 +237,11 @@ void forward(const Src& src, const Dims& d, int64_t iterations, double eps, cons
     else
       launch_pass<cuda::Pass::kForward, DT>(src, d, st, aptr<acc_t>(partial),
                                             last ? c : nullptr, stream);
-    cuda::launch(cuda::finish_iteration_kernel<T>, capsule_grid(d), 256, 0, stream,
-                 d, aptr<acc_t>(partial), bias, eps, t == 1, aptr<acc_t>(V),
-                 s + (t - 1) * d.B * d.J, last ? v : nullptr);
+    with_capsule_vec<acc_t>(d, [&](auto vw) {
+      cuda::launch(cuda::finish_iteration_kernel<decltype(vw)::value, T>, capsule_grid(d), 256,
+                   0, stream, d, aptr<acc_t>(partial), bias, eps, t == 1, aptr<acc_t>(V),
+                   s + (t - 1) * d.B * d.J, last ? v : nullptr);
+    });
   }
 }
 
@@ -292,9 +305,14 @@ SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_m
   auto partial = cuda::scratch({t_min < iterations ? d.n_chunks : 0, d.B, d.J}, s.options());
   const acc_t* s_ = aptr<acc_t>(s);
   acc_t* gs_ = aptr<acc_t>(out.gs);
-  cuda::launch(cuda::sweep_step_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
-               d, nullptr, 0, s_ + (iterations - 1) * stride, aptr<acc_t>(grad_v), eps,
-               aptr<acc_t>(G), gs_ + (iterations - 1) * tiled);
+  auto sweep_step = [&](const acc_t* partial, int n_partials, int64_t t, const acc_t* grad_v) {
+    with_capsule_vec<acc_t>(d, [&](auto vw) {
+      cuda::launch(cuda::sweep_step_kernel<decltype(vw)::value, acc_t>, capsule_grid(d), 256, 0,
+                   stream, d, partial, n_partials, s_ + (t - 1) * stride, grad_v, eps,
+                   aptr<acc_t>(G), gs_ + (t - 1) * tiled);
+    });
+  };
+  sweep_step(nullptr, 0, iterations, aptr<acc_t>(grad_v));
   // Iteration t's state, with its group statistics made first (t >= 2; with cg when its
   // softmax is differentiated, i.e. without detach).
   auto state = [&](int64_t t) {
@@ -314,9 +332,7 @@ SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_m
     if (keep) st.kept = aptr<acc_t>(out.kept) + cuda::kept_offset(d, t);
     launch_pass<cuda::Pass::kGradient, DT>(src, d, st, aptr<acc_t>(partial),
                                            static_cast<T*>(nullptr), stream);
-    cuda::launch(cuda::sweep_step_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
-                 d, aptr<acc_t>(partial), d.n_chunks, s_ + (t - 2) * stride, nullptr, eps,
-                 aptr<acc_t>(G), gs_ + (t - 2) * tiled);
+    sweep_step(aptr<acc_t>(partial), d.n_chunks, t - 1, nullptr);
   }
   if (t_min > 1) state(t_min);  // detach: the last pass needs c^(r) only
   return out;
