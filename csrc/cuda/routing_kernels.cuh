@@ -1385,6 +1385,285 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   }
 }
 
+// --- the forward's passes with the batch as the products' rows ----------------------------
+//
+// routing_pass_kernel makes a prediction tile as W[i, j] (16 output dims) times u of 8 batch
+// elements, so every warp reloads W[i]'s operands for its 8 batch elements, twice a pass: on
+// the H100 they were 196 of the forward pass's 275 shared-memory wavefronts per warp and
+// capsule, with L1/TEX 77% busy (Nsight Compute, eleventh session). Here the product is turned
+// around: A = u[b, i, :] of 16 batch elements (m16 x k8), B = W[i] of 8 output columns (k8 x
+// n8), so each W operand serves 16 batch elements, and the per-(b, j) values land in the
+// lanes that own batch rows g and g + 8: the softmax needs no shuffles but the dot products'
+// sums over the 4 lanes t. For the MNIST layer (N_out = 10, D_out = 16) a warp's 20 column
+// tiles hold its 16 x 160 predictions.
+//
+// Used for the forward of dynamic_routing where the whole layer fits one warp's registers:
+// D_in <= 8, D_out <= 16, N_out * ceil(D_out / 8) <= 20 (16 with D_out <= 8), and float32 or
+// the half types (row_pass_supported). A block's warps go in pairs over 16 batch elements:
+// both make every logit (all column tiles: the softmax needs all capsules) and each sums
+// half of the column tiles (w & 1: tiles 2m + (w & 1)), so its sums take 40 registers, not
+// 80. V comes in the row layout (row_layout_offset), the lanes' accumulator fragments one
+// 16-byte load each, written so by finish_iteration.
+constexpr int kRowsB = 16;  // batch elements per warp (the products' rows)
+
+// Column tiles (8 output dims each) of one warp in the row passes: capsules times DT8 =
+// ceil(D_out / 8) tiles, at most 20 (10 capsules of 9..16 dims; 16 of <= 8 dims: one group).
+template <int DT8>
+constexpr int kRowCols = DT8 == 1 ? 16 : 20;
+
+// V in the row layout: [ceil(B / 16) row tiles][N_out * DT8 column tiles][32 lanes][4 slots],
+// lane (g, t) and slot q = 2h + e holding (b = 16 rt + g + 8h, d = 8 (ct % DT8) + 2t + e) of
+// capsule ct / DT8: the accumulator fragment of the product (see mma_tf32), whole.
+__host__ __device__ inline int row_dt8(const Dims& n) { return static_cast<int>((n.D_out + 7) / 8); }
+__host__ __device__ inline int64_t row_layout_elems(const Dims& n) {
+  return (n.B + kRowsB - 1) / kRowsB * n.N_out * row_dt8(n) * kTileElems;
+}
+__host__ __device__ inline int64_t row_layout_offset(const Dims& n, int64_t b, int64_t j, int d) {
+  const int m = static_cast<int>(b % kRowsB), e = d % 8;
+  const int lane = (m % 8) * 4 + e / 2, q = (m / 8) * 2 + e % 2;
+  return (((b / kRowsB) * n.N_out + j) * row_dt8(n) + d / 8) * kTileElems + lane * 4 + q;
+}
+
+// Whether the forward may run on row_pass_kernel (see above); the operand types are the
+// caller's to check (float32, float16, bfloat16).
+__host__ __device__ inline bool row_pass_supported(const Dims& n) {
+  const int dt8 = row_dt8(n);
+  return n.n_groups == 1 && n.k_chunks == 1 && dt8 <= 2 &&
+         n.N_out * dt8 <= (dt8 == 1 ? kRowCols<1> : kRowCols<2>);
+}
+
+// Shared memory of row_pass_kernel (bytes): [V: the block's row tiles, none at t = 1]
+// [W[i] as copied][W[i] as B operands: a uint4 (hi pair, lo pair) per lane and column tile].
+struct RowLayout {
+  size_t w, wf, end;
+};
+template <typename scalar_t>
+__host__ __device__ inline RowLayout row_layout(const Dims& n, int row_tiles, bool first) {
+  auto up16 = [](size_t x) { return (x + 15) / 16 * 16; };
+  const size_t cols = size_t(n.N_out) * row_dt8(n);
+  RowLayout p;
+  p.w = first ? 0 : size_t(row_tiles) * cols * kTileElems * sizeof(float);
+  p.wf = up16(p.w + size_t(n.J) * n.D_in * sizeof(scalar_t));
+  p.end = p.wf + (cols + 3) / 4 * 4 * 32 * sizeof(uint4);
+  return p;
+}
+
+// W[i] as copied (all capsules, [N_out, D_out, D_in]) rewritten as the B operands: lane
+// (g, t) of column tile ct holds W[i, j, d, t] and W[i, j, d, t + 4], d = 8 (ct % DT8) + g,
+// split into TF32 parts, zeros past D_out and D_in, and for the column tiles past N_out up to
+// a whole group of 4 (the kernel walks the tiles in fours, with one test per four).
+template <int DT8, typename scalar_t>
+__device__ __forceinline__ void build_row_operands(const scalar_t* raw, const Dims& n, uint4* Wf) {
+  constexpr bool kExact = !std::is_same<scalar_t, float>::value;
+  const int D_in = static_cast<int>(n.D_in), D_out = static_cast<int>(n.D_out);
+  const int cols = static_cast<int>(n.N_out) * DT8;
+  for (int e = threadIdx.x; e < (cols + 3) / 4 * 4 * 32; e += blockDim.x) {
+    const int lane = e & 31, ct = e >> 5, g = lane >> 2, t = lane & 3;
+    const int d = (ct % DT8) * 8 + g;
+    const scalar_t* w = raw + ((ct / DT8) * D_out + d) * D_in;
+    auto at = [&](int k) {
+      return ct < cols && d < D_out && k < D_in ? Scalar<scalar_t>::load(w + k) : 0.f;
+    };
+    uint32_t hi[2], lo[2] = {0, 0};
+    split_tf32<kExact>(at(t), hi[0], lo[0]);
+    split_tf32<kExact>(at(t + 4), hi[1], lo[1]);
+    Wf[e] = uint4{hi[0], hi[1], lo[0], lo[1]};
+  }
+}
+
+// The product of column tile ct for the warp's 16 batch elements (A: u, split) from zero.
+template <bool kExact>
+__device__ __forceinline__ void row_product(const uint4* Wf, int ct, const uint32_t (&a_hi)[4],
+                                            const uint32_t (&a_lo)[4], float (&x)[4]) {
+  const uint4 w = Wf[ct * 32 + (threadIdx.x & 31)];
+  const uint32_t b_hi[2] = {w.x, w.y}, b_lo[2] = {w.z, w.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) x[q] = 0.f;
+  mma_split<kExact>(x, a_hi, a_lo, b_hi, b_lo);
+}
+
+// The inverse of scatter_stage: lanes `o` apart swap their halves, which x[0 .. N) holds, so
+// that both hold the pair in x[0 .. 2N), the lower half first.
+template <int N, typename T, int P>
+__device__ __forceinline__ void gather_stage(T (&x)[P], bool upper, int o) {
+#pragma unroll
+  for (int v = 0; v < N; ++v) {
+    const T mine = x[v], theirs = __shfl_xor_sync(0xffffffffu, mine, o);
+    x[v] = upper ? theirs : mine;
+    x[v + N] = upper ? mine : theirs;
+  }
+}
+
+// One pass of the forward over a chunk of input capsules for the block's batch elements.
+// kFirst: t = 1, every coupling 1 / N_out (or 1 / (N_out + 1), leaky), so the pass sums the
+// predictions and scales the sums once; else t >= 2: logits <u_hat, V>, softmax, sums.
+// partial[chunk] = sum_i c_ij u_hat_ij as routing_pass_kernel writes it; c written when
+// c_out != null. grid = (n_chunks, ceil(B / (16 * row_tiles))); 2 * row_tiles warps.
+template <bool kFirst, int DT8, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kPassBlocksPerSM)
+row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, Dims n,
+                const float* __restrict__ V, float* __restrict__ partial,
+                scalar_t* __restrict__ c_out) {
+  constexpr bool kExact = !std::is_same<scalar_t, float>::value;
+  constexpr int kCols = kRowCols<DT8>, kCaps = kCols / DT8, kHalf = kCols / 2;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int row_tiles = blockDim.x / 64, half = warp & 1;
+  const int64_t tile = int64_t(blockIdx.y) * row_tiles + (warp >> 1);  // the warp's row tile
+  const int64_t b0 = tile * kRowsB;
+  const bool has_rows = b0 < n.B;  // warp-uniform; idle warps still join the barriers
+  const int cols = static_cast<int>(n.N_out) * DT8;
+  const int64_t i_begin = int64_t(blockIdx.x) * n.i_per_block;
+  const int64_t i_end = min(i_begin + n.i_per_block, n.N_in);
+
+  unsigned char* smem = dynamic_smem<unsigned char>();
+  const RowLayout layout = row_layout<scalar_t>(n, row_tiles, kFirst);
+  scalar_t* raw = reinterpret_cast<scalar_t*>(smem + layout.w);
+  const uint4* Wf = reinterpret_cast<const uint4*>(smem + layout.wf);
+  const float* Vs = reinterpret_cast<const float*>(smem) + (warp >> 1) * cols * kTileElems;
+
+  // W[i_begin], and the block's row tiles of V (contiguous in the row layout).
+  if (i_begin < i_end) copy_weight(n, W + i_begin * n.J * n.D_in, n.J * n.D_in, raw);
+  if (!kFirst) {
+    const int64_t tiles = min(int64_t(row_tiles), (n.B + kRowsB - 1) / kRowsB -
+                                                      int64_t(blockIdx.y) * row_tiles);
+    const int64_t pieces = tiles * cols * kTileElems / 4;
+    const float* from = V + int64_t(blockIdx.y) * row_tiles * cols * kTileElems;
+    for (int64_t x = threadIdx.x; x < pieces; x += blockDim.x)
+      cp_async16(reinterpret_cast<float*>(smem) + 4 * x, from + 4 * x);
+  }
+  cp_async_commit();
+
+  // u[b, i, k] of the lane's A slots: rows g, g + 8 (slots 0, 1; 2, 3), dims t, t + 4.
+  auto load_u = [&](int64_t i, float (&x)[4]) {
+#pragma unroll
+    for (int s = 0; s < 4; ++s) x[s] = u_at(u, n, b0 + g + 8 * (s & 1), i, t + 4 * (s >> 1));
+  };
+  float u_next[4];
+  if (has_rows && i_begin < i_end) load_u(i_begin, u_next);
+
+  float acc[kHalf][4];
+#pragma unroll
+  for (int m = 0; m < kHalf; ++m)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[m][q] = 0.f;
+  const float uniform = uniform_coupling<float>(n);
+
+  for (int64_t i = i_begin; i < i_end; ++i) {
+    // W[i] (and at first V) has landed, and no warp reads the previous operands any more:
+    // rewrite W[i] as operands, then (second barrier) fetch W[i + 1] into the same buffer.
+    cp_async_wait_all();
+    __syncthreads();
+    build_row_operands<DT8>(raw, n, reinterpret_cast<uint4*>(smem + layout.wf));
+    __syncthreads();
+    if (i + 1 < i_end) copy_weight(n, W + (i + 1) * n.J * n.D_in, n.J * n.D_in, raw);
+    cp_async_commit();
+    if (!has_rows) continue;
+    uint32_t a_hi[4], a_lo[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int s = 0; s < 4; ++s) split_tf32<kExact>(u_next[s], a_hi[s], a_lo[s]);
+    if (i + 1 < i_end) load_u(i + 1, u_next);
+
+    // c[h * kCaps + j]: the coupling of batch row g + 8h and capsule j.
+    float c[2 * kCaps];
+    if (kFirst) {
+      if (c_out != nullptr) {
+#pragma unroll
+        for (int v = 0; v < kCaps; ++v) c[v] = uniform;
+      }
+    } else {
+      // The logits: each lane's share of the dot products over its dims, then summed over
+      // the 4 lanes t, each sum left in one of them (reduce_scatter's stages over t): lane t
+      // holds row h = t / 2, capsules (t % 2) * kCaps / 2 + v, v < kCaps / 2.
+#pragma unroll
+      for (int v = 0; v < 2 * kCaps; ++v) c[v] = 0.f;
+      // In fours: the products of tiles past N_out are zeros (build_row_operands), their V
+      // whatever follows in shared memory, and their capsules' logits are not used.
+#pragma unroll
+      for (int ct = 0; ct < kCols; ++ct) {
+        if (ct % 4 == 0 && ct >= cols) break;  // warp-uniform
+        float x[4];
+        row_product<kExact>(Wf, ct, a_hi, a_lo, x);
+        const float4 v = reinterpret_cast<const float4*>(Vs)[ct * 32 + lane];
+        // (one FFMA per value: as a sum of two products the compiler added an FMUL and FADD)
+        c[ct / DT8] = fmaf(x[1], v.y, fmaf(x[0], v.x, c[ct / DT8]));
+        c[kCaps + ct / DT8] = fmaf(x[3], v.w, fmaf(x[2], v.z, c[kCaps + ct / DT8]));
+      }
+      scatter_stage<kCaps>(c, (t & 2) != 0, 2);
+      scatter_stage<kCaps / 2>(c, (t & 1) != 0, 1);
+      // The softmax over the row's capsules, which lanes t and t ^ 1 hold between them.
+      const int j0 = (t & 1) * (kCaps / 2);
+      float mx = n.leaky ? 0.f : -INFINITY;  // leaky routing: an extra logit 0
+#pragma unroll
+      for (int v = 0; v < kCaps / 2; ++v)
+        if (j0 + v < n.N_out) mx = fmax(mx, c[v]);
+      mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      float l = 0.f;
+#pragma unroll
+      for (int v = 0; v < kCaps / 2; ++v) {
+        c[v] = j0 + v < n.N_out ? exp_(c[v] - mx) : 0.f;
+        l += c[v];
+      }
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      if (n.leaky) l += exp_(-mx);
+      const float inv = 1.f / l;
+#pragma unroll
+      for (int v = 0; v < kCaps / 2; ++v) c[v] *= inv;
+    }
+    // c[b, i, j] from the lanes of the first warp of the pair, each its own values.
+    if (c_out != nullptr && half == 0) {
+      const int64_t b = b0 + g + 8 * (t >> 1);
+#pragma unroll
+      for (int v = 0; v < kCaps / 2; ++v) {
+        const int j = (t & 1) * (kCaps / 2) + v;
+        if (b < n.B && j < n.N_out)
+          c_out[(b * n.N_in + i) * n.N_out + j] = Scalar<scalar_t>::store(c[v]);
+      }
+    }
+    if (!kFirst) {
+      gather_stage<kCaps / 2>(c, (t & 1) != 0, 1);
+      gather_stage<kCaps>(c, (t & 2) != 0, 2);
+    }
+    // The sums of the warp's column tiles 2m + half (at t = 1 of the predictions alone).
+#pragma unroll
+    for (int m = 0; m < kHalf; ++m) {
+      const int ct = 2 * m + half;
+      if (m % 2 == 0 && 2 * m >= cols) break;  // warp-uniform; in fours as above
+      float x[4];
+      row_product<kExact>(Wf, ct, a_hi, a_lo, x);
+      if (kFirst) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[m][q] += x[q];
+      } else {
+        // Capsule ct / DT8: m with DT8 = 2; 2m or 2m + 1 with DT8 = 1 (constant indices).
+        const int j = DT8 == 2 ? m : 2 * m;
+        const float c0 = DT8 == 1 && half ? c[j + 1] : c[j];
+        const float c1 = DT8 == 1 && half ? c[kCaps + j + 1] : c[kCaps + j];
+        acc[m][0] += c0 * x[0];
+        acc[m][1] += c0 * x[1];
+        acc[m][2] += c1 * x[2];
+        acc[m][3] += c1 * x[3];
+      }
+    }
+  }
+
+  // The block's partial sum over its capsules, the warp's rows and column tiles.
+  if (!has_rows) return;
+  const float scale = kFirst ? uniform : 1.f;
+#pragma unroll
+  for (int m = 0; m < kHalf; ++m) {
+    const int ct = 2 * m + half;
+    if (ct >= cols) break;
+    const int64_t j = ct / DT8;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t b = b0 + g + 8 * (q >> 1);
+      const int d = (ct % DT8) * 8 + 2 * t + (q & 1);
+      if (b < n.B && d < n.D_out)
+        partial[(int64_t(blockIdx.x) * n.B + b) * n.J + j * n.D_out + d] = scale * acc[m][q];
+    }
+  }
+}
+
 // --- per-(b, j) kernels: one warp per output capsule (D_out <= 32) -----------------------
 
 template <typename T>
@@ -1477,12 +1756,14 @@ __device__ __forceinline__ void sum_partials(const CapsuleLane<VW>& c, const acc
 }
 
 // Forward, after a pass: s = bias + sum of the blocks' partials (in block order);
-// v = squash(s); V += v (V = v on the first iteration; V tiled); v written on the last
-// iteration. VW: values per lane (see kCapsuleVec).
+// v = squash(s); V += v (V = v on the first iteration; V tiled, or in the row layout where
+// row_pass_kernel reads it); v written on the last iteration. VW: values per lane (see
+// kCapsuleVec).
 template <int VW, typename scalar_t>
 __global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>::acc* partial,
                                         const scalar_t* __restrict__ bias, double eps,
-                                        bool first, typename Scalar<scalar_t>::acc* V,
+                                        bool first, bool row_layout,
+                                        typename Scalar<scalar_t>::acc* V,
                                         typename Scalar<scalar_t>::acc* s_out,
                                         scalar_t* __restrict__ v_out) {
   using acc_t = typename Scalar<scalar_t>::acc;
@@ -1502,7 +1783,7 @@ __global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>:
 #pragma unroll
   for (int v = 0; v < VW; ++v) {
     s_out[c.e + v] = s[v];
-    acc_t& Vt = V[c.tiled(n, v)];
+    acc_t& Vt = V[row_layout ? row_layout_offset(n, c.b, c.j, c.d + v) : c.tiled(n, v)];
     Vt = (first ? acc_t(0) : Vt) + f * s[v];
     if (v_out != nullptr) v_out[c.e + v] = Scalar<scalar_t>::store(f * s[v]);
   }

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 #include <utility>
 
 #include "../checks.h"
@@ -214,12 +215,64 @@ void launch_group_stats(const Src& src, const Dims& d, cuda::State<acc_t> st, ac
                aptr<acc_t>(part), stats, cg);
 }
 
+// Whether the forward runs on row_pass_kernel: with CAPSROUTE_ROW_PASS=1, for dynamic_routing
+// in float32 or a half type at the sizes it supports (cuda::row_pass_supported). Not yet
+// timed on a GPU, so routing_pass_kernel stays the default until it is measured against it.
+template <typename Src, typename T>
+bool use_row_pass(const Src&, const Dims& d) {
+  if constexpr (std::is_same<Src, cuda::WeightSource<T>>::value && !std::is_same<T, double>::value) {
+    const char* env = std::getenv("CAPSROUTE_ROW_PASS");
+    return cuda::row_pass_supported(d) && env != nullptr && std::string(env) == "1";
+  }
+  return false;
+}
+
+// The row passes' blocks: up to 4 row tiles of 16 batch elements, 2 warps each; the chunks of
+// input capsules are planned for them (plan_chunks), in d.
+inline dim3 plan_row_pass(Dims& d, int& threads) {
+  const int64_t tiles = ceil_div(d.B, cuda::kRowsB);
+  const int per_block = static_cast<int>(std::min<int64_t>(4, tiles));
+  const int64_t b_blocks = ceil_div(tiles, per_block);
+  TORCH_CHECK_VALUE(b_blocks <= 65535, "dynamic_routing: too large for the CUDA kernels' grid: B = ",
+                    d.B);
+  plan_chunks(d, cuda::kPassBlocksPerSM * std::max(1, 4 / per_block), b_blocks);
+  threads = 64 * per_block;
+  return dim3(static_cast<unsigned>(d.n_chunks), static_cast<unsigned>(b_blocks));
+}
+
+template <typename T>
+void launch_row_pass(const cuda::WeightSource<T>& src, const Dims& d, dim3 grid, int threads,
+                     bool first, const float* V, float* partial, T* c_out, cudaStream_t stream) {
+  const size_t smem = cuda::row_layout<T>(d, threads / 64, first).end;
+  auto go = [&](auto kFirst, auto kDT8) {
+    cuda::launch(cuda::row_pass_kernel<decltype(kFirst)::value, decltype(kDT8)::value, T>, grid,
+                 threads, smem, stream, src.u, src.W, d, V, partial, c_out);
+  };
+  using F = std::false_type;
+  using Tr = std::true_type;
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  const bool two = cuda::row_dt8(d) == 2;
+  if (first)
+    two ? go(Tr{}, Two{}) : go(Tr{}, One{});
+  else
+    two ? go(F{}, Two{}) : go(F{}, One{});
+}
+
 template <int DT, typename Src, typename T>
-void forward(const Src& src, const Dims& d, int64_t iterations, double eps, const T* bias,
+void forward(const Src& src, const Dims& dims, int64_t iterations, double eps, const T* bias,
              T* v, T* c, typename cuda::Scalar<T>::acc* s, const at::TensorOptions& acc_opts) {
   using acc_t = typename cuda::Scalar<T>::acc;
   cudaStream_t stream = cuda::current_stream();
-  auto V = tiled_scratch(d, 1, acc_opts);  // written first by iteration 1's finish
+  Dims d = dims;
+  const bool rows = use_row_pass<Src, T>(src, d);
+  int row_threads = 0;
+  const dim3 row_grid = rows ? plan_row_pass(d, row_threads) : dim3();
+  // Written first by iteration 1's finish; the row layout's padding must read as zeros.
+  auto V = !rows ? tiled_scratch(d, 1, acc_opts)
+           : d.B % cuda::kRowsB != 0 || d.D_out % 8 != 0
+               ? at::zeros({cuda::row_layout_elems(d)}, acc_opts)
+               : cuda::scratch({cuda::row_layout_elems(d)}, acc_opts);
   auto partial = cuda::scratch({d.n_chunks, d.B, d.J}, acc_opts);
   const bool groups = d.n_groups > 1;
   auto stats = cuda::scratch({groups ? d.B * d.N_in * 2 : 0}, acc_opts);
@@ -231,15 +284,21 @@ void forward(const Src& src, const Dims& d, int64_t iterations, double eps, cons
                                 acc_opts, stream);
       st.stats = aptr<acc_t>(stats);
     }
-    if (t == 1)
+    if (rows) {
+      if constexpr (std::is_same<Src, cuda::WeightSource<T>>::value &&
+                    !std::is_same<T, double>::value)
+        launch_row_pass(src, d, row_grid, row_threads, t == 1, aptr<acc_t>(V),
+                        aptr<acc_t>(partial), last ? c : nullptr, stream);
+    } else if (t == 1) {
       launch_pass<cuda::Pass::kFirst, DT>(src, d, st, aptr<acc_t>(partial), last ? c : nullptr,
                                           stream);
-    else
+    } else {
       launch_pass<cuda::Pass::kForward, DT>(src, d, st, aptr<acc_t>(partial),
                                             last ? c : nullptr, stream);
+    }
     with_capsule_vec<acc_t>(d, [&](auto vw) {
       cuda::launch(cuda::finish_iteration_kernel<decltype(vw)::value, T>, capsule_grid(d), 256,
-                   0, stream, d, aptr<acc_t>(partial), bias, eps, t == 1, aptr<acc_t>(V),
+                   0, stream, d, aptr<acc_t>(partial), bias, eps, t == 1, rows, aptr<acc_t>(V),
                    s + (t - 1) * d.B * d.J, last ? v : nullptr);
     });
   }
