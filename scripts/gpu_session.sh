@@ -9,6 +9,8 @@
 #   bench-ma  B=128 also against torch.compile(mode="max-autotune") (several minutes)
 #   profile   the fused op's per-kernel times and host overhead, canonical and scale shapes
 #   host      the host side of a B=128 forward+backward: CPU time per operator and runtime call
+#   rows      the forward's row passes (the default where they apply) against routing_pass_kernel's
+#             (CAPSROUTE_ROW_PASS=0): profile_cuda.py at B=128 float32 and bfloat16 and B=512
 #   tests     the test suite's CUDA cases
 #   ncu       Nsight Compute on the canonical shape's kernels (scripts/ncu_kernels.sh)
 #   ncu-scale the same on the 32768x64 scale shape
@@ -71,6 +73,13 @@ for step in "$@"; do
     ncu-scale) timeout $(cap 240) bash scripts/ncu_kernels.sh 128 32768 64 2>&1 | tail -60 ;;
     profile) profile_shapes 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
     host) timeout $(cap 60) python3 scripts/profile_cuda.py --host 2>&1 | grep -v -i warn | tee "$OUT/host.log" ;;
+    rows)
+      for args in "" "--dtype bfloat16" "--batch 512"; do
+        for r in 0 1; do
+          echo "--- CAPSROUTE_ROW_PASS=$r $args"
+          CAPSROUTE_ROW_PASS=$r timeout $(cap 40) python3 scripts/profile_cuda.py $args
+        done
+      done 2>&1 | grep -v -i warn | tee "$OUT/rows.log" ;;
     ab)
       cp capsroute/_C.abi3.so "$OUT/.current.so"
       for b in build/device_*/ current; do

@@ -30,16 +30,20 @@ torch.cuda.cudart().cudaProfilerStop()
 PY
 rep=/tmp/caps_$tag
 # --clock-control none: the card's clocks as found (ncu would otherwise lock them to base).
-timeout 240 ncu --profile-from-start off --clock-control none -k regex:"routing_pass|weight_grad|group_stats|finish_iteration|sweep_step" \
+timeout 240 ncu --profile-from-start off --clock-control none -k regex:"routing_pass|row_pass|weight_grad|group_stats|finish_iteration|sweep_step" \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
   --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters \
   --section ComputeWorkloadAnalysis --section InstructionStats \
   -f -o $rep python3 /tmp/ncu_driver.py > "$OUT/ncu_${tag}_run.log" 2>&1
 echo "ncu: exit $?"; tail -3 "$OUT/ncu_${tag}_run.log"
 ncu -i $rep.ncu-rep --page details > "$OUT/ncu_${tag}_details.txt" 2>&1
-# Per-instruction SASS with stall samples: weight_grad and the forward pass at t = 2.
+# Per-instruction SASS with stall samples: weight_grad, the forward pass at t = 2 and the
+# first gradient pass. The forward's passes are row_pass_kernel where it applies (the
+# canonical shape; CAPSROUTE_ROW_PASS=0 turns it off), else the first 3 routing_pass launches.
+fwd=row_pass grad_skip=0
+[ "${CAPSROUTE_ROW_PASS:-1}" = 0 ] || [ "$N_OUT" -gt 10 ] && fwd=routing_pass grad_skip=3
 ncu -i $rep.ncu-rep --page source --csv --print-source sass -k regex:weight_grad > "$OUT/ncu_${tag}_src_weight_grad.csv" 2>&1
-ncu -i $rep.ncu-rep --page source --csv --print-source sass -k regex:routing_pass --launch-skip 1 --launch-count 1 > "$OUT/ncu_${tag}_src_pass_fwd.csv" 2>&1
-ncu -i $rep.ncu-rep --page source --csv --print-source sass -k regex:routing_pass --launch-skip 3 --launch-count 1 > "$OUT/ncu_${tag}_src_pass_grad.csv" 2>&1
+ncu -i $rep.ncu-rep --page source --csv --print-source sass -k regex:$fwd --launch-skip 1 --launch-count 1 > "$OUT/ncu_${tag}_src_pass_fwd.csv" 2>&1
+ncu -i $rep.ncu-rep --page source --csv --print-source sass -k regex:routing_pass --launch-skip $grad_skip --launch-count 1 > "$OUT/ncu_${tag}_src_pass_grad.csv" 2>&1
 ls -la "$OUT"
 grep -E "^  [a-z_]|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issue Slots Busy|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|Local Memory|Block Limit|Throughput|Hit Rate|Shared Memory Configuration Size" "$OUT/ncu_${tag}_details.txt" | head -150

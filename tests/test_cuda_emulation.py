@@ -199,27 +199,28 @@ def test_shapes_float32(emu, shape):
                  leaky=shape.N_out > 9, detach=False, return_coupling=True)
 
 
-# The forward's row passes (row_pass_kernel, CAPSROUTE_ROW_PASS=1: float32 and the half types
-# where D_in <= 8, D_out <= 16 and N_out * ceil(D_out / 8) <= 20) under every forward option,
-# on odd sizes (a batch of 3 in a row tile of 16, two column tiles of 11 dims), 5 row tiles of
-# 3 capsules of 5 dims (two blocks, one column tile each) and the MNIST layer's capsules.
-@pytest.fixture
-def row_pass(monkeypatch):
-    monkeypatch.setenv("CAPSROUTE_ROW_PASS", "1")
-
-
+# The forward's row passes (row_pass_kernel: float32 and the half types where D_in <= 8,
+# D_out <= 16 and N_out * ceil(D_out / 8) <= 20; the shapes above but the groups and the wide
+# ones take them) under every forward option, on odd sizes (a batch of 3 in a row tile of 16,
+# two column tiles of 11 dims: one warp of a pair has no capsules), 5 row tiles of 3 capsules
+# of 5 dims (two blocks), the MNIST layer's capsules (5 for each warp of a pair) and layers
+# whose second warp has some of its capsules (4 of 8 with D_out = 8, 2 of 5 with D_out = 13);
+# and the same sizes on routing_pass_kernel with CAPSROUTE_ROW_PASS=0.
 @pytest.mark.parametrize("iterations,bias,leaky,coupling",
                          list(itertools.product([1, 2, 3], [False, True], [False, True],
                                                 [False, True])),
                          ids=lambda x: str(int(x)) if isinstance(x, bool) else str(x))
-def test_row_pass_every_option_float32(emu, row_pass, iterations, bias, leaky, coupling):
+def test_row_pass_every_option_float32(emu, iterations, bias, leaky, coupling):
     run_emulated(emu, "dynamic_routing", SHAPES[1], torch.float32, iterations=iterations,
                  bias=bias, leaky=leaky, detach=False, return_coupling=coupling)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[5]], ids=str)
+@pytest.mark.parametrize("row_pass", ["1", "0"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[5], Shape(20, 5, 12, 8, 8),
+                                   Shape(20, 5, 7, 6, 13)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
-def test_row_pass_shapes(emu, row_pass, shape, dtype):
+def test_row_pass_shapes(emu, monkeypatch, shape, dtype, row_pass):
+    monkeypatch.setenv("CAPSROUTE_ROW_PASS", row_pass)
     run_emulated(emu, "dynamic_routing", shape, dtype, iterations=3, bias=True, leaky=True,
                  detach=False, return_coupling=True)
 

@@ -16,7 +16,8 @@
 // sums over dims. A warp sums up to 16 row tiles (16 capsules of
 // <= 16 dims, or 8 of <= 32): a group; more capsules are split into groups run by separate
 // blocks, with the softmax statistics over all of them made once per iteration by a
-// statistics pass per group, merged (Pass::kStats, merge_group_stats_kernel).
+// statistics pass per group, merged (Pass::kStats, merge_group_stats_kernel). The forward of
+// the usual layer sizes runs on row_pass_kernel instead, 16 batch elements per product.
 //
 // Sums over input capsules are formed per warp in registers, written per block, and added
 // across blocks by a separate kernel in block order: no float atomics, so results are
@@ -1393,17 +1394,19 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
 // capsule, with L1/TEX 77% busy (Nsight Compute, eleventh session). Here the product is turned
 // around: A = u[b, i, :] of 16 batch elements (m16 x k8), B = W[i] of 8 output columns (k8 x
 // n8), so each W operand serves 16 batch elements, and the per-(b, j) values land in the
-// lanes that own batch rows g and g + 8: the softmax needs no shuffles but the dot products'
-// sums over the 4 lanes t. For the MNIST layer (N_out = 10, D_out = 16) a warp's 20 column
-// tiles hold its 16 x 160 predictions.
+// lanes that own batch rows g and g + 8: a logit is a dot product summed over the 4 lanes t,
+// and a row's softmax is over the lanes t and t ^ 1 that hold it after a reduce-scatter.
 //
-// Used for the forward of dynamic_routing where the whole layer fits one warp's registers:
-// D_in <= 8, D_out <= 16, N_out * ceil(D_out / 8) <= 20 (16 with D_out <= 8), and float32 or
-// the half types (row_pass_supported). A block's warps go in pairs over 16 batch elements:
-// both make every logit (all column tiles: the softmax needs all capsules) and each sums
-// half of the column tiles (w & 1: tiles 2m + (w & 1)), so its sums take 40 registers, not
-// 80. V comes in the row layout (row_layout_offset), the lanes' accumulator fragments one
-// 16-byte load each, written so by finish_iteration.
+// Used for the forward of dynamic_routing where a layer is at most 20 column tiles of 8
+// output dims: D_in <= 8, D_out <= 16, N_out * ceil(D_out / 8) <= 20 (16 with D_out <= 8),
+// float32 or the half types (row_pass_supported). A block's warps go in pairs over 16 batch
+// elements, each warp with half of the capsules (10 column tiles of the MNIST layer): its
+// logits, and its sums in 40 registers (all 20 tiles' would take 80). The softmax over all
+// capsules merges the two warps' maxima and sums of exponentials, exchanged through shared
+// memory (a third barrier per capsule); making every logit in both warps instead, as a
+// first form did, cost as many matrix products as it saved (benchmarks/RESULTS.md). V comes
+// in the row layout (row_layout_offset), a lane's accumulator fragment in one 16-byte load,
+// written so by finish_iteration.
 constexpr int kRowsB = 16;  // batch elements per warp (the products' rows)
 
 // Column tiles (8 output dims each) of one warp in the row passes: capsules times DT8 =
@@ -1433,31 +1436,34 @@ __host__ __device__ inline bool row_pass_supported(const Dims& n) {
 }
 
 // Shared memory of row_pass_kernel (bytes): [V: the block's row tiles, none at t = 1]
-// [W[i] as copied][W[i] as B operands: a uint4 (hi pair, lo pair) per lane and column tile].
+// [W[i] as copied][W[i] as B operands: a uint4 (hi pair, lo pair) per lane and column tile,
+// all kRowCols of them (zeros past N_out)][the pairs' softmax statistics].
 struct RowLayout {
-  size_t w, wf, end;
+  size_t w, wf, stats, end;
 };
 template <typename scalar_t>
 __host__ __device__ inline RowLayout row_layout(const Dims& n, int row_tiles, bool first) {
   auto up16 = [](size_t x) { return (x + 15) / 16 * 16; };
   const size_t cols = size_t(n.N_out) * row_dt8(n);
+  const size_t max_cols = row_dt8(n) == 1 ? kRowCols<1> : kRowCols<2>;
   RowLayout p;
   p.w = first ? 0 : size_t(row_tiles) * cols * kTileElems * sizeof(float);
   p.wf = up16(p.w + size_t(n.J) * n.D_in * sizeof(scalar_t));
-  p.end = p.wf + (cols + 3) / 4 * 4 * 32 * sizeof(uint4);
+  p.stats = p.wf + max_cols * 32 * sizeof(uint4);
+  p.end = p.stats + size_t(row_tiles) * 2 * kRowsB * 2 * sizeof(float);
   return p;
 }
 
 // W[i] as copied (all capsules, [N_out, D_out, D_in]) rewritten as the B operands: lane
 // (g, t) of column tile ct holds W[i, j, d, t] and W[i, j, d, t + 4], d = 8 (ct % DT8) + g,
 // split into TF32 parts, zeros past D_out and D_in, and for the column tiles past N_out up to
-// a whole group of 4 (the kernel walks the tiles in fours, with one test per four).
+// kRowCols (a warp walks its tiles in fours, with one test per four).
 template <int DT8, typename scalar_t>
 __device__ __forceinline__ void build_row_operands(const scalar_t* raw, const Dims& n, uint4* Wf) {
   constexpr bool kExact = !std::is_same<scalar_t, float>::value;
   const int D_in = static_cast<int>(n.D_in), D_out = static_cast<int>(n.D_out);
   const int cols = static_cast<int>(n.N_out) * DT8;
-  for (int e = threadIdx.x; e < (cols + 3) / 4 * 4 * 32; e += blockDim.x) {
+  for (int e = threadIdx.x; e < kRowCols<DT8> * 32; e += blockDim.x) {
     const int lane = e & 31, ct = e >> 5, g = lane >> 2, t = lane & 3;
     const int d = (ct % DT8) * 8 + g;
     const scalar_t* w = raw + ((ct / DT8) * D_out + d) * D_in;
@@ -1505,13 +1511,15 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
                 const float* __restrict__ V, float* __restrict__ partial,
                 scalar_t* __restrict__ c_out) {
   constexpr bool kExact = !std::is_same<scalar_t, float>::value;
-  constexpr int kCols = kRowCols<DT8>, kCaps = kCols / DT8, kHalf = kCols / 2;
+  // The warp's capsules and their column tiles: half of the widest layer's.
+  constexpr int kMine = kRowCols<DT8> / DT8 / 2, kMineCols = kMine * DT8;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int row_tiles = blockDim.x / 64, half = warp & 1;
   const int64_t tile = int64_t(blockIdx.y) * row_tiles + (warp >> 1);  // the warp's row tile
   const int64_t b0 = tile * kRowsB;
   const bool has_rows = b0 < n.B;  // warp-uniform; idle warps still join the barriers
   const int cols = static_cast<int>(n.N_out) * DT8;
+  const int j_base = half * kMine, ct_base = half * kMineCols;
   const int64_t i_begin = int64_t(blockIdx.x) * n.i_per_block;
   const int64_t i_end = min(i_begin + n.i_per_block, n.N_in);
 
@@ -1520,6 +1528,9 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   scalar_t* raw = reinterpret_cast<scalar_t*>(smem + layout.w);
   const uint4* Wf = reinterpret_cast<const uint4*>(smem + layout.wf);
   const float* Vs = reinterpret_cast<const float*>(smem) + (warp >> 1) * cols * kTileElems;
+  // The pair's softmax statistics, [warp][16 rows][max, sum]: each warp writes its own and
+  // reads the other's.
+  float* stats = reinterpret_cast<float*>(smem + layout.stats);
 
   // W[i_begin], and the block's row tiles of V (contiguous in the row layout).
   if (i_begin < i_end) copy_weight(n, W + i_begin * n.J * n.D_in, n.J * n.D_in, raw);
@@ -1541,12 +1552,13 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   float u_next[4];
   if (has_rows && i_begin < i_end) load_u(i_begin, u_next);
 
-  float acc[kHalf][4];
+  float acc[kMineCols][4];
 #pragma unroll
-  for (int m = 0; m < kHalf; ++m)
+  for (int k = 0; k < kMineCols; ++k)
 #pragma unroll
-    for (int q = 0; q < 4; ++q) acc[m][q] = 0.f;
+    for (int q = 0; q < 4; ++q) acc[k][q] = 0.f;
   const float uniform = uniform_coupling<float>(n);
+  const int row = g + 8 * (t >> 1);  // the batch row of the lane's values after the scatter
 
   for (int64_t i = i_begin; i < i_end; ++i) {
     // W[i] (and at first V) has landed, and no warp reads the previous operands any more:
@@ -1557,91 +1569,98 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
     __syncthreads();
     if (i + 1 < i_end) copy_weight(n, W + (i + 1) * n.J * n.D_in, n.J * n.D_in, raw);
     cp_async_commit();
-    if (!has_rows) continue;
+    if (!has_rows) {
+      if (!kFirst) __syncthreads();  // (the statistics' barrier below)
+      continue;
+    }
     uint32_t a_hi[4], a_lo[4] = {0, 0, 0, 0};
 #pragma unroll
     for (int s = 0; s < 4; ++s) split_tf32<kExact>(u_next[s], a_hi[s], a_lo[s]);
     if (i + 1 < i_end) load_u(i + 1, u_next);
 
-    // c[h * kCaps + j]: the coupling of batch row g + 8h and capsule j.
-    float c[2 * kCaps];
+    // c[h * kMine + v]: the coupling of batch row g + 8h and capsule j_base + v. After the
+    // scatter over the lanes t (and until the gather), lanes t and t ^ 1 hold row `row`'s
+    // in c[v], v < kMine.
+    float c[2 * kMine];
     if (kFirst) {
-      if (c_out != nullptr) {
 #pragma unroll
-        for (int v = 0; v < kCaps; ++v) c[v] = uniform;
-      }
+      for (int v = 0; v < kMine; ++v) c[v] = uniform;
     } else {
-      // The logits: each lane's share of the dot products over its dims, then summed over
-      // the 4 lanes t, each sum left in one of them (reduce_scatter's stages over t): lane t
-      // holds row h = t / 2, capsules (t % 2) * kCaps / 2 + v, v < kCaps / 2.
+      // The logits of the warp's capsules: each lane's share of the dot products over its
+      // dims, summed over the 4 lanes t. Column tiles in fours: those past N_out have zero
+      // operands (build_row_operands), their V is whatever follows in shared memory, and
+      // their capsules' logits are not used.
 #pragma unroll
-      for (int v = 0; v < 2 * kCaps; ++v) c[v] = 0.f;
-      // In fours: the products of tiles past N_out are zeros (build_row_operands), their V
-      // whatever follows in shared memory, and their capsules' logits are not used.
+      for (int v = 0; v < 2 * kMine; ++v) c[v] = 0.f;
 #pragma unroll
-      for (int ct = 0; ct < kCols; ++ct) {
-        if (ct % 4 == 0 && ct >= cols) break;  // warp-uniform
+      for (int k = 0; k < kMineCols; ++k) {
+        const int ct = ct_base + k;
+        if (k % 4 == 0 && ct >= cols) break;  // warp-uniform
         float x[4];
         row_product<kExact>(Wf, ct, a_hi, a_lo, x);
         const float4 v = reinterpret_cast<const float4*>(Vs)[ct * 32 + lane];
         // (one FFMA per value: as a sum of two products the compiler added an FMUL and FADD)
-        c[ct / DT8] = fmaf(x[1], v.y, fmaf(x[0], v.x, c[ct / DT8]));
-        c[kCaps + ct / DT8] = fmaf(x[3], v.w, fmaf(x[2], v.z, c[kCaps + ct / DT8]));
+        c[k / DT8] = fmaf(x[1], v.y, fmaf(x[0], v.x, c[k / DT8]));
+        c[kMine + k / DT8] = fmaf(x[3], v.w, fmaf(x[2], v.z, c[kMine + k / DT8]));
       }
-      scatter_stage<kCaps>(c, (t & 2) != 0, 2);
-      scatter_stage<kCaps / 2>(c, (t & 1) != 0, 1);
-      // The softmax over the row's capsules, which lanes t and t ^ 1 hold between them.
-      const int j0 = (t & 1) * (kCaps / 2);
-      float mx = n.leaky ? 0.f : -INFINITY;  // leaky routing: an extra logit 0
+      scatter_stage<kMine>(c, (t & 2) != 0, 2);
 #pragma unroll
-      for (int v = 0; v < kCaps / 2; ++v)
-        if (j0 + v < n.N_out) mx = fmax(mx, c[v]);
-      mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      float l = 0.f;
+      for (int v = 0; v < kMine; ++v) c[v] += __shfl_xor_sync(0xffffffffu, c[v], 1);
+      // The softmax over all capsules: this warp's maximum and sum of exponentials for the
+      // row, merged with the other warp's in warp order (both get the same bits), and the
+      // extra logit 0 of leaky routing.
+      float mx = -INFINITY, l = 0.f;
 #pragma unroll
-      for (int v = 0; v < kCaps / 2; ++v) {
-        c[v] = j0 + v < n.N_out ? exp_(c[v] - mx) : 0.f;
+      for (int v = 0; v < kMine; ++v)
+        if (j_base + v < n.N_out) mx = fmax(mx, c[v]);
+#pragma unroll
+      for (int v = 0; v < kMine; ++v) {
+        c[v] = j_base + v < n.N_out ? exp_(c[v] - mx) : 0.f;
         l += c[v];
       }
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      if (n.leaky) l += exp_(-mx);
-      const float inv = 1.f / l;
+      float* mine = stats + (warp * kRowsB + row) * 2;
+      if ((t & 1) == 0) {
+        mine[0] = mx;
+        mine[1] = l;
+      }
+      __syncthreads();
+      const float* other = stats + ((warp ^ 1) * kRowsB + row) * 2;
+      const float m_other = other[0], l_other = other[1];
+      const float m0 = half ? m_other : mx, l0 = half ? l_other : l;
+      const float m1 = half ? mx : m_other, l1 = half ? l : l_other;
+      const float M = fmax(fmax(m0, m1), n.leaky ? 0.f : -INFINITY);
+      const float L = (l0 == 0.f ? 0.f : l0 * exp_(m0 - M)) + (l1 == 0.f ? 0.f : l1 * exp_(m1 - M)) +
+                      (n.leaky ? exp_(-M) : 0.f);
+      const float scale = (l == 0.f ? 0.f : exp_(mx - M)) / L;
 #pragma unroll
-      for (int v = 0; v < kCaps / 2; ++v) c[v] *= inv;
+      for (int v = 0; v < kMine; ++v) c[v] *= scale;
     }
-    // c[b, i, j] from the lanes of the first warp of the pair, each its own values.
-    if (c_out != nullptr && half == 0) {
-      const int64_t b = b0 + g + 8 * (t >> 1);
+    // c[b, i, j] of the warp's capsules, from lanes t = 0, 2.
+    if (c_out != nullptr && (t & 1) == 0) {
+      const int64_t b = b0 + row;
 #pragma unroll
-      for (int v = 0; v < kCaps / 2; ++v) {
-        const int j = (t & 1) * (kCaps / 2) + v;
+      for (int v = 0; v < kMine; ++v) {
+        const int j = j_base + v;
         if (b < n.B && j < n.N_out)
           c_out[(b * n.N_in + i) * n.N_out + j] = Scalar<scalar_t>::store(c[v]);
       }
     }
-    if (!kFirst) {
-      gather_stage<kCaps / 2>(c, (t & 1) != 0, 1);
-      gather_stage<kCaps>(c, (t & 2) != 0, 2);
-    }
-    // The sums of the warp's column tiles 2m + half (at t = 1 of the predictions alone).
+    if (!kFirst) gather_stage<kMine>(c, (t & 2) != 0, 2);
+    // The sums of the warp's column tiles (at t = 1 of the predictions alone).
 #pragma unroll
-    for (int m = 0; m < kHalf; ++m) {
-      const int ct = 2 * m + half;
-      if (m % 2 == 0 && 2 * m >= cols) break;  // warp-uniform; in fours as above
+    for (int k = 0; k < kMineCols; ++k) {
+      if (k % 4 == 0 && ct_base + k >= cols) break;  // warp-uniform; in fours as above
       float x[4];
-      row_product<kExact>(Wf, ct, a_hi, a_lo, x);
+      row_product<kExact>(Wf, ct_base + k, a_hi, a_lo, x);
       if (kFirst) {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) acc[m][q] += x[q];
+        for (int q = 0; q < 4; ++q) acc[k][q] += x[q];
       } else {
-        // Capsule ct / DT8: m with DT8 = 2; 2m or 2m + 1 with DT8 = 1 (constant indices).
-        const int j = DT8 == 2 ? m : 2 * m;
-        const float c0 = DT8 == 1 && half ? c[j + 1] : c[j];
-        const float c1 = DT8 == 1 && half ? c[kCaps + j + 1] : c[kCaps + j];
-        acc[m][0] += c0 * x[0];
-        acc[m][1] += c0 * x[1];
-        acc[m][2] += c1 * x[2];
-        acc[m][3] += c1 * x[3];
+        const float c0 = c[k / DT8], c1 = c[kMine + k / DT8];
+        acc[k][0] += c0 * x[0];
+        acc[k][1] += c0 * x[1];
+        acc[k][2] += c1 * x[2];
+        acc[k][3] += c1 * x[3];
       }
     }
   }
@@ -1650,8 +1669,8 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   if (!has_rows) return;
   const float scale = kFirst ? uniform : 1.f;
 #pragma unroll
-  for (int m = 0; m < kHalf; ++m) {
-    const int ct = 2 * m + half;
+  for (int k = 0; k < kMineCols; ++k) {
+    const int ct = ct_base + k;
     if (ct >= cols) break;
     const int64_t j = ct / DT8;
 #pragma unroll
@@ -1659,7 +1678,7 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
       const int64_t b = b0 + g + 8 * (q >> 1);
       const int d = (ct % DT8) * 8 + 2 * t + (q & 1);
       if (b < n.B && d < n.D_out)
-        partial[(int64_t(blockIdx.x) * n.B + b) * n.J + j * n.D_out + d] = scale * acc[m][q];
+        partial[(int64_t(blockIdx.x) * n.B + b) * n.J + j * n.D_out + d] = scale * acc[k][q];
     }
   }
 }

@@ -215,14 +215,15 @@ void launch_group_stats(const Src& src, const Dims& d, cuda::State<acc_t> st, ac
                aptr<acc_t>(part), stats, cg);
 }
 
-// Whether the forward runs on row_pass_kernel: with CAPSROUTE_ROW_PASS=1, for dynamic_routing
-// in float32 or a half type at the sizes it supports (cuda::row_pass_supported). Not yet
-// timed on a GPU, so routing_pass_kernel stays the default until it is measured against it.
+// Whether the forward runs on row_pass_kernel: dynamic_routing in float32 or a half type at
+// the sizes it supports (cuda::row_pass_supported), unless CAPSROUTE_ROW_PASS=0, which keeps
+// routing_pass_kernel's passes (as every other size has them): a switch for measuring one
+// against the other in the same session.
 template <typename Src, typename T>
-bool use_row_pass(const Src&, const Dims& d) {
+bool use_row_pass(const Dims& d) {
   if constexpr (std::is_same<Src, cuda::WeightSource<T>>::value && !std::is_same<T, double>::value) {
     const char* env = std::getenv("CAPSROUTE_ROW_PASS");
-    return cuda::row_pass_supported(d) && env != nullptr && std::string(env) == "1";
+    return cuda::row_pass_supported(d) && !(env != nullptr && std::string(env) == "0");
   }
   return false;
 }
@@ -253,10 +254,14 @@ void launch_row_pass(const cuda::WeightSource<T>& src, const Dims& d, dim3 grid,
   using One = std::integral_constant<int, 1>;
   using Two = std::integral_constant<int, 2>;
   const bool two = cuda::row_dt8(d) == 2;
-  if (first)
-    two ? go(Tr{}, Two{}) : go(Tr{}, One{});
+  if (first && two)
+    go(Tr{}, Two{});
+  else if (first)
+    go(Tr{}, One{});
+  else if (two)
+    go(F{}, Two{});
   else
-    two ? go(F{}, Two{}) : go(F{}, One{});
+    go(F{}, One{});
 }
 
 template <int DT, typename Src, typename T>
@@ -265,7 +270,7 @@ void forward(const Src& src, const Dims& dims, int64_t iterations, double eps, c
   using acc_t = typename cuda::Scalar<T>::acc;
   cudaStream_t stream = cuda::current_stream();
   Dims d = dims;
-  const bool rows = use_row_pass<Src, T>(src, d);
+  const bool rows = use_row_pass<Src, T>(d);
   int row_threads = 0;
   const dim3 row_grid = rows ? plan_row_pass(d, row_threads) : dim3();
   // Written first by iteration 1's finish; the row layout's padding must read as zeros.
@@ -364,11 +369,12 @@ SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_m
   auto partial = cuda::scratch({t_min < iterations ? d.n_chunks : 0, d.B, d.J}, s.options());
   const acc_t* s_ = aptr<acc_t>(s);
   acc_t* gs_ = aptr<acc_t>(out.gs);
-  auto sweep_step = [&](const acc_t* partial, int n_partials, int64_t t, const acc_t* grad_v) {
+  // Iteration t's step, with the partials of the pass for t + 1 (none for t = r).
+  auto sweep_step = [&](const acc_t* parts, int n_parts, int64_t t, const acc_t* gv) {
     with_capsule_vec<acc_t>(d, [&](auto vw) {
       cuda::launch(cuda::sweep_step_kernel<decltype(vw)::value, acc_t>, capsule_grid(d), 256, 0,
-                   stream, d, partial, n_partials, s_ + (t - 1) * stride, grad_v, eps,
-                   aptr<acc_t>(G), gs_ + (t - 1) * tiled);
+                   stream, d, parts, n_parts, s_ + (t - 1) * stride, gv, eps, aptr<acc_t>(G),
+                   gs_ + (t - 1) * tiled);
     });
   };
   sweep_step(nullptr, 0, iterations, aptr<acc_t>(grad_v));
