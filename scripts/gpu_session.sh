@@ -9,8 +9,9 @@
 #   bench-ma  B=128 also against torch.compile(mode="max-autotune") (several minutes)
 #   profile   the fused op's per-kernel times and host overhead, canonical and scale shapes
 #   host      the host side of a B=128 forward+backward: CPU time per operator and runtime call
-#   rows      the forward's row passes (the default where they apply) against routing_pass_kernel's
-#             (CAPSROUTE_ROW_PASS=0): profile_cuda.py at B=128 float32 and bfloat16 and B=512
+#   rows      the row passes (forward and gradient; the default where they apply) against
+#             routing_pass_kernel's (CAPSROUTE_ROW_PASS=0): profile_cuda.py at B=128 float32
+#             and bfloat16 and B=512
 #   tests     the test suite's CUDA cases
 #   ncu       Nsight Compute on the canonical shape's kernels (scripts/ncu_kernels.sh)
 #   ncu-scale the same on the 32768x64 scale shape

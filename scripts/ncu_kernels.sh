@@ -38,12 +38,12 @@ timeout 240 ncu --profile-from-start off --clock-control none -k regex:"routing_
 echo "ncu: exit $?"; tail -3 "$OUT/ncu_${tag}_run.log"
 ncu -i $rep.ncu-rep --page details > "$OUT/ncu_${tag}_details.txt" 2>&1
 # Per-instruction SASS with stall samples: weight_grad, the forward pass at t = 2 and the
-# first gradient pass. The forward's passes are row_pass_kernel where it applies (the
-# canonical shape; CAPSROUTE_ROW_PASS=0 turns it off), else the first 3 routing_pass launches.
-fwd=row_pass grad_skip=0
-[ "${CAPSROUTE_ROW_PASS:-1}" = 0 ] || [ "$N_OUT" -gt 10 ] && fwd=routing_pass grad_skip=3
+# first gradient pass (launches 1 and 3 of the passes). The passes are row_pass_kernel where
+# it applies (the canonical shape; CAPSROUTE_ROW_PASS=0 turns it off), else routing_pass.
+pass=row_pass
+[ "${CAPSROUTE_ROW_PASS:-1}" = 0 ] || [ "$N_OUT" -gt 10 ] && pass=routing_pass
 ncu -i $rep.ncu-rep --page source --csv --print-source sass -k regex:weight_grad > "$OUT/ncu_${tag}_src_weight_grad.csv" 2>&1
-ncu -i $rep.ncu-rep --page source --csv --print-source sass -k regex:$fwd --launch-skip 1 --launch-count 1 > "$OUT/ncu_${tag}_src_pass_fwd.csv" 2>&1
-ncu -i $rep.ncu-rep --page source --csv --print-source sass -k regex:routing_pass --launch-skip $grad_skip --launch-count 1 > "$OUT/ncu_${tag}_src_pass_grad.csv" 2>&1
+ncu -i $rep.ncu-rep --page source --csv --print-source sass -k regex:$pass --launch-skip 1 --launch-count 1 > "$OUT/ncu_${tag}_src_pass_fwd.csv" 2>&1
+ncu -i $rep.ncu-rep --page source --csv --print-source sass -k regex:$pass --launch-skip 3 --launch-count 1 > "$OUT/ncu_${tag}_src_pass_grad.csv" 2>&1
 ls -la "$OUT"
 grep -E "^  [a-z_]|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issue Slots Busy|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|Local Memory|Block Limit|Throughput|Hit Rate|Shared Memory Configuration Size" "$OUT/ncu_${tag}_details.txt" | head -150

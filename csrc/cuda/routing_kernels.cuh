@@ -16,8 +16,9 @@
 // sums over dims. A warp sums up to 16 row tiles (16 capsules of
 // <= 16 dims, or 8 of <= 32): a group; more capsules are split into groups run by separate
 // blocks, with the softmax statistics over all of them made once per iteration by a
-// statistics pass per group, merged (Pass::kStats, merge_group_stats_kernel). The forward of
-// the usual layer sizes runs on row_pass_kernel instead, 16 batch elements per product.
+// statistics pass per group, merged (Pass::kStats, merge_group_stats_kernel). The forward's
+// and the gradient passes of the usual layer sizes run on row_pass_kernel instead, 16 batch
+// elements per product.
 //
 // Sums over input capsules are formed per warp in registers, written per block, and added
 // across blocks by a separate kernel in block order: no float atomics, so results are
@@ -1386,7 +1387,7 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
   }
 }
 
-// --- the forward's passes with the batch as the products' rows ----------------------------
+// --- passes with the batch as the products' rows -------------------------------------------
 //
 // routing_pass_kernel makes a prediction tile as W[i, j] (16 output dims) times u of 8 batch
 // elements, so every warp reloads W[i]'s operands for its 8 batch elements, twice a pass: on
@@ -1397,8 +1398,8 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
 // lanes that own batch rows g and g + 8: a logit is a dot product summed over the 4 lanes t,
 // and a row's softmax is over the lanes t and t ^ 1 that hold it after a reduce-scatter.
 //
-// Used for the forward of dynamic_routing where a layer is at most 20 column tiles of 8
-// output dims: D_in <= 8, D_out <= 16, N_out * ceil(D_out / 8) <= 20 (16 with D_out <= 8),
+// Used for the forward's passes and the backward's gradient passes of dynamic_routing where a
+// layer is at most 20 column tiles of 8 output dims: D_in <= 8, D_out <= 16, N_out * ceil(D_out / 8) <= 20 (16 with D_out <= 8),
 // float32 or the half types (row_pass_supported). A block's warps go in pairs over 16 batch
 // elements, each warp with half of the capsules (10 column tiles of the MNIST layer): its
 // logits, and its sums in 40 registers (all 20 tiles' would take 80). The softmax over all
@@ -1427,32 +1428,44 @@ __host__ __device__ inline int64_t row_layout_offset(const Dims& n, int64_t b, i
   return (((b / kRowsB) * n.N_out + j) * row_dt8(n) + d / 8) * kTileElems + lane * 4 + q;
 }
 
-// Whether the forward may run on row_pass_kernel (see above); the operand types are the
-// caller's to check (float32, float16, bfloat16).
+// Whether the forward's passes and the backward's gradient passes may run on row_pass_kernel
+// (see above); the operand types are the caller's to check (float32, float16, bfloat16).
 __host__ __device__ inline bool row_pass_supported(const Dims& n) {
   const int dt8 = row_dt8(n);
   return n.n_groups == 1 && n.k_chunks == 1 && dt8 <= 2 &&
          n.N_out * dt8 <= (dt8 == 1 ? kRowCols<1> : kRowCols<2>);
 }
 
-// Shared memory of row_pass_kernel (bytes): [V: the block's row tiles, none at t = 1]
-// [W[i] as copied][W[i] as B operands: a uint4 (hi pair, lo pair) per lane and column tile,
-// all kRowCols of them (zeros past N_out)][the pairs' softmax statistics].
+// Shared memory of row_pass_kernel (bytes): [V: the block's row tiles, and gs's after them in
+// the gradient pass; none at t = 1][W[i] as copied][W[i] as B operands: a uint4 (hi pair, lo
+// pair) per lane and column tile, all kRowCols of them (zeros past N_out)][the pairs' softmax
+// statistics: 3 values per warp and row].
 struct RowLayout {
   size_t w, wf, stats, end;
 };
+constexpr int kRowStats = 3;
 template <typename scalar_t>
-__host__ __device__ inline RowLayout row_layout(const Dims& n, int row_tiles, bool first) {
+__host__ __device__ inline RowLayout row_layout(const Dims& n, int row_tiles, int tiles) {
   auto up16 = [](size_t x) { return (x + 15) / 16 * 16; };
   const size_t cols = size_t(n.N_out) * row_dt8(n);
   const size_t max_cols = row_dt8(n) == 1 ? kRowCols<1> : kRowCols<2>;
   RowLayout p;
-  p.w = first ? 0 : size_t(row_tiles) * cols * kTileElems * sizeof(float);
+  p.w = size_t(tiles) * row_tiles * cols * kTileElems * sizeof(float);
   p.wf = up16(p.w + size_t(n.J) * n.D_in * sizeof(scalar_t));
   p.stats = p.wf + max_cols * 32 * sizeof(uint4);
-  p.end = p.stats + size_t(row_tiles) * 2 * kRowsB * 2 * sizeof(float);
+  p.end = p.stats + size_t(row_tiles) * 2 * kRowsB * kRowStats * sizeof(float);
   return p;
 }
+
+// The arrays of one row pass: V^(t-1) and (gradient) dL/ds^(t) in the row layout; and in the
+// gradient pass grad_c (dL/dc^(r), [B, N_in, N_out], at t = r only, else null) and where it
+// keeps c^(t) and the logit gradient for the last pass (see keep_couplings), or null.
+struct RowState {
+  const float* V = nullptr;
+  const float* gs = nullptr;
+  const float* grad_c = nullptr;
+  float* kept = nullptr;
+};
 
 // W[i] as copied (all capsules, [N_out, D_out, D_in]) rewritten as the B operands: lane
 // (g, t) of column tile ct holds W[i, j, d, t] and W[i, j, d, t + 4], d = 8 (ct % DT8) + g,
@@ -1500,17 +1513,22 @@ __device__ __forceinline__ void gather_stage(T (&x)[P], bool upper, int o) {
   }
 }
 
-// One pass of the forward over a chunk of input capsules for the block's batch elements.
-// kFirst: t = 1, every coupling 1 / N_out (or 1 / (N_out + 1), leaky), so the pass sums the
-// predictions and scales the sums once; else t >= 2: logits <u_hat, V>, softmax, sums.
-// partial[chunk] = sum_i c_ij u_hat_ij as routing_pass_kernel writes it; c written when
-// c_out != null. grid = (n_chunks, ceil(B / (16 * row_tiles))); 2 * row_tiles warps.
-template <bool kFirst, int DT8, typename scalar_t>
+// One pass over a chunk of input capsules for the block's batch elements (kPass):
+//   kFirst: the forward's t = 1, every coupling 1 / N_out (or 1 / (N_out + 1), leaky), so
+//     the pass sums the predictions and scales the sums once;
+//   kForward: t >= 2, logits <u_hat, V>, softmax, partial[chunk] = sum_i c_ij u_hat_ij;
+//   kGradient: the backward's t >= 2, also dL/dc = <u_hat, gs> (+ grad_c) and through the
+//     softmax the logit gradient g, partial[chunk] = sum_i g_ij u_hat_ij (the term G);
+//     c and g kept for the last pass where st.kept is given.
+// The partial sums as routing_pass_kernel writes them; c written when c_out != null.
+// grid = (n_chunks, ceil(B / (16 * row_tiles))); 2 * row_tiles warps.
+template <Pass kPass, int DT8, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kPassBlocksPerSM)
 row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, Dims n,
-                const float* __restrict__ V, float* __restrict__ partial,
-                scalar_t* __restrict__ c_out) {
+                RowState st, float* __restrict__ partial, scalar_t* __restrict__ c_out) {
   constexpr bool kExact = !std::is_same<scalar_t, float>::value;
+  constexpr bool kFirst = kPass == Pass::kFirst, kGrad = kPass == Pass::kGradient;
+  constexpr int kTiles = kFirst ? 0 : kGrad ? 2 : 1;  // V, gs
   // The warp's capsules and their column tiles: half of the widest layer's.
   constexpr int kMine = kRowCols<DT8> / DT8 / 2, kMineCols = kMine * DT8;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -1524,23 +1542,29 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   const int64_t i_end = min(i_begin + n.i_per_block, n.N_in);
 
   unsigned char* smem = dynamic_smem<unsigned char>();
-  const RowLayout layout = row_layout<scalar_t>(n, row_tiles, kFirst);
+  const RowLayout layout = row_layout<scalar_t>(n, row_tiles, kTiles);
   scalar_t* raw = reinterpret_cast<scalar_t*>(smem + layout.w);
   const uint4* Wf = reinterpret_cast<const uint4*>(smem + layout.wf);
+  // The warp's row tile of V, and of gs one array on.
+  const int64_t tile_elems = int64_t(row_tiles) * cols * kTileElems;
   const float* Vs = reinterpret_cast<const float*>(smem) + (warp >> 1) * cols * kTileElems;
-  // The pair's softmax statistics, [warp][16 rows][max, sum]: each warp writes its own and
+  // The pair's softmax statistics, [warp][16 rows][kRowStats]: each warp writes its own and
   // reads the other's.
   float* stats = reinterpret_cast<float*>(smem + layout.stats);
 
-  // W[i_begin], and the block's row tiles of V (contiguous in the row layout).
+  // W[i_begin], and the block's row tiles of V (and gs; contiguous in the row layout).
   if (i_begin < i_end) copy_weight(n, W + i_begin * n.J * n.D_in, n.J * n.D_in, raw);
-  if (!kFirst) {
+  {
     const int64_t tiles = min(int64_t(row_tiles), (n.B + kRowsB - 1) / kRowsB -
                                                       int64_t(blockIdx.y) * row_tiles);
-    const int64_t pieces = tiles * cols * kTileElems / 4;
-    const float* from = V + int64_t(blockIdx.y) * row_tiles * cols * kTileElems;
-    for (int64_t x = threadIdx.x; x < pieces; x += blockDim.x)
-      cp_async16(reinterpret_cast<float*>(smem) + 4 * x, from + 4 * x);
+    const int64_t pieces = tiles * cols * kTileElems / 4, at = int64_t(blockIdx.y) * tile_elems;
+#pragma unroll
+    for (int k = 0; k < kTiles; ++k) {
+      const float* from = (k == 0 ? st.V : st.gs) + at;
+      float* to = reinterpret_cast<float*>(smem) + k * tile_elems;
+      for (int64_t x = threadIdx.x; x < pieces; x += blockDim.x)
+        cp_async16(to + 4 * x, from + 4 * x);
+    }
   }
   cp_async_commit();
 
@@ -1559,6 +1583,7 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
     for (int q = 0; q < 4; ++q) acc[k][q] = 0.f;
   const float uniform = uniform_coupling<float>(n);
   const int row = g + 8 * (t >> 1);  // the batch row of the lane's values after the scatter
+  const int64_t b = b0 + row;
 
   for (int64_t i = i_begin; i < i_end; ++i) {
     // W[i] (and at first V) has landed, and no warp reads the previous operands any more:
@@ -1578,38 +1603,56 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
     for (int s = 0; s < 4; ++s) split_tf32<kExact>(u_next[s], a_hi[s], a_lo[s]);
     if (i + 1 < i_end) load_u(i + 1, u_next);
 
-    // c[h * kMine + v]: the coupling of batch row g + 8h and capsule j_base + v. After the
-    // scatter over the lanes t (and until the gather), lanes t and t ^ 1 hold row `row`'s
-    // in c[v], v < kMine.
-    float c[2 * kMine];
+    // c[h * kMine + v]: the coupling (the logit gradient in the gradient pass) of batch row
+    // g + 8h and capsule j_base + v. After the scatter over the lanes t (and until the
+    // gather), lanes t and t ^ 1 hold row `row`'s in c[v], v < kMine; so does dc, dL/dc.
+    float c[2 * kMine], dc[kGrad ? 2 * kMine : 1];
     if (kFirst) {
 #pragma unroll
       for (int v = 0; v < kMine; ++v) c[v] = uniform;
     } else {
-      // The logits of the warp's capsules: each lane's share of the dot products over its
-      // dims, summed over the 4 lanes t. Column tiles in fours: those past N_out have zero
-      // operands (build_row_operands), their V is whatever follows in shared memory, and
-      // their capsules' logits are not used.
+      // The logits (and dL/dc) of the warp's capsules: each lane's share of the dot products
+      // over its dims, summed over the 4 lanes t. Column tiles in fours: those past N_out
+      // have zero operands (build_row_operands), their V whatever follows in shared memory,
+      // and their capsules' values are not used.
 #pragma unroll
-      for (int v = 0; v < 2 * kMine; ++v) c[v] = 0.f;
+      for (int v = 0; v < 2 * kMine; ++v) {
+        c[v] = 0.f;
+        if (kGrad) dc[v] = 0.f;
+      }
 #pragma unroll
       for (int k = 0; k < kMineCols; ++k) {
         const int ct = ct_base + k;
         if (k % 4 == 0 && ct >= cols) break;  // warp-uniform
         float x[4];
         row_product<kExact>(Wf, ct, a_hi, a_lo, x);
-        const float4 v = reinterpret_cast<const float4*>(Vs)[ct * 32 + lane];
         // (one FFMA per value: as a sum of two products the compiler added an FMUL and FADD)
+        const float4 v = reinterpret_cast<const float4*>(Vs)[ct * 32 + lane];
         c[k / DT8] = fmaf(x[1], v.y, fmaf(x[0], v.x, c[k / DT8]));
         c[kMine + k / DT8] = fmaf(x[3], v.w, fmaf(x[2], v.z, c[kMine + k / DT8]));
+        if (kGrad) {
+          const float4 s = reinterpret_cast<const float4*>(Vs + tile_elems)[ct * 32 + lane];
+          dc[k / DT8] = fmaf(x[1], s.y, fmaf(x[0], s.x, dc[k / DT8]));
+          dc[kMine + k / DT8] = fmaf(x[3], s.w, fmaf(x[2], s.z, dc[kMine + k / DT8]));
+        }
       }
       scatter_stage<kMine>(c, (t & 2) != 0, 2);
 #pragma unroll
       for (int v = 0; v < kMine; ++v) c[v] += __shfl_xor_sync(0xffffffffu, c[v], 1);
-      // The softmax over all capsules: this warp's maximum and sum of exponentials for the
-      // row, merged with the other warp's in warp order (both get the same bits), and the
-      // extra logit 0 of leaky routing.
-      float mx = -INFINITY, l = 0.f;
+      if (kGrad) {
+        scatter_stage<kMine>(dc, (t & 2) != 0, 2);
+#pragma unroll
+        for (int v = 0; v < kMine; ++v) {
+          dc[v] += __shfl_xor_sync(0xffffffffu, dc[v], 1);
+          const int j = j_base + v;
+          if (st.grad_c != nullptr && b < n.B && j < n.N_out)
+            dc[v] += st.grad_c[(b * n.N_in + i) * n.N_out + j];
+        }
+      }
+      // The softmax over all capsules: this warp's maximum, sum of exponentials e and (in
+      // the gradient pass) sum of e dL/dc for the row, merged with the other warp's in warp
+      // order (both get the same bits) and with the extra logit 0 of leaky routing.
+      float mx = -INFINITY, l = 0.f, ed = 0.f;
 #pragma unroll
       for (int v = 0; v < kMine; ++v)
         if (j_base + v < n.N_out) mx = fmax(mx, c[v]);
@@ -1617,27 +1660,50 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
       for (int v = 0; v < kMine; ++v) {
         c[v] = j_base + v < n.N_out ? exp_(c[v] - mx) : 0.f;
         l += c[v];
+        if (kGrad) ed += c[v] * dc[v];
       }
-      float* mine = stats + (warp * kRowsB + row) * 2;
+      float* mine = stats + (warp * kRowsB + row) * kRowStats;
       if ((t & 1) == 0) {
         mine[0] = mx;
         mine[1] = l;
+        if (kGrad) mine[2] = ed;
       }
       __syncthreads();
-      const float* other = stats + ((warp ^ 1) * kRowsB + row) * 2;
-      const float m_other = other[0], l_other = other[1];
-      const float m0 = half ? m_other : mx, l0 = half ? l_other : l;
-      const float m1 = half ? mx : m_other, l1 = half ? l : l_other;
+      const float* other = stats + ((warp ^ 1) * kRowsB + row) * kRowStats;
+      const float m_other = other[0], l_other = other[1], ed_other = kGrad ? other[2] : 0.f;
+      const float m0 = half ? m_other : mx, m1 = half ? mx : m_other;
       const float M = fmax(fmax(m0, m1), n.leaky ? 0.f : -INFINITY);
-      const float L = (l0 == 0.f ? 0.f : l0 * exp_(m0 - M)) + (l1 == 0.f ? 0.f : l1 * exp_(m1 - M)) +
-                      (n.leaky ? exp_(-M) : 0.f);
-      const float scale = (l == 0.f ? 0.f : exp_(mx - M)) / L;
+      const float s_own = l == 0.f ? 0.f : exp_(mx - M);
+      const float s_other = l_other == 0.f ? 0.f : exp_(m_other - M);
+      const float s0 = half ? s_other : s_own, s1 = half ? s_own : s_other;
+      const float l0 = half ? l_other : l, l1 = half ? l : l_other;
+      const float L = l0 * s0 + l1 * s1 + (n.leaky ? exp_(-M) : 0.f);
+      const float scale = s_own / L;
 #pragma unroll
       for (int v = 0; v < kMine; ++v) c[v] *= scale;
+      if (kGrad) {
+        // Back through the softmax: g = c (dL/dc - sum_k c_k dL/dc_k), the sum over all
+        // capsules k (leaky routing's extra one has no dL/dc).
+        const float ed0 = half ? ed_other : ed, ed1 = half ? ed : ed_other;
+        const float cg = (ed0 * s0 + ed1 * s1) / L;
+        // c and g of (b, i, j) for the last pass, zeros past B up to whole batch tiles.
+        const int64_t rows = kept_batch(n);
+        const bool keep = st.kept != nullptr && (t & 1) == 0 && b < rows;
+#pragma unroll
+        for (int v = 0; v < kMine; ++v) {
+          const float gv = c[v] * (dc[v] - cg);
+          const int j = j_base + v;
+          if (keep && j < n.N_out) {
+            float* kc = st.kept + (i * n.N_out + j) * rows + b;
+            kc[0] = b < n.B ? c[v] : 0.f;
+            kc[kept_plane(n)] = b < n.B ? gv : 0.f;
+          }
+          c[v] = gv;
+        }
+      }
     }
     // c[b, i, j] of the warp's capsules, from lanes t = 0, 2.
-    if (c_out != nullptr && (t & 1) == 0) {
-      const int64_t b = b0 + row;
+    if (!kGrad && c_out != nullptr && (t & 1) == 0) {
 #pragma unroll
       for (int v = 0; v < kMine; ++v) {
         const int j = j_base + v;
@@ -1675,10 +1741,10 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
     const int64_t j = ct / DT8;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const int64_t b = b0 + g + 8 * (q >> 1);
+      const int64_t bq = b0 + g + 8 * (q >> 1);
       const int d = (ct % DT8) * 8 + 2 * t + (q & 1);
-      if (b < n.B && d < n.D_out)
-        partial[(int64_t(blockIdx.x) * n.B + b) * n.J + j * n.D_out + d] = scale * acc[k][q];
+      if (bq < n.B && d < n.D_out)
+        partial[(int64_t(blockIdx.x) * n.B + bq) * n.J + j * n.D_out + d] = scale * acc[k][q];
     }
   }
 }
@@ -1809,11 +1875,12 @@ __global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>:
 }
 
 // Backward sweep step for iteration t: G += sum of the partials of the pass for t + 1 (if
-// any), then gs^(t) = J_squash(s^(t))^T (G + [t == r] grad_v) (gs tiled).
+// any), then gs^(t) = J_squash(s^(t))^T (G + [t == r] grad_v) (gs tiled; and in the row
+// layout into gs_rows_t where the gradient passes are row passes, else null).
 template <int VW, typename acc_t>
 __global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials,
                                   const acc_t* s_t, const acc_t* grad_v, double eps, acc_t* G,
-                                  acc_t* gs_t) {
+                                  acc_t* gs_t, acc_t* gs_rows_t) {
   const CapsuleLane<VW> c(n);
   if (!c.active) return;
   acc_t sum[VW];
@@ -1841,23 +1908,30 @@ __global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials,
   squash_vjp_coeffs(warp_sum(ss), warp_sum(sg), acc_t(eps), &a, &bb);
   if (!c.valid) return;
 #pragma unroll
-  for (int v = 0; v < VW; ++v) gs_t[c.tiled(n, v)] = a * gv[v] + bb * s[v];
+  for (int v = 0; v < VW; ++v) {
+    gs_t[c.tiled(n, v)] = a * gv[v] + bb * s[v];
+    if (gs_rows_t != nullptr) gs_rows_t[row_layout_offset(n, c.b, c.j, c.d + v)] = a * gv[v] + bb * s[v];
+  }
 }
 
 // V_prev[t] = v^(1) + ... + v^(t) for t = 0 .. r-1 (V_prev[0] = 0), v = squash(s); V_prev
-// tiled (tiled_elems apart), s not.
+// tiled (tiled_elems apart), s not; and in the row layout into V_rows (row_layout_elems
+// apart) where the gradient passes are row passes, else null.
 template <typename acc_t>
 __global__ void running_sums_kernel(Dims n, int iterations, const acc_t* s, double eps,
-                                    acc_t* V_prev) {
+                                    acc_t* V_prev, acc_t* V_rows) {
   const CapsuleLane<1> c(n);
   if (!c.active) return;
-  const int64_t te = c.tiled(n, 0);
+  const int64_t te = c.tiled(n, 0), re = row_layout_offset(n, c.b, c.j, c.d);
   acc_t V = 0;
-  if (c.valid) V_prev[te] = V;
-  for (int t = 1; t < iterations; ++t) {
-    const acc_t st = c.valid ? s[(t - 1) * n.B * n.J + c.e] : acc_t(0);
-    V += squash_scale(warp_sum(st * st), acc_t(eps)) * st;
-    if (c.valid) V_prev[t * tiled_elems(n) + te] = V;
+  for (int t = 0; t < iterations; ++t) {
+    if (t > 0) {
+      const acc_t st = c.valid ? s[(t - 1) * n.B * n.J + c.e] : acc_t(0);
+      V += squash_scale(warp_sum(st * st), acc_t(eps)) * st;
+    }
+    if (!c.valid) continue;
+    V_prev[t * tiled_elems(n) + te] = V;
+    if (V_rows != nullptr) V_rows[t * row_layout_elems(n) + re] = V;
   }
 }
 

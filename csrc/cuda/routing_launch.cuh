@@ -215,13 +215,17 @@ void launch_group_stats(const Src& src, const Dims& d, cuda::State<acc_t> st, ac
                aptr<acc_t>(part), stats, cg);
 }
 
-// Whether the forward runs on row_pass_kernel: dynamic_routing in float32 or a half type at
-// the sizes it supports (cuda::row_pass_supported), unless CAPSROUTE_ROW_PASS=0, which keeps
-// routing_pass_kernel's passes (as every other size has them): a switch for measuring one
-// against the other in the same session.
+// Whether the forward's passes and the backward's gradient passes run on row_pass_kernel:
+// dynamic_routing in float32 or a half type at the sizes it supports
+// (cuda::row_pass_supported), unless CAPSROUTE_ROW_PASS=0, which keeps routing_pass_kernel's
+// passes (as every other size has them): a switch for measuring one against the other in the
+// same session.
+template <typename Src, typename T>
+constexpr bool kRowSource = std::is_same<std::remove_cv_t<Src>, cuda::WeightSource<T>>::value &&
+                            !std::is_same<T, double>::value;
 template <typename Src, typename T>
 bool use_row_pass(const Dims& d) {
-  if constexpr (std::is_same<Src, cuda::WeightSource<T>>::value && !std::is_same<T, double>::value) {
+  if constexpr (kRowSource<Src, T>) {
     const char* env = std::getenv("CAPSROUTE_ROW_PASS");
     return cuda::row_pass_supported(d) && !(env != nullptr && std::string(env) == "0");
   }
@@ -241,27 +245,19 @@ inline dim3 plan_row_pass(Dims& d, int& threads) {
   return dim3(static_cast<unsigned>(d.n_chunks), static_cast<unsigned>(b_blocks));
 }
 
-template <typename T>
+template <cuda::Pass kPass, typename T>
 void launch_row_pass(const cuda::WeightSource<T>& src, const Dims& d, dim3 grid, int threads,
-                     bool first, const float* V, float* partial, T* c_out, cudaStream_t stream) {
-  const size_t smem = cuda::row_layout<T>(d, threads / 64, first).end;
-  auto go = [&](auto kFirst, auto kDT8) {
-    cuda::launch(cuda::row_pass_kernel<decltype(kFirst)::value, decltype(kDT8)::value, T>, grid,
-                 threads, smem, stream, src.u, src.W, d, V, partial, c_out);
+                     const cuda::RowState& st, float* partial, T* c_out, cudaStream_t stream) {
+  const int tiles = kPass == cuda::Pass::kFirst ? 0 : kPass == cuda::Pass::kGradient ? 2 : 1;
+  const size_t smem = cuda::row_layout<T>(d, threads / 64, tiles).end;
+  auto go = [&](auto kDT8) {
+    cuda::launch(cuda::row_pass_kernel<kPass, decltype(kDT8)::value, T>, grid, threads, smem,
+                 stream, src.u, src.W, d, st, partial, c_out);
   };
-  using F = std::false_type;
-  using Tr = std::true_type;
-  using One = std::integral_constant<int, 1>;
-  using Two = std::integral_constant<int, 2>;
-  const bool two = cuda::row_dt8(d) == 2;
-  if (first && two)
-    go(Tr{}, Two{});
-  else if (first)
-    go(Tr{}, One{});
-  else if (two)
-    go(F{}, Two{});
+  if (cuda::row_dt8(d) == 2)
+    go(std::integral_constant<int, 2>{});
   else
-    go(F{}, One{});
+    go(std::integral_constant<int, 1>{});
 }
 
 template <int DT, typename Src, typename T>
@@ -290,10 +286,16 @@ void forward(const Src& src, const Dims& dims, int64_t iterations, double eps, c
       st.stats = aptr<acc_t>(stats);
     }
     if (rows) {
-      if constexpr (std::is_same<Src, cuda::WeightSource<T>>::value &&
-                    !std::is_same<T, double>::value)
-        launch_row_pass(src, d, row_grid, row_threads, t == 1, aptr<acc_t>(V),
-                        aptr<acc_t>(partial), last ? c : nullptr, stream);
+      if constexpr (kRowSource<Src, T>) {
+        cuda::RowState rs;
+        rs.V = aptr<acc_t>(V);
+        if (t == 1)
+          launch_row_pass<cuda::Pass::kFirst>(src, d, row_grid, row_threads, rs,
+                                              aptr<acc_t>(partial), last ? c : nullptr, stream);
+        else
+          launch_row_pass<cuda::Pass::kForward>(src, d, row_grid, row_threads, rs,
+                                                aptr<acc_t>(partial), last ? c : nullptr, stream);
+      }
     } else if (t == 1) {
       launch_pass<cuda::Pass::kFirst, DT>(src, d, st, aptr<acc_t>(partial), last ? c : nullptr,
                                           stream);
@@ -344,16 +346,32 @@ struct SweepResult {
 
 // The backward sweep up to the last pass (see sweep_step_kernel).
 template <int DT, typename Src, typename T>
-SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_min, double eps,
+SweepResult sweep(const Src& src, const Dims& dims, int64_t iterations, int64_t t_min, double eps,
                   const at::Tensor& grad_v, const at::Tensor& grad_c, const at::Tensor& s) {
   using acc_t = typename cuda::Scalar<T>::acc;
   cudaStream_t stream = cuda::current_stream();
   // s is [r, B, N_out * D_out]; V_prev and gs are tiled, tiled_elems per iteration.
+  Dims d = dims;
   const int64_t stride = d.B * d.J, tiled = cuda::tiled_elems(d), per_t = d.B * d.N_in;
+  // The gradient passes as row passes (see forward): they read V_prev and gs in the row
+  // layout, written beside the tiled arrays that the last pass reads.
+  const bool rows = t_min < iterations && use_row_pass<Src, T>(d);
+  int row_threads = 0;
+  const dim3 row_grid = rows ? plan_row_pass(d, row_threads) : dim3();
+  const int64_t row_elems = rows ? cuda::row_layout_elems(d) : 0;
+  auto row_arrays = [&] {
+    const bool padded = d.B % cuda::kRowsB != 0 || d.D_out % 8 != 0;  // read as zeros
+    return padded ? at::zeros({iterations, row_elems}, s.options())
+                  : cuda::scratch({iterations, row_elems}, s.options());
+  };
+  const at::Tensor V_rows = row_arrays(), gs_rows = row_arrays();
+  acc_t* const V_rows_ = rows ? aptr<acc_t>(V_rows) : nullptr;
+  acc_t* const gs_rows_ = rows ? aptr<acc_t>(gs_rows) : nullptr;
   SweepResult out;
   out.V_prev = tiled_scratch(d, iterations, s.options());
   cuda::launch(cuda::running_sums_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
-               d, static_cast<int>(iterations), aptr<acc_t>(s), eps, aptr<acc_t>(out.V_prev));
+               d, static_cast<int>(iterations), aptr<acc_t>(s), eps, aptr<acc_t>(out.V_prev),
+               V_rows_);
   // Written for the iterations t_min .. r that the last pass and grad_bias read.
   out.gs = tiled_scratch(d, iterations, s.options());
   const bool groups = d.n_groups > 1;
@@ -374,7 +392,7 @@ SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_m
     with_capsule_vec<acc_t>(d, [&](auto vw) {
       cuda::launch(cuda::sweep_step_kernel<decltype(vw)::value, acc_t>, capsule_grid(d), 256, 0,
                    stream, d, parts, n_parts, s_ + (t - 1) * stride, gv, eps, aptr<acc_t>(G),
-                   gs_ + (t - 1) * tiled);
+                   gs_ + (t - 1) * tiled, rows ? gs_rows_ + (t - 1) * row_elems : nullptr);
     });
   };
   sweep_step(nullptr, 0, iterations, aptr<acc_t>(grad_v));
@@ -395,8 +413,21 @@ SweepResult sweep(const Src& src, const Dims& d, int64_t iterations, int64_t t_m
   for (int64_t t = iterations; t > t_min; --t) {
     cuda::State<acc_t> st = state(t);
     if (keep) st.kept = aptr<acc_t>(out.kept) + cuda::kept_offset(d, t);
-    launch_pass<cuda::Pass::kGradient, DT>(src, d, st, aptr<acc_t>(partial),
-                                           static_cast<T*>(nullptr), stream);
+    if (rows) {
+      if constexpr (kRowSource<Src, T>) {
+        cuda::RowState rs;
+        rs.V = V_rows_ + (t - 1) * row_elems;  // V^(t-1), as st.V
+        rs.gs = gs_rows_ + (t - 1) * row_elems;
+        rs.grad_c = st.grad_c;
+        rs.kept = st.kept;
+        launch_row_pass<cuda::Pass::kGradient>(src, d, row_grid, row_threads, rs,
+                                               aptr<acc_t>(partial), static_cast<T*>(nullptr),
+                                               stream);
+      }
+    } else {
+      launch_pass<cuda::Pass::kGradient, DT>(src, d, st, aptr<acc_t>(partial),
+                                             static_cast<T*>(nullptr), stream);
+    }
     sweep_step(aptr<acc_t>(partial), d.n_chunks, t - 1, nullptr);
   }
   if (t_min > 1) state(t_min);  // detach: the last pass needs c^(r) only
