@@ -86,6 +86,23 @@ def test_groups_over_many_capsules_cuda(op, dtype, cache_mb, monkeypatch):
              leaky=False, detach=False, return_coupling=True)
 
 
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+@pytest.mark.parametrize("row_pass", ["1", "0"], ids=["row-passes", "tile-passes"])
+@pytest.mark.parametrize("shape", [CANONICAL, Shape(37, 2403, 7, 6, 13),
+                                   Shape(40, 300, 12, 8, 8)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
+def test_row_passes_cuda(dtype, shape, row_pass, monkeypatch):
+    """The forward's and the gradient passes of dynamic_routing run on row_pass_kernel (16
+    batch elements per product) where a layer is at most 20 column tiles of 8 dims, and on
+    routing_pass_kernel with CAPSROUTE_ROW_PASS=0: both against the reference, on the MNIST
+    layer, a layer whose second warp of a pair has 2 of its 5 capsules (13 dims; a batch of
+    37 leaves a short row tile; each block walks several input capsules) and 12 capsules of
+    8 dims."""
+    monkeypatch.setenv("CAPSROUTE_ROW_PASS", row_pass)
+    run_case("dynamic_routing", shape, dtype, "cuda", iterations=3, bias=True, leaky=True,
+             detach=False, return_coupling=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("eps", [0.0, 1e-3, 0.5])
 @pytest.mark.parametrize("op", OPS)
