@@ -1399,8 +1399,9 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
 // and a row's softmax is over the lanes t and t ^ 1 that hold it after a reduce-scatter.
 //
 // Used for the forward's passes and the backward's gradient passes of dynamic_routing where a
-// layer is at most 20 column tiles of 8 output dims: D_in <= 8, D_out <= 16, N_out * ceil(D_out / 8) <= 20 (16 with D_out <= 8),
-// float32 or the half types (row_pass_supported). A block's warps go in pairs over 16 batch
+// layer is at most 20 column tiles of 8 output dims: D_in <= 8, D_out <= 16,
+// N_out * ceil(D_out / 8) <= 20 (16 with D_out <= 8), float32 or the half types
+// (row_pass_supported). A block's warps go in pairs over 16 batch
 // elements, each warp with half of the capsules (10 column tiles of the MNIST layer): its
 // logits, and its sums in 40 registers (all 20 tiles' would take 80). The softmax over all
 // capsules merges the two warps' maxima and sums of exponentials, exchanged through shared
@@ -1436,10 +1437,11 @@ __host__ __device__ inline bool row_pass_supported(const Dims& n) {
          n.N_out * dt8 <= (dt8 == 1 ? kRowCols<1> : kRowCols<2>);
 }
 
-// Shared memory of row_pass_kernel (bytes): [V: the block's row tiles, and gs's after them in
-// the gradient pass; none at t = 1][W[i] as copied][W[i] as B operands: a uint4 (hi pair, lo
-// pair) per lane and column tile, all kRowCols of them (zeros past N_out)][the pairs' softmax
-// statistics: 3 values per warp and row].
+// Shared memory of row_pass_kernel (bytes): [V: the block's row tiles, kRowCols column tiles
+// each (zeros past N_out), and gs's after them in the gradient pass; none at t = 1][W[i] as
+// copied][W[i] as B operands: a uint4 (hi pair, lo pair) per lane and column tile, all
+// kRowCols of them (zeros past N_out)][the pairs' softmax statistics: 3 values per warp and
+// row].
 struct RowLayout {
   size_t w, wf, stats, end;
 };
@@ -1447,10 +1449,9 @@ constexpr int kRowStats = 3;
 template <typename scalar_t>
 __host__ __device__ inline RowLayout row_layout(const Dims& n, int row_tiles, int tiles) {
   auto up16 = [](size_t x) { return (x + 15) / 16 * 16; };
-  const size_t cols = size_t(n.N_out) * row_dt8(n);
   const size_t max_cols = row_dt8(n) == 1 ? kRowCols<1> : kRowCols<2>;
   RowLayout p;
-  p.w = size_t(tiles) * row_tiles * cols * kTileElems * sizeof(float);
+  p.w = size_t(tiles) * row_tiles * max_cols * kTileElems * sizeof(float);
   p.wf = up16(p.w + size_t(n.J) * n.D_in * sizeof(scalar_t));
   p.stats = p.wf + max_cols * 32 * sizeof(uint4);
   p.end = p.stats + size_t(row_tiles) * 2 * kRowsB * kRowStats * sizeof(float);
@@ -1546,24 +1547,31 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   scalar_t* raw = reinterpret_cast<scalar_t*>(smem + layout.w);
   const uint4* Wf = reinterpret_cast<const uint4*>(smem + layout.wf);
   // The warp's row tile of V, and of gs one array on.
-  const int64_t tile_elems = int64_t(row_tiles) * cols * kTileElems;
-  const float* Vs = reinterpret_cast<const float*>(smem) + (warp >> 1) * cols * kTileElems;
+  constexpr int kRowTile = kRowCols<DT8> * kTileElems;
+  const int tile_elems = row_tiles * kRowTile;
+  const float* Vs = reinterpret_cast<const float*>(smem) + (warp >> 1) * kRowTile;
   // The pair's softmax statistics, [warp][16 rows][kRowStats]: each warp writes its own and
   // reads the other's.
   float* stats = reinterpret_cast<float*>(smem + layout.stats);
 
-  // W[i_begin], and the block's row tiles of V (and gs; contiguous in the row layout).
+  // W[i_begin], and the block's row tiles of V (and gs): each tile's cols column tiles
+  // (contiguous in the row layout), then zeros up to kRowCols, so that the column tiles that a
+  // warp walks past N_out (in fours) read zeros of their own.
   if (i_begin < i_end) copy_weight(n, W + i_begin * n.J * n.D_in, n.J * n.D_in, raw);
   {
-    const int64_t tiles = min(int64_t(row_tiles), (n.B + kRowsB - 1) / kRowsB -
-                                                      int64_t(blockIdx.y) * row_tiles);
-    const int64_t pieces = tiles * cols * kTileElems / 4, at = int64_t(blockIdx.y) * tile_elems;
+    const int tiles = static_cast<int>(min(int64_t(row_tiles), (n.B + kRowsB - 1) / kRowsB -
+                                                                   int64_t(blockIdx.y) * row_tiles));
+    const int per_tile = cols * kTileElems / 4;  // 16-byte pieces of a row tile
 #pragma unroll
     for (int k = 0; k < kTiles; ++k) {
-      const float* from = (k == 0 ? st.V : st.gs) + at;
+      const float* from = (k == 0 ? st.V : st.gs) + int64_t(blockIdx.y) * row_tiles * cols * kTileElems;
       float* to = reinterpret_cast<float*>(smem) + k * tile_elems;
-      for (int64_t x = threadIdx.x; x < pieces; x += blockDim.x)
-        cp_async16(to + 4 * x, from + 4 * x);
+      for (int x = threadIdx.x; x < tiles * per_tile; x += blockDim.x)
+        cp_async16(to + (x / per_tile) * kRowTile + 4 * (x % per_tile), from + 4 * int64_t(x));
+      for (int x = threadIdx.x; x < tiles * (kRowTile / 4 - per_tile); x += blockDim.x) {
+        const int r = x / (kRowTile / 4 - per_tile), y = x % (kRowTile / 4 - per_tile);
+        reinterpret_cast<float4*>(to + r * kRowTile)[per_tile + y] = float4{0.f, 0.f, 0.f, 0.f};
+      }
     }
   }
   cp_async_commit();
@@ -1613,8 +1621,8 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
     } else {
       // The logits (and dL/dc) of the warp's capsules: each lane's share of the dot products
       // over its dims, summed over the 4 lanes t. Column tiles in fours: those past N_out
-      // have zero operands (build_row_operands), their V whatever follows in shared memory,
-      // and their capsules' values are not used.
+      // have zero operands (build_row_operands) and zero V and gs, and their capsules'
+      // values are not used.
 #pragma unroll
       for (int v = 0; v < 2 * kMine; ++v) {
         c[v] = 0.f;
