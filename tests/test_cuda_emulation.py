@@ -199,9 +199,9 @@ def test_shapes_float32(emu, shape):
                  leaky=shape.N_out > 9, detach=False, return_coupling=True)
 
 
-# The forward's row passes (row_pass_kernel: float32 and the half types where D_in <= 8,
-# D_out <= 16 and N_out * ceil(D_out / 8) <= 20; the shapes above but the groups and the wide
-# ones take them) under every forward option, on odd sizes (a batch of 3 in a row tile of 16,
+# The row passes (row_pass_kernel, the forward's and the gradient passes: float32 and the
+# half types where D_in <= 8, D_out <= 16 and N_out * ceil(D_out / 8) <= 20; the shapes above
+# but the groups and the wide ones take them) under every forward option, on odd sizes (a batch of 3 in a row tile of 16,
 # two column tiles of 11 dims: one warp of a pair has no capsules), 5 row tiles of 3 capsules
 # of 5 dims (two blocks), the MNIST layer's capsules (5 for each warp of a pair) and layers
 # whose second warp has some of its capsules (4 of 8 with D_out = 8, 2 of 5 with D_out = 13);

@@ -114,6 +114,14 @@ inline at::Tensor tiled_scratch(const Dims& d, int64_t count, const at::TensorOp
                 : cuda::scratch({count, cuda::tiled_elems(d)}, options);
 }
 
+// `count` arrays in the row layout of the row passes (cuda::row_layout_offset), [count,
+// row_layout_elems], zeroed where they have padding (past B or D_out), which must read as zeros.
+inline at::Tensor row_scratch(const Dims& d, int64_t count, const at::TensorOptions& options) {
+  const bool padded = d.B % cuda::kRowsB != 0 || d.D_out % 8 != 0;
+  return padded ? at::zeros({count, cuda::row_layout_elems(d)}, options)
+                : cuda::scratch({count, cuda::row_layout_elems(d)}, options);
+}
+
 // Shared memory of a pass (bytes), deciding what is staged there (at most kPassSmem bytes):
 // W[i] (with fragments, which the launch chooses only where they fit, always), then V (and gs)
 // tiles if they fit beside it.
@@ -269,11 +277,8 @@ void forward(const Src& src, const Dims& dims, int64_t iterations, double eps, c
   const bool rows = use_row_pass<Src, T>(d);
   int row_threads = 0;
   const dim3 row_grid = rows ? plan_row_pass(d, row_threads) : dim3();
-  // Written first by iteration 1's finish; the row layout's padding must read as zeros.
-  auto V = !rows ? tiled_scratch(d, 1, acc_opts)
-           : d.B % cuda::kRowsB != 0 || d.D_out % 8 != 0
-               ? at::zeros({cuda::row_layout_elems(d)}, acc_opts)
-               : cuda::scratch({cuda::row_layout_elems(d)}, acc_opts);
+  // Written first by iteration 1's finish.
+  auto V = rows ? row_scratch(d, 1, acc_opts) : tiled_scratch(d, 1, acc_opts);
   auto partial = cuda::scratch({d.n_chunks, d.B, d.J}, acc_opts);
   const bool groups = d.n_groups > 1;
   auto stats = cuda::scratch({groups ? d.B * d.N_in * 2 : 0}, acc_opts);
@@ -359,14 +364,10 @@ SweepResult sweep(const Src& src, const Dims& dims, int64_t iterations, int64_t 
   int row_threads = 0;
   const dim3 row_grid = rows ? plan_row_pass(d, row_threads) : dim3();
   const int64_t row_elems = rows ? cuda::row_layout_elems(d) : 0;
-  auto row_arrays = [&] {
-    const bool padded = d.B % cuda::kRowsB != 0 || d.D_out % 8 != 0;  // read as zeros
-    return padded ? at::zeros({iterations, row_elems}, s.options())
-                  : cuda::scratch({iterations, row_elems}, s.options());
-  };
-  const at::Tensor V_rows = row_arrays(), gs_rows = row_arrays();
-  acc_t* const V_rows_ = rows ? aptr<acc_t>(V_rows) : nullptr;
-  acc_t* const gs_rows_ = rows ? aptr<acc_t>(gs_rows) : nullptr;
+  const at::Tensor V_rows = rows ? row_scratch(d, iterations, s.options()) : at::Tensor();
+  const at::Tensor gs_rows = rows ? row_scratch(d, iterations, s.options()) : at::Tensor();
+  acc_t* const V_rows_ = aptr<acc_t>(V_rows);
+  acc_t* const gs_rows_ = aptr<acc_t>(gs_rows);
   SweepResult out;
   out.V_prev = tiled_scratch(d, iterations, s.options());
   cuda::launch(cuda::running_sums_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
