@@ -1419,7 +1419,9 @@ constexpr int kRowCols = DT8 == 1 ? 16 : 20;
 // V in the row layout: [ceil(B / 16) row tiles][N_out * DT8 column tiles][32 lanes][4 slots],
 // lane (g, t) and slot q = 2h + e holding (b = 16 rt + g + 8h, d = 8 (ct % DT8) + 2t + e) of
 // capsule ct / DT8: the accumulator fragment of the product (see mma_tf32), whole.
-__host__ __device__ inline int row_dt8(const Dims& n) { return static_cast<int>((n.D_out + 7) / 8); }
+__host__ __device__ inline int row_dt8(const Dims& n) {
+  return static_cast<int>((n.D_out + 7) / 8);
+}
 __host__ __device__ inline int64_t row_layout_elems(const Dims& n) {
   return (n.B + kRowsB - 1) / kRowsB * n.N_out * row_dt8(n) * kTileElems;
 }
@@ -1559,12 +1561,13 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   // warp walks past N_out (in fours) read zeros of their own.
   if (i_begin < i_end) copy_weight(n, W + i_begin * n.J * n.D_in, n.J * n.D_in, raw);
   {
-    const int tiles = static_cast<int>(min(int64_t(row_tiles), (n.B + kRowsB - 1) / kRowsB -
-                                                                   int64_t(blockIdx.y) * row_tiles));
+    const int64_t block_tile = int64_t(blockIdx.y) * row_tiles;
+    const int tiles =
+        static_cast<int>(min(int64_t(row_tiles), (n.B + kRowsB - 1) / kRowsB - block_tile));
     const int per_tile = cols * kTileElems / 4;  // 16-byte pieces of a row tile
 #pragma unroll
     for (int k = 0; k < kTiles; ++k) {
-      const float* from = (k == 0 ? st.V : st.gs) + int64_t(blockIdx.y) * row_tiles * cols * kTileElems;
+      const float* from = (k == 0 ? st.V : st.gs) + block_tile * cols * kTileElems;
       float* to = reinterpret_cast<float*>(smem) + k * tile_elems;
       for (int x = threadIdx.x; x < tiles * per_tile; x += blockDim.x)
         cp_async16(to + (x / per_tile) * kRowTile + 4 * (x % per_tile), from + 4 * int64_t(x));
@@ -1602,81 +1605,83 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
     __syncthreads();
     if (i + 1 < i_end) copy_weight(n, W + (i + 1) * n.J * n.D_in, n.J * n.D_in, raw);
     cp_async_commit();
-    if (!has_rows) {
-      if (!kFirst) __syncthreads();  // (the statistics' barrier below)
-      continue;
-    }
-    uint32_t a_hi[4], a_lo[4] = {0, 0, 0, 0};
-#pragma unroll
-    for (int s = 0; s < 4; ++s) split_tf32<kExact>(u_next[s], a_hi[s], a_lo[s]);
-    if (i + 1 < i_end) load_u(i + 1, u_next);
-
     // c[h * kMine + v]: the coupling (the logit gradient in the gradient pass) of batch row
     // g + 8h and capsule j_base + v. After the scatter over the lanes t (and until the
     // gather), lanes t and t ^ 1 hold row `row`'s in c[v], v < kMine; so does dc, dL/dc.
+    // mx, l, ed: the warp's softmax statistics of the row (see below).
+    uint32_t a_hi[4], a_lo[4] = {0, 0, 0, 0};
     float c[2 * kMine], dc[kGrad ? 2 * kMine : 1];
-    if (kFirst) {
+    float mx = -INFINITY, l = 0.f, ed = 0.f;
+    if (has_rows) {
 #pragma unroll
-      for (int v = 0; v < kMine; ++v) c[v] = uniform;
-    } else {
-      // The logits (and dL/dc) of the warp's capsules: each lane's share of the dot products
-      // over its dims, summed over the 4 lanes t. Column tiles in fours: those past N_out
-      // have zero operands (build_row_operands) and zero V and gs, and their capsules'
-      // values are not used.
+      for (int s = 0; s < 4; ++s) split_tf32<kExact>(u_next[s], a_hi[s], a_lo[s]);
+      if (i + 1 < i_end) load_u(i + 1, u_next);
+      if (kFirst) {
 #pragma unroll
-      for (int v = 0; v < 2 * kMine; ++v) {
-        c[v] = 0.f;
-        if (kGrad) dc[v] = 0.f;
-      }
+        for (int v = 0; v < kMine; ++v) c[v] = uniform;
+      } else {
+        // The logits (and dL/dc) of the warp's capsules: each lane's share of the dot products
+        // over its dims, summed over the 4 lanes t. Column tiles in fours: those past N_out
+        // have zero operands (build_row_operands) and zero V and gs, and their capsules'
+        // values are not used.
 #pragma unroll
-      for (int k = 0; k < kMineCols; ++k) {
-        const int ct = ct_base + k;
-        if (k % 4 == 0 && ct >= cols) break;  // warp-uniform
-        float x[4];
-        row_product<kExact>(Wf, ct, a_hi, a_lo, x);
-        // (one FFMA per value: as a sum of two products the compiler added an FMUL and FADD)
-        const float4 v = reinterpret_cast<const float4*>(Vs)[ct * 32 + lane];
-        c[k / DT8] = fmaf(x[1], v.y, fmaf(x[0], v.x, c[k / DT8]));
-        c[kMine + k / DT8] = fmaf(x[3], v.w, fmaf(x[2], v.z, c[kMine + k / DT8]));
-        if (kGrad) {
-          const float4 s = reinterpret_cast<const float4*>(Vs + tile_elems)[ct * 32 + lane];
-          dc[k / DT8] = fmaf(x[1], s.y, fmaf(x[0], s.x, dc[k / DT8]));
-          dc[kMine + k / DT8] = fmaf(x[3], s.w, fmaf(x[2], s.z, dc[kMine + k / DT8]));
+        for (int v = 0; v < 2 * kMine; ++v) {
+          c[v] = 0.f;
+          if (kGrad) dc[v] = 0.f;
         }
-      }
-      scatter_stage<kMine>(c, (t & 2) != 0, 2);
 #pragma unroll
-      for (int v = 0; v < kMine; ++v) c[v] += __shfl_xor_sync(0xffffffffu, c[v], 1);
-      if (kGrad) {
-        scatter_stage<kMine>(dc, (t & 2) != 0, 2);
+        for (int k = 0; k < kMineCols; ++k) {
+          const int ct = ct_base + k;
+          if (k % 4 == 0 && ct >= cols) break;  // warp-uniform
+          float x[4];
+          row_product<kExact>(Wf, ct, a_hi, a_lo, x);
+          // (one FFMA per value: as a sum of two products the compiler added an FMUL and FADD)
+          const float4 v = reinterpret_cast<const float4*>(Vs)[ct * 32 + lane];
+          c[k / DT8] = fmaf(x[1], v.y, fmaf(x[0], v.x, c[k / DT8]));
+          c[kMine + k / DT8] = fmaf(x[3], v.w, fmaf(x[2], v.z, c[kMine + k / DT8]));
+          if (kGrad) {
+            const float4 s = reinterpret_cast<const float4*>(Vs + tile_elems)[ct * 32 + lane];
+            dc[k / DT8] = fmaf(x[1], s.y, fmaf(x[0], s.x, dc[k / DT8]));
+            dc[kMine + k / DT8] = fmaf(x[3], s.w, fmaf(x[2], s.z, dc[kMine + k / DT8]));
+          }
+        }
+        scatter_stage<kMine>(c, (t & 2) != 0, 2);
+#pragma unroll
+        for (int v = 0; v < kMine; ++v) c[v] += __shfl_xor_sync(0xffffffffu, c[v], 1);
+        if (kGrad) {
+          scatter_stage<kMine>(dc, (t & 2) != 0, 2);
+#pragma unroll
+          for (int v = 0; v < kMine; ++v) {
+            dc[v] += __shfl_xor_sync(0xffffffffu, dc[v], 1);
+            const int j = j_base + v;
+            if (st.grad_c != nullptr && b < n.B && j < n.N_out)
+              dc[v] += st.grad_c[(b * n.N_in + i) * n.N_out + j];
+          }
+        }
+        // The softmax over all capsules: this warp's maximum, sum of exponentials e and (in
+        // the gradient pass) sum of e dL/dc for the row, merged with the other warp's in warp
+        // order (both get the same bits) and with the extra logit 0 of leaky routing.
+#pragma unroll
+        for (int v = 0; v < kMine; ++v)
+          if (j_base + v < n.N_out) mx = fmax(mx, c[v]);
 #pragma unroll
         for (int v = 0; v < kMine; ++v) {
-          dc[v] += __shfl_xor_sync(0xffffffffu, dc[v], 1);
-          const int j = j_base + v;
-          if (st.grad_c != nullptr && b < n.B && j < n.N_out)
-            dc[v] += st.grad_c[(b * n.N_in + i) * n.N_out + j];
+          c[v] = j_base + v < n.N_out ? exp_(c[v] - mx) : 0.f;
+          l += c[v];
+          if (kGrad) ed += c[v] * dc[v];
+        }
+        float* mine = stats + (warp * kRowsB + row) * kRowStats;
+        if ((t & 1) == 0) {
+          mine[0] = mx;
+          mine[1] = l;
+          if (kGrad) mine[2] = ed;
         }
       }
-      // The softmax over all capsules: this warp's maximum, sum of exponentials e and (in
-      // the gradient pass) sum of e dL/dc for the row, merged with the other warp's in warp
-      // order (both get the same bits) and with the extra logit 0 of leaky routing.
-      float mx = -INFINITY, l = 0.f, ed = 0.f;
-#pragma unroll
-      for (int v = 0; v < kMine; ++v)
-        if (j_base + v < n.N_out) mx = fmax(mx, c[v]);
-#pragma unroll
-      for (int v = 0; v < kMine; ++v) {
-        c[v] = j_base + v < n.N_out ? exp_(c[v] - mx) : 0.f;
-        l += c[v];
-        if (kGrad) ed += c[v] * dc[v];
-      }
-      float* mine = stats + (warp * kRowsB + row) * kRowStats;
-      if ((t & 1) == 0) {
-        mine[0] = mx;
-        mine[1] = l;
-        if (kGrad) mine[2] = ed;
-      }
-      __syncthreads();
+    }
+    // Every warp, idle ones too, meets the others here: the pairs' statistics are written.
+    if (!kFirst) __syncthreads();
+    if (!has_rows) continue;
+    if (!kFirst) {
       const float* other = stats + ((warp ^ 1) * kRowsB + row) * kRowStats;
       const float m_other = other[0], l_other = other[1], ed_other = kGrad ? other[2] : 0.f;
       const float m0 = half ? m_other : mx, m1 = half ? mx : m_other;
@@ -1843,7 +1848,8 @@ __device__ __forceinline__ void sum_partials(const CapsuleLane<VW>& c, const acc
   }
 #pragma unroll
   for (int v = 0; v < VW; ++v) {
-    x[v] = ((s[0][v] + s[1][v]) + (s[2][v] + s[3][v])) + ((s[4][v] + s[5][v]) + (s[6][v] + s[7][v]));
+    x[v] = ((s[0][v] + s[1][v]) + (s[2][v] + s[3][v])) +
+           ((s[4][v] + s[5][v]) + (s[6][v] + s[7][v]));
     for (int o = c.span; o < 32; o <<= 1) x[v] += __shfl_xor_sync(0xffffffffu, x[v], o);
   }
 }
@@ -1918,7 +1924,8 @@ __global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials,
 #pragma unroll
   for (int v = 0; v < VW; ++v) {
     gs_t[c.tiled(n, v)] = a * gv[v] + bb * s[v];
-    if (gs_rows_t != nullptr) gs_rows_t[row_layout_offset(n, c.b, c.j, c.d + v)] = a * gv[v] + bb * s[v];
+    if (gs_rows_t != nullptr)
+      gs_rows_t[row_layout_offset(n, c.b, c.j, c.d + v)] = a * gv[v] + bb * s[v];
   }
 }
 

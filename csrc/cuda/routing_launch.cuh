@@ -246,8 +246,8 @@ inline dim3 plan_row_pass(Dims& d, int& threads) {
   const int64_t tiles = ceil_div(d.B, cuda::kRowsB);
   const int per_block = static_cast<int>(std::min<int64_t>(4, tiles));
   const int64_t b_blocks = ceil_div(tiles, per_block);
-  TORCH_CHECK_VALUE(b_blocks <= 65535, "dynamic_routing: too large for the CUDA kernels' grid: B = ",
-                    d.B);
+  TORCH_CHECK_VALUE(b_blocks <= 65535,
+                    "dynamic_routing: too large for the CUDA kernels' grid: B = ", d.B);
   plan_chunks(d, cuda::kPassBlocksPerSM * std::max(1, 4 / per_block), b_blocks);
   threads = 64 * per_block;
   return dim3(static_cast<unsigned>(d.n_chunks), static_cast<unsigned>(b_blocks));
