@@ -1431,12 +1431,23 @@ __host__ __device__ inline int64_t row_layout_offset(const Dims& n, int64_t b, i
   return (((b / kRowsB) * n.N_out + j) * row_dt8(n) + d / 8) * kTileElems + lane * 4 + q;
 }
 
+// kRowCols of the layer's DT8 (1 or 2).
+__host__ __device__ inline int row_cols_max(const Dims& n) {
+  return row_dt8(n) == 1 ? kRowCols<1> : kRowCols<2>;
+}
+
 // Whether the forward's passes and the backward's gradient passes may run on row_pass_kernel
 // (see above); the operand types are the caller's to check (float32, float16, bfloat16).
 __host__ __device__ inline bool row_pass_supported(const Dims& n) {
-  const int dt8 = row_dt8(n);
-  return n.n_groups == 1 && n.k_chunks == 1 && dt8 <= 2 &&
-         n.N_out * dt8 <= (dt8 == 1 ? kRowCols<1> : kRowCols<2>);
+  return n.n_groups == 1 && n.k_chunks == 1 && row_dt8(n) <= 2 &&
+         n.N_out * row_dt8(n) <= row_cols_max(n);
+}
+
+// The arrays of the row layout that a row pass stages (the launch code sizes its shared
+// memory with the same count): V, and gs in the gradient pass; none at t = 1 (V = 0).
+template <Pass kPass>
+constexpr int row_pass_tiles() {
+  return kPass == Pass::kFirst ? 0 : kPass == Pass::kGradient ? 2 : 1;
 }
 
 // Shared memory of row_pass_kernel (bytes): [V: the block's row tiles, kRowCols column tiles
@@ -1451,7 +1462,7 @@ constexpr int kRowStats = 3;
 template <typename scalar_t>
 __host__ __device__ inline RowLayout row_layout(const Dims& n, int row_tiles, int tiles) {
   auto up16 = [](size_t x) { return (x + 15) / 16 * 16; };
-  const size_t max_cols = row_dt8(n) == 1 ? kRowCols<1> : kRowCols<2>;
+  const size_t max_cols = row_cols_max(n);
   RowLayout p;
   p.w = size_t(tiles) * row_tiles * max_cols * kTileElems * sizeof(float);
   p.wf = up16(p.w + size_t(n.J) * n.D_in * sizeof(scalar_t));
@@ -1531,7 +1542,7 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
                 RowState st, float* __restrict__ partial, scalar_t* __restrict__ c_out) {
   constexpr bool kExact = !std::is_same<scalar_t, float>::value;
   constexpr bool kFirst = kPass == Pass::kFirst, kGrad = kPass == Pass::kGradient;
-  constexpr int kTiles = kFirst ? 0 : kGrad ? 2 : 1;  // V, gs
+  constexpr int kTiles = row_pass_tiles<kPass>();  // V, gs
   // The warp's capsules and their column tiles: half of the widest layer's.
   constexpr int kMine = kRowCols<DT8> / DT8 / 2, kMineCols = kMine * DT8;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -1807,8 +1818,10 @@ struct CapsuleLane {
     valid = has_dim && part == 0;
     e = (b * n.N_out + j) * n.D_out + d;
   }
-  // (b, j, d + v) in a tiled array (V, V_prev, gs: tiled_offset).
+  // (b, j, d + v) in a tiled array (V, V_prev, gs: tiled_offset) and in the row layout
+  // (row_layout_offset).
   __device__ int64_t tiled(const Dims& n, int v) const { return tiled_offset(n, b, j, d + v); }
+  __device__ int64_t rows(const Dims& n, int v) const { return row_layout_offset(n, b, j, d + v); }
 };
 
 // p[0] + p[stride] + ... + p[(count - 1) * stride] for each of the lane's VW values, the
@@ -1882,7 +1895,7 @@ __global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>:
 #pragma unroll
   for (int v = 0; v < VW; ++v) {
     s_out[c.e + v] = s[v];
-    acc_t& Vt = V[row_layout ? row_layout_offset(n, c.b, c.j, c.d + v) : c.tiled(n, v)];
+    acc_t& Vt = V[row_layout ? c.rows(n, v) : c.tiled(n, v)];
     Vt = (first ? acc_t(0) : Vt) + f * s[v];
     if (v_out != nullptr) v_out[c.e + v] = Scalar<scalar_t>::store(f * s[v]);
   }
@@ -1924,8 +1937,7 @@ __global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials,
 #pragma unroll
   for (int v = 0; v < VW; ++v) {
     gs_t[c.tiled(n, v)] = a * gv[v] + bb * s[v];
-    if (gs_rows_t != nullptr)
-      gs_rows_t[row_layout_offset(n, c.b, c.j, c.d + v)] = a * gv[v] + bb * s[v];
+    if (gs_rows_t != nullptr) gs_rows_t[c.rows(n, v)] = a * gv[v] + bb * s[v];
   }
 }
 
@@ -1937,7 +1949,7 @@ __global__ void running_sums_kernel(Dims n, int iterations, const acc_t* s, doub
                                     acc_t* V_prev, acc_t* V_rows) {
   const CapsuleLane<1> c(n);
   if (!c.active) return;
-  const int64_t te = c.tiled(n, 0), re = row_layout_offset(n, c.b, c.j, c.d);
+  const int64_t te = c.tiled(n, 0), re = c.rows(n, 0);
   acc_t V = 0;
   for (int t = 0; t < iterations; ++t) {
     if (t > 0) {

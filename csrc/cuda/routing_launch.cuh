@@ -256,8 +256,7 @@ inline dim3 plan_row_pass(Dims& d, int& threads) {
 template <cuda::Pass kPass, typename T>
 void launch_row_pass(const cuda::WeightSource<T>& src, const Dims& d, dim3 grid, int threads,
                      const cuda::RowState& st, float* partial, T* c_out, cudaStream_t stream) {
-  const int tiles = kPass == cuda::Pass::kFirst ? 0 : kPass == cuda::Pass::kGradient ? 2 : 1;
-  const size_t smem = cuda::row_layout<T>(d, threads / 64, tiles).end;
+  const size_t smem = cuda::row_layout<T>(d, threads / 64, cuda::row_pass_tiles<kPass>()).end;
   auto go = [&](auto kDT8) {
     cuda::launch(cuda::row_pass_kernel<kPass, decltype(kDT8)::value, T>, grid, threads, smem,
                  stream, src.u, src.W, d, st, partial, c_out);
