@@ -225,6 +225,23 @@ def test_row_pass_shapes(emu, monkeypatch, shape, dtype, row_pass):
                  detach=False, return_coupling=True)
 
 
+# The backward's last pass with kept couplings on weight_grad_capsules_kernel (a block's warps
+# own input capsules and share the batch tiles' rows: float32 and the half types, D_in a
+# multiple of 8, and at least 4 input capsules a block, which the emulation's 2
+# multiprocessors give from N_in = 7 on), against weight_grad_kernel (CAPSROUTE_CAPSULE_GRAD=0)
+# and with 5 warps a block asked for: last blocks with idle warps (37 = 3 x 12 + 1, 11, 9 and
+# 13 capsules), two groups of output capsules, two row tiles per capsule, two chunks of input
+# dims; 2, 3 and 5 iterations.
+@pytest.mark.parametrize("warps", ["", "0", "5"])
+@pytest.mark.parametrize("shape,iterations", [(SHAPES[0], 3), (SHAPES[2], 2), (SHAPES[6], 5),
+                                              (Shape(9, 13, 6, 16, 16), 3)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_capsule_weight_grad(emu, monkeypatch, shape, iterations, dtype, warps):
+    monkeypatch.setenv("CAPSROUTE_CAPSULE_GRAD", warps)
+    run_emulated(emu, "dynamic_routing", shape, dtype, iterations=iterations, bias=True,
+                 leaky=True, detach=False, return_coupling=True)
+
+
 # The backward keeps the gradient passes' couplings for its last pass where they fit
 # CAPSROUTE_COUPLING_CACHE_MB (every other test here: they do); with 0 the last pass
 # recomputes them from the predictions.
@@ -299,10 +316,13 @@ def test_thread_order_does_not_change_results(emu, monkeypatch, op, shape, dtype
         assert not differ, f"outputs {differ} (v, c, s, grads) change with schedule {seed}"
 
 
-def test_unaligned_weight(emu):
+def test_unaligned_weight(emu, monkeypatch):
     """A weight whose data is not 16-byte aligned (a view at an odd offset) is staged with
     plain copies instead of 16-byte cp.async (which would fault on a GPU, and aborts in the
-    emulation); the results are the same bits as for an aligned copy."""
+    emulation); the results are the same bits as for an aligned copy. (Both take
+    weight_grad_kernel's last pass: weight_grad_capsules_kernel, which needs aligned rows,
+    sums the batch in another order.)"""
+    monkeypatch.setenv("CAPSROUTE_CAPSULE_GRAD", "0")
     shape = SHAPES[0]
     gen = make_generator("emulation-unaligned")
     ins = make_routing_inputs(shape, torch.float32, "cpu", bias=False, gen=gen)

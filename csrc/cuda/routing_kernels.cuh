@@ -239,6 +239,15 @@ __device__ __forceinline__ const T* opaque(const T* p) {
   return p;
 }
 
+// The same for a 32-bit offset walked in an unrolled loop, which the compiler would otherwise
+// rebuild in closed form at every use.
+__device__ __forceinline__ int opaque(int x) {
+#ifndef CAPSROUTE_EMULATE
+  asm("mov.b32 %0, %0;" : "+r"(x));
+#endif
+  return x;
+}
+
 template <int DT, typename acc_t>
 __device__ __forceinline__ LaneRows<acc_t> lane_rows(const acc_t* a, const State<acc_t>& st,
                                                      const Dims&, const Lane& L, int64_t b0) {
@@ -2282,23 +2291,31 @@ __device__ __forceinline__ void load_row8(const scalar_t* p, acc_t (&w)[8]) {
     for (int m = 0; m < kPer; ++m) w[v * kPer + m] = Scalar<scalar_t>::load(e + m);
   }
 }
+// The lane's two rows of a row tile: row d at w (from input dim k0), row d + 8 `step`
+// elements on; in[dh]: whether row d + 8 dh exists (< D_out).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void add_grad_u_rows(const scalar_t* w, int step, const bool (&in)[2],
+                                                const acc_t (&gr)[4], acc_t (&gu)[2][8]) {
+#pragma unroll
+  for (int dh = 0; dh < 2; ++dh) {
+    if (!in[dh]) continue;
+    acc_t wk[8];
+    load_row8(w + dh * step, wk);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      gu[0][k] += wk[k] * gr[2 * dh];
+      gu[1][k] += wk[k] * gr[2 * dh + 1];
+    }
+  }
+}
 template <int DT, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void add_grad_u_staged(const scalar_t* w_group, const Dims& n,
                                                   const Lane& L, int r, int k0,
                                                   const acc_t (&gr)[4], acc_t (&gu)[2][8]) {
   const int D_in = static_cast<int>(n.D_in), D_out = static_cast<int>(n.D_out);
-#pragma unroll
-  for (int dh = 0; dh < 2; ++dh) {
-    const int d = L.dim(r % DT, 2 * dh);
-    if (d >= D_out) continue;
-    acc_t w[8];
-    load_row8(w_group + ((r / DT) * D_out + d) * D_in + k0, w);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      gu[0][k] += w[k] * gr[2 * dh];
-      gu[1][k] += w[k] * gr[2 * dh + 1];
-    }
-  }
+  const int d = L.dim(r % DT, 0);
+  const bool in[2] = {d < D_out, d + 8 < D_out};
+  add_grad_u_rows(w_group + ((r / DT) * D_out + d) * D_in + k0, 8 * D_in, in, gr, gu);
 }
 
 // The 8 lanes that share t add up their dims of gu, each sum left in one of them
@@ -2335,21 +2352,27 @@ __device__ __forceinline__ void weight_grad_operand(const scalar_t* u, const Dim
     split_tf32<false>(u_at(u, n, b0 + 2 * L.t + h, i, k0 + L.g), bh[h], bl[h]);
 }
 
-// ... and row tile r's product, added to the lane's accumulators in shared memory (gw_s:
-// slot e = 4 r + q at gw_s[e * 32 + lane]). A = g_uh_r: a = {[g][2t], [g + 8][2t], [g][2t + 1],
-// [g + 8][2t + 1]} = slots 0, 2, 1, 3. The accumulators run over every batch tile of the
-// warp, so the product is added with FADDs (mma_split_add).
-__device__ __forceinline__ void add_weight_grad(float* gw_s, int lane, int r, const float (&gr)[4],
+// ... and row tile r's product, added to the lane's 4 accumulators d of that row tile (slot
+// q: row g + 8 (q >> 1), dim k0 + 2t + (q & 1)). A = g_uh_r: a = {[g][2t], [g + 8][2t],
+// [g][2t + 1], [g + 8][2t + 1]} = slots 0, 2, 1, 3. The accumulators run over many batch
+// tiles, so the product is added with FADDs (mma_split_add).
+__device__ __forceinline__ void add_weight_grad(float (&d)[4], const float (&gr)[4],
                                                 const uint32_t (&bh)[2], const uint32_t (&bl)[2]) {
   uint32_t ah[4], al[4];
   split_tf32<false>(gr[0], ah[0], al[0]);
   split_tf32<false>(gr[2], ah[1], al[1]);
   split_tf32<false>(gr[1], ah[2], al[2]);
   split_tf32<false>(gr[3], ah[3], al[3]);
+  mma_split_add<false>(d, ah, al, bh, bl);
+}
+// The same with the accumulators in shared memory (gw_s: slot e = 4 r + q at
+// gw_s[e * 32 + lane]).
+__device__ __forceinline__ void add_weight_grad(float* gw_s, int lane, int r, const float (&gr)[4],
+                                                const uint32_t (&bh)[2], const uint32_t (&bl)[2]) {
   float d[4];
 #pragma unroll
   for (int q = 0; q < 4; ++q) d[q] = gw_s[(4 * r + q) * 32 + lane];
-  mma_split_add<false>(d, ah, al, bh, bl);
+  add_weight_grad(d, gr, bh, bl);
 #pragma unroll
   for (int q = 0; q < 4; ++q) gw_s[(4 * r + q) * 32 + lane] = d[q];
 }
@@ -2694,6 +2717,190 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
     const int d = (r % DT) * kTileD + dd;
     if (j < n.N_out && d < n.D_out && k0 + k < n.D_in)
       grad_W[((i * n.N_out + j) * n.D_out + d) * n.D_in + k0 + k] = S::store(sum[e]);
+  }
+}
+
+
+// --- the last pass with kept couplings, one input capsule per warp ----------------------
+//
+// weight_grad_kernel gives a block one input capsule and its warps the batch tiles in turn, so
+// every block reads every batch tile's rows of gs^(t) and V^(t-1) from L2, although they are
+// the same for all input capsules: ~470 MB per call at the canonical shape, where the kernel
+// took 98 µs (H100, ~4.8 TB/s). Here a block's warps own `warps` consecutive input capsules
+// and walk all batch tiles together: a tile's rows are copied into shared memory once for the
+// block (each thread a share) and read by every warp, so L2 serves them once per `warps`
+// capsules. Beside them each warp copies its capsule's kept pairs of the tile; the next
+// tile's copies are in flight while this one is used (two buffers, two barriers a tile).
+// A warp owns its capsule's whole sum over the batch: grad_W in registers (4 per row tile a
+// lane, in the product's accumulator layout), written once at the end, with no sum across
+// warps. Per row tile the work is that of weight_grad_kernel's kept float32 pass (g_uh from
+// the kept pairs, grad_u by FMAs on W[i]'s 16-byte rows, grad_W on the matrix units), its
+// operands from shared memory at 32-bit offsets.
+// Used where it applies (capsule_grad_warps: float32 accumulation, couplings kept, rows8,
+// enough input capsules to give every multiprocessor a block of at least kCapsuleWarpsMin
+// warps); weight_grad_kernel otherwise.
+// grid = (ceil(N_in / warps), n_groups, ceil(D_in / 8)); shared memory: capsule_grad_layout.
+constexpr int kCapsuleWarpsMin = 4;
+constexpr int kCapsuleWarpsMax = 12;  // 384 threads: up to 168 registers for one block per SM
+
+// Byte offsets of its shared memory: [2 buffers: (2r - 1) tiles of the group's rows, gs^(1..r)
+// then V^(1..r-1)][2 buffers: each warp's pairs, [r - 1][c, gbeta][capsule][8 batch]][each
+// warp's W[i] group rows, [capsule][D_out][D_in]]. tile_elems, pair_elems and w_elems: floats
+// of one buffer's tiles, of one warp's pairs in a buffer, elements of one warp's W rows.
+struct CapsuleGradLayout {
+  size_t pairs, w, end;
+  int64_t tile_elems, pair_elems, w_elems;
+};
+template <typename scalar_t>
+__host__ __device__ inline CapsuleGradLayout capsule_grad_layout(const Dims& n, int iterations,
+                                                                 int warps) {
+  CapsuleGradLayout p;
+  const int64_t caps = widest_group_caps(n);
+  p.tile_elems = (2 * iterations - 1) * caps * row_tiles(n) * kTileElems;
+  p.pair_elems = (iterations - 1) * 2 * caps * kTileB;
+  p.w_elems = widest_group_cols(n) * n.D_in;  // a multiple of 8: 16-byte rows (rows8)
+  p.pairs = 2 * p.tile_elems * sizeof(float);
+  p.w = p.pairs + 2 * warps * p.pair_elems * sizeof(float);
+  p.end = p.w + warps * p.w_elems * sizeof(scalar_t);
+  return p;
+}
+
+template <int DT, typename scalar_t>
+__global__ void __launch_bounds__(kCapsuleWarpsMax * 32, 1)
+weight_grad_capsules_kernel(WeightSource<scalar_t> src, Dims n, Sweep<float> sw,
+                            float* __restrict__ grad_u_part, scalar_t* __restrict__ grad_W) {
+  using S = Scalar<scalar_t>;
+  const Lane L;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const int64_t i = int64_t(blockIdx.x) * warps + warp;
+  const bool mine = i < n.N_in;  // warp-uniform: a last block's extra warps copy and wait only
+  const int grp = blockIdx.y;
+  const int k0 = static_cast<int>(blockIdx.z) * 8;
+  const int caps = static_cast<int>(group_caps(n, grp)), rows = caps * DT;
+  const int R = sw.iterations;
+  const CapsuleGradLayout lay = capsule_grad_layout<scalar_t>(n, R, warps);
+  unsigned char* smem = dynamic_smem<unsigned char>();
+  float* const tiles = reinterpret_cast<float*>(smem);
+  float* const pairs = reinterpret_cast<float*>(smem + lay.pairs) + warp * lay.pair_elems;
+  scalar_t* const w = reinterpret_cast<scalar_t*>(smem + lay.w) + warp * lay.w_elems;
+
+  // The warp's W[i] (group rows), with the first tile's copies below.
+  if (mine) {
+    constexpr int kPer = 16 / sizeof(scalar_t);
+    const scalar_t* from = src.W + (i * n.N_out + group_j0(n, grp)) * n.D_out * n.D_in;
+    for (int e = lane * kPer; e < caps * n.D_out * n.D_in; e += 32 * kPer)
+      cp_async16(w + e, from + e);
+  }
+  // Batch tile b0's copies into buffer `buf`: the block's rows (2r - 1 runs of `rows` row
+  // tiles, contiguous in the tiled arrays), and the warp's pairs of iteration t, plane p
+  // (c, gbeta), capsule jl: 8 floats (two copies) at tp * kept_plane + jl * kept_batch from
+  // the first, tp = 2 (t - 2) + p.
+  const int64_t stride = tiled_elems(n), plane = kept_plane(n), kept_b = kept_batch(n);
+  const int run = rows * kTileElems;
+  auto stage = [&](int64_t b0, int buf) {
+    const int64_t at = ((b0 / kTileB) * n.N_out + group_j0(n, grp)) * DT * kTileElems;
+    float* dst = tiles + buf * lay.tile_elems;
+    for (int q = 0; q < 2 * R - 1; ++q) {
+      const float* from = (q < R ? sw.gs + q * stride : sw.V_prev + (q - R + 1) * stride) + at;
+      for (int e = 4 * threadIdx.x; e < run; e += 4 * blockDim.x)
+        cp_async16(dst + q * run + e, from + e);
+    }
+    if (!mine) return;
+    const float* kc = sw.kept + (i * n.N_out + group_j0(n, grp)) * kept_b + b0;
+    float* pd = pairs + buf * warps * lay.pair_elems;
+    for (int e = lane; e < (R - 1) * 2 * caps * 2; e += 32) {
+      const int h = e & 1, tp = (e >> 1) / caps, jl = (e >> 1) % caps;
+      cp_async16(pd + (tp * caps + jl) * kTileB + 4 * h, kc + tp * plane + jl * kept_b + 4 * h);
+    }
+  };
+  // The lane's u of a tile (B operand of grad_W's product, see weight_grad_operand), loaded a
+  // tile ahead.
+  auto load_u = [&](int64_t b0, float (&x)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) x[h] = mine ? u_at(src.u, n, b0 + 2 * L.t + h, i, k0 + L.g) : 0.f;
+  };
+
+  float gW[kGroupRows][4];
+#pragma unroll
+  for (int r = 0; r < kGroupRows; ++r)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) gW[r][q] = 0.f;
+  const float uniform = uniform_coupling<float>(n);
+  const int D_in = static_cast<int>(n.D_in), D_out = static_cast<int>(n.D_out);
+  const int pair_plane = caps * kTileB / 2;  // pairs from a c plane to its gbeta plane
+  const int w_capsule_step = (D_out - (DT - 1) * kTileD) * D_in;  // last row tile to next capsule
+  bool in_rows[DT][2];  // whether the lane's rows g, g + 8 of row tile dt exist
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+    for (int dh = 0; dh < 2; ++dh) in_rows[dt][dh] = L.dim(dt, 2 * dh) < D_out;
+  float u_next[2];
+  load_u(0, u_next);
+  stage(0, 0);
+  cp_async_commit();
+  int buf = 0;
+  for (int64_t b0 = 0; b0 < n.B; b0 += kTileB, buf ^= 1) {
+    const bool more = b0 + kTileB < n.B;
+    if (more) stage(b0 + kTileB, buf ^ 1);
+    cp_async_commit();
+    uint32_t bh[2], bl[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) split_tf32<false>(u_next[h], bh[h], bl[h]);
+    if (more) load_u(b0 + kTileB, u_next);
+    cp_async_wait_one();  // this tile's copies (each thread its own) ...
+    __syncthreads();      // ... and everyone else's
+    if (mine) {
+      const float* tl = tiles + buf * lay.tile_elems + L.slots();
+      const float* pr = pairs + buf * warps * lay.pair_elems + 2 * L.t;
+      // Where the lane's row g of W[i, j] (capsule 0 of the group) from dim k0 is, walked from
+      // row tile to row tile (computed from r, each row's address took ~25 instructions).
+      int wo = L.g * D_in + k0;
+      float gu[2][8];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int k = 0; k < 8; ++k) gu[h][k] = 0.f;
+#pragma unroll
+      for (int r = 0; r < kGroupRows; ++r) {
+        if (r >= rows) break;  // warp-uniform
+        // g_uh's row tile r: sum_t c^(t) gs^(t) + gbeta^(t) V^(t-1), c^(1) uniform; the
+        // sources walked by pointer from t to t + 1.
+        const float* tg = tl + r * kTileElems;  // gs^(t)
+        const float* tv = tg + R * run;          // V^(t-1)
+        const Pair<float>* pc = reinterpret_cast<const Pair<float>*>(pr + (r / DT) * kTileB);
+        float a[4], f[4];
+        load4(tg, f);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) a[q] = uniform * f[q];
+#pragma unroll 1
+        for (int t = 2; t <= R; ++t) {
+          float fg[4], fv[4];
+          tg += run;
+          load4(tg, fg);
+          load4(tv, fv);
+          add_kept_terms(pc[0], pc[pair_plane], fg, fv, a);
+          tv += run;
+          pc += 2 * pair_plane;
+        }
+        add_grad_u_rows(w + wo, 8 * D_in, in_rows[r % DT], a, gu);
+        wo = opaque(wo + (r % DT == DT - 1 ? w_capsule_step : kTileD * D_in));
+        add_weight_grad(gW[r], a, bh, bl);
+      }
+      store_grad_u(n, L, grp, i, b0, k0, gu, grad_u_part);
+    }
+    __syncthreads();  // (the next tile's copies go into this buffer)
+  }
+  if (!mine) return;
+#pragma unroll
+  for (int r = 0; r < kGroupRows; ++r) {
+    if (r >= rows) break;
+    const int64_t j = group_j0(n, grp) + r / DT;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int d = L.dim(r % DT, q), k = k0 + L.col(q);
+      if (d < n.D_out && k < n.D_in)
+        grad_W[((i * n.N_out + j) * n.D_out + d) * n.D_in + k] = S::store(gW[r][q]);
+    }
   }
 }
 

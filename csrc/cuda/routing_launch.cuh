@@ -473,6 +473,27 @@ inline at::Tensor grad_bias_of(const at::Tensor& gs, int64_t t_min, int64_t iter
       .contiguous();  // the narrow keeps the padded row stride where D_out is not whole tiles
 }
 
+// Input capsules (warps) per block of weight_grad_capsules_kernel, the last pass with kept
+// couplings that shares the batch tiles' rows across capsules, or 0 where weight_grad_kernel
+// runs instead: float32 accumulation with W's rows in 16-byte pieces (rows8), and enough input
+// capsules that one block per multiprocessor has at least kCapsuleWarpsMin of them, with its
+// shared memory within kPassSmem. For measuring, CAPSROUTE_CAPSULE_GRAD=0 keeps
+// weight_grad_kernel, and CAPSROUTE_CAPSULE_GRAD=n asks for n warps per block.
+template <typename T, typename acc_t>
+int capsule_grad_warps(const Dims& d, int64_t iterations) {
+  if (!std::is_same<acc_t, float>::value || !d.rows8) return 0;
+  const char* env = std::getenv("CAPSROUTE_CAPSULE_GRAD");
+  const int asked = env != nullptr && *env != '\0' ? std::atoi(env) : -1;
+  if (asked == 0) return 0;
+  int warps = static_cast<int>(std::clamp<int64_t>(
+      asked > 0 ? asked : ceil_div(d.N_in, cuda::multiprocessor_count()), 1,
+      cuda::kCapsuleWarpsMax));
+  while (warps >= cuda::kCapsuleWarpsMin &&
+         cuda::capsule_grad_layout<T>(d, static_cast<int>(iterations), warps).end > kPassSmem)
+    --warps;
+  return warps >= cuda::kCapsuleWarpsMin ? warps : 0;
+}
+
 template <typename scalar_t, typename Src>
 void forward_op(const char* op, const Src& src, const RoutingSizes& n, int64_t iterations,
                 bool leaky, double eps, const c10::optional<at::Tensor>& bias, at::Tensor& v,
@@ -547,9 +568,20 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
                    cuda::kFinalWarps * 32, layout(d, S::kFragments).end, cuda::current_stream(),
                    source, d, sw, aptr<acc_t>(grad_u_part), dptr<scalar_t>(grad_weight));
     };
-    if (kept)
+    const int capsule_warps = kept ? capsule_grad_warps<T, acc_t>(d, iterations) : 0;
+    if (capsule_warps > 0) {
+      if constexpr (std::is_same<acc_t, float>::value) {
+        const dim3 capsule_grid(static_cast<unsigned>(ceil_div(n.N_in, capsule_warps)),
+                                d.n_groups, grid.z);
+        cuda::launch(cuda::weight_grad_capsules_kernel<DT, T>, capsule_grid, capsule_warps * 32,
+                     cuda::capsule_grad_layout<T>(d, static_cast<int>(iterations),
+                                                  capsule_warps).end,
+                     cuda::current_stream(), src, d, sw, aptr<acc_t>(grad_u_part),
+                     dptr<scalar_t>(grad_weight));
+      }
+    } else if (kept) {
       last_pass(src, std::true_type{});
-    else
+    } else
       launch_with_source(
           src, d, [&] { return staged_fits(d, true, layout); },
           [&](auto source) { last_pass(source, std::false_type{}); });
