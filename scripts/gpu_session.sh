@@ -12,6 +12,9 @@
 #   rows      the row passes (forward and gradient; the default where they apply) against
 #             routing_pass_kernel's (CAPSROUTE_ROW_PASS=0): profile_cuda.py at B=128 float32
 #             and bfloat16 and B=512
+#   capsgrad  the kept last pass on weight_grad_capsules_kernel (the default where it applies)
+#             against weight_grad_kernel (CAPSROUTE_CAPSULE_GRAD=0), and with 5 and 12 warps
+#             a block: profile_cuda.py at B=128 float32 and B=32
 #   tests     the test suite's CUDA cases
 #   ncu       Nsight Compute on the canonical shape's kernels (scripts/ncu_kernels.sh)
 #   ncu-scale the same on the 32768x64 scale shape
@@ -57,6 +60,21 @@ profile_shapes() {
   timeout $(cap 45) python3 scripts/profile_cuda.py --op route
   timeout $(cap 90) python3 scripts/profile_cuda.py --n-in 32768 --n-out 64 --calls 3
 }
+# env_ab VAR "VALUES" ARGS...: profile_cuda.py with each argument set (a string each) under each
+# value of the environment switch VAR ("-" leaves it unset: the default).
+env_ab() {
+  local var=$1 values=$2; shift 2
+  for args in "$@"; do
+    for v in $values; do
+      echo "--- $var=$v $args"
+      if [ "$v" = - ]; then
+        env -u "$var" timeout $(cap 40) python3 scripts/profile_cuda.py $args
+      else
+        env "$var=$v" timeout $(cap 40) python3 scripts/profile_cuda.py $args
+      fi
+    done
+  done 2>&1 | grep -v -i warn
+}
 for step in "$@"; do
   if [ $(( deadline - $(date +%s) )) -lt 20 ]; then echo "=== $step: skipped, the session's time is spent"; continue; fi
   echo "=== $step ($(date +%T))"
@@ -74,13 +92,8 @@ for step in "$@"; do
     ncu-scale) timeout $(cap 240) bash scripts/ncu_kernels.sh 128 32768 64 2>&1 | tail -60 ;;
     profile) profile_shapes 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
     host) timeout $(cap 60) python3 scripts/profile_cuda.py --host 2>&1 | grep -v -i warn | tee "$OUT/host.log" ;;
-    rows)
-      for args in "" "--dtype bfloat16" "--batch 512"; do
-        for r in 0 1; do
-          echo "--- CAPSROUTE_ROW_PASS=$r $args"
-          CAPSROUTE_ROW_PASS=$r timeout $(cap 40) python3 scripts/profile_cuda.py $args
-        done
-      done 2>&1 | grep -v -i warn | tee "$OUT/rows.log" ;;
+    rows) env_ab CAPSROUTE_ROW_PASS "0 1" "" "--dtype bfloat16" "--batch 512" | tee "$OUT/rows.log" ;;
+    capsgrad) env_ab CAPSROUTE_CAPSULE_GRAD "0 - 5 12" "" "--batch 32" | tee "$OUT/capsgrad.log" ;;
     ab)
       cp capsroute/_C.abi3.so "$OUT/.current.so"
       for b in build/device_*/ current; do

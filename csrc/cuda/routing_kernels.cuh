@@ -2792,26 +2792,27 @@ weight_grad_capsules_kernel(WeightSource<scalar_t> src, Dims n, Sweep<float> sw,
       cp_async16(w + e, from + e);
   }
   // Batch tile b0's copies into buffer `buf`: the block's rows (2r - 1 runs of `rows` row
-  // tiles, contiguous in the tiled arrays), and the warp's pairs of iteration t, plane p
-  // (c, gbeta), capsule jl: 8 floats (two copies) at tp * kept_plane + jl * kept_batch from
-  // the first, tp = 2 (t - 2) + p.
-  const int64_t stride = tiled_elems(n), plane = kept_plane(n), kept_b = kept_batch(n);
+  // tiles, contiguous in the tiled arrays: gs^(1..r), then V^(1..r-1)), and the warp's pairs:
+  // for each tp = 2 (t - 2) + p (iteration t, plane p: c or gbeta), lane 2 jl + h copies half
+  // h of capsule jl's 8 floats, at tp * kept_plane + jl * kept_batch from the first.
+  const int64_t stride = tiled_elems(n), plane = kept_plane(n);
   const int run = rows * kTileElems;
+  const bool pair_lane = mine && lane < 2 * caps;  // (caps <= 16)
+  const float* const kept_lane =
+      sw.kept + (i * n.N_out + group_j0(n, grp) + (lane >> 1)) * kept_batch(n) + 4 * (lane & 1);
+  float* const pairs_lane = pairs + (lane >> 1) * kTileB + 4 * (lane & 1);
   auto stage = [&](int64_t b0, int buf) {
     const int64_t at = ((b0 / kTileB) * n.N_out + group_j0(n, grp)) * DT * kTileElems;
     float* dst = tiles + buf * lay.tile_elems;
-    for (int q = 0; q < 2 * R - 1; ++q) {
+    for (int q = 0; q < 2 * R - 1; ++q, dst += run) {
       const float* from = (q < R ? sw.gs + q * stride : sw.V_prev + (q - R + 1) * stride) + at;
-      for (int e = 4 * threadIdx.x; e < run; e += 4 * blockDim.x)
-        cp_async16(dst + q * run + e, from + e);
+      for (int e = 4 * threadIdx.x; e < run; e += 4 * blockDim.x) cp_async16(dst + e, from + e);
     }
-    if (!mine) return;
-    const float* kc = sw.kept + (i * n.N_out + group_j0(n, grp)) * kept_b + b0;
-    float* pd = pairs + buf * warps * lay.pair_elems;
-    for (int e = lane; e < (R - 1) * 2 * caps * 2; e += 32) {
-      const int h = e & 1, tp = (e >> 1) / caps, jl = (e >> 1) % caps;
-      cp_async16(pd + (tp * caps + jl) * kTileB + 4 * h, kc + tp * plane + jl * kept_b + 4 * h);
-    }
+    if (!pair_lane) return;
+    const float* from = kept_lane + b0;
+    float* to = pairs_lane + buf * warps * lay.pair_elems;
+    for (int tp = 0; tp < 2 * (R - 1); ++tp, from += plane, to += caps * kTileB)
+      cp_async16(to, from);
   };
   // The lane's u of a tile (B operand of grad_W's product, see weight_grad_operand), loaded a
   // tile ahead.
