@@ -13,7 +13,7 @@
 #             routing_pass_kernel's (CAPSROUTE_ROW_PASS=0): profile_cuda.py at B=128 float32
 #             and bfloat16 and B=512
 #   capsgrad  the kept last pass on weight_grad_capsules_kernel (the default where it applies)
-#             against weight_grad_kernel (CAPSROUTE_CAPSULE_GRAD=0), and with 5 and 12 warps
+#             against weight_grad_kernel (CAPSROUTE_CAPSULE_GRAD=0), and with 5 and 6 warps
 #             a block: profile_cuda.py at B=128 float32 and B=32
 #   tests     the test suite's CUDA cases
 #   ncu       Nsight Compute on the canonical shape's kernels (scripts/ncu_kernels.sh)
@@ -93,7 +93,7 @@ for step in "$@"; do
     profile) profile_shapes 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
     host) timeout $(cap 60) python3 scripts/profile_cuda.py --host 2>&1 | grep -v -i warn | tee "$OUT/host.log" ;;
     rows) env_ab CAPSROUTE_ROW_PASS "0 1" "" "--dtype bfloat16" "--batch 512" | tee "$OUT/rows.log" ;;
-    capsgrad) env_ab CAPSROUTE_CAPSULE_GRAD "0 - 5 12" "" "--batch 32" | tee "$OUT/capsgrad.log" ;;
+    capsgrad) env_ab CAPSROUTE_CAPSULE_GRAD "0 - 5 6" "" "--batch 32" | tee "$OUT/capsgrad.log" ;;
     ab)
       cp capsroute/_C.abi3.so "$OUT/.current.so"
       for b in build/device_*/ current; do
