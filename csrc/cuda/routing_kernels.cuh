@@ -2765,7 +2765,9 @@ __host__ __device__ inline CapsuleGradLayout capsule_grad_layout(const Dims& n, 
   return p;
 }
 
-template <int DT, typename scalar_t>
+// kR: the iteration count compiled in (the loop over iterations unrolled, so that the row
+// tiles' code is one straight block the compiler can interleave), or 0 (sw.iterations).
+template <int DT, int kR, typename scalar_t>
 __global__ void __launch_bounds__(kCapsuleWarpsMax * 32, 1)
 weight_grad_capsules_kernel(WeightSource<scalar_t> src, Dims n, Sweep<float> sw,
                             float* __restrict__ grad_u_part, scalar_t* __restrict__ grad_W) {
@@ -2777,7 +2779,7 @@ weight_grad_capsules_kernel(WeightSource<scalar_t> src, Dims n, Sweep<float> sw,
   const int grp = blockIdx.y;
   const int k0 = static_cast<int>(blockIdx.z) * 8;
   const int caps = static_cast<int>(group_caps(n, grp)), rows = caps * DT;
-  const int R = sw.iterations;
+  const int R = kR > 0 ? kR : sw.iterations;
   const CapsuleGradLayout lay = capsule_grad_layout<scalar_t>(n, R, warps);
   unsigned char* smem = dynamic_smem<unsigned char>();
   float* const tiles = reinterpret_cast<float*>(smem);
@@ -2873,7 +2875,7 @@ weight_grad_capsules_kernel(WeightSource<scalar_t> src, Dims n, Sweep<float> sw,
         load4(tg, f);
 #pragma unroll
         for (int q = 0; q < 4; ++q) a[q] = uniform * f[q];
-#pragma unroll 1
+#pragma unroll (kR > 0 ? kR : 1)
         for (int t = 2; t <= R; ++t) {
           float fg[4], fv[4];
           tg += run;

@@ -573,11 +573,18 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
       if constexpr (std::is_same<acc_t, float>::value) {
         const dim3 capsule_grid(static_cast<unsigned>(ceil_div(n.N_in, capsule_warps)),
                                 d.n_groups, grid.z);
-        cuda::launch(cuda::weight_grad_capsules_kernel<DT, T>, capsule_grid, capsule_warps * 32,
-                     cuda::capsule_grad_layout<T>(d, static_cast<int>(iterations),
-                                                  capsule_warps).end,
-                     cuda::current_stream(), src, d, sw, aptr<acc_t>(grad_u_part),
-                     dptr<scalar_t>(grad_weight));
+        auto go = [&](auto kR) {
+          cuda::launch(cuda::weight_grad_capsules_kernel<DT, decltype(kR)::value, T>,
+                       capsule_grid, capsule_warps * 32,
+                       cuda::capsule_grad_layout<T>(d, static_cast<int>(iterations),
+                                                    capsule_warps).end,
+                       cuda::current_stream(), src, d, sw, aptr<acc_t>(grad_u_part),
+                       dptr<scalar_t>(grad_weight));
+        };
+        if (iterations == 3)  // the usual count, compiled in
+          go(std::integral_constant<int, 3>{});
+        else
+          go(std::integral_constant<int, 0>{});
       }
     } else if (kept) {
       last_pass(src, std::true_type{});
