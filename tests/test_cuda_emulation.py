@@ -229,12 +229,15 @@ def test_row_pass_shapes(emu, monkeypatch, shape, dtype, row_pass):
 # own input capsules and share the batch tiles' rows: float32 and the half types, D_in a
 # multiple of 8, and at least 4 input capsules a block, which the emulation's 2
 # multiprocessors give from N_in = 7 on), against weight_grad_kernel (CAPSROUTE_CAPSULE_GRAD=0)
-# and with 5 warps a block asked for: last blocks with idle warps (37 = 3 x 12 + 1, 11, 9 and
-# 13 capsules), two groups of output capsules, two row tiles per capsule, two chunks of input
-# dims; 2, 3 and 5 iterations.
+# and with 5 warps a block asked for: last blocks with idle warps (37 = 3 x 12 + 1, 11, 9, 13
+# and 8 capsules), two groups of output capsules, two row tiles per capsule (32 dims, and 24:
+# the second tile half empty), 13 dims (rows past D_out in the tile), two chunks of input dims;
+# 2, 3 and 5 iterations.
 @pytest.mark.parametrize("warps", ["", "0", "5"])
 @pytest.mark.parametrize("shape,iterations", [(SHAPES[0], 3), (SHAPES[2], 2), (SHAPES[6], 5),
-                                              (Shape(9, 13, 6, 16, 16), 3)], ids=str)
+                                              (Shape(9, 13, 6, 16, 16), 3),
+                                              (Shape(6, 9, 5, 8, 24), 3),
+                                              (Shape(11, 8, 7, 8, 13), 2)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_capsule_weight_grad(emu, monkeypatch, shape, iterations, dtype, warps):
     monkeypatch.setenv("CAPSROUTE_CAPSULE_GRAD", warps)
