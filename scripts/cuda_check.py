@@ -79,6 +79,25 @@ print(f"float64 vs reference: worst relative error {worst:.2e}; {len(fails)} fai
 for f in fails[:15]:
     print("  FAIL", f)
 if args.tiny:
+    # float64 runs neither the row passes (forward and gradient) nor the kept last pass with
+    # one input capsule per warp (weight_grad_capsules_kernel, from 4 input capsules per
+    # multiprocessor on): float32 and bfloat16 on a shape that takes all three.
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    B, Ni, No, Di, Do = 20, 4 * sms + 5, 10, 8, 16
+    g = torch.Generator(device="cpu").manual_seed(7)
+    u64 = torch.randn(B, Ni, Di, dtype=torch.float64, generator=g)
+    W64 = torch.randn(Ni, No, Do, Di, dtype=torch.float64, generator=g) * 4 / (Ni * Di) ** 0.5
+    gv64 = torch.randn(B, No, Do, dtype=torch.float64, generator=g)
+    out = {}
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        u, W = (x.to(dev, dtype).requires_grad_() for x in (u64, W64))
+        fn = ref.dynamic_routing if dtype == torch.float64 else capsroute.dynamic_routing
+        v = fn(u, W, 3, leaky=True)
+        out[dtype] = [v, *torch.autograd.grad(v, [u, W], gv64.to(dev, dtype))]
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        errs = [rel(a, b) for a, b in zip(out[dtype], out[torch.float64])]
+        print(f"{dtype} {(B, Ni, No, Di, Do)} v, grad u, grad W: "
+              + ", ".join("%.1e" % e for e in errs) + ("" if max(errs) < tol else "  FAIL"))
     sys.exit(0)
 
 # dtypes at the canonical shape
