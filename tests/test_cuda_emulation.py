@@ -245,6 +245,14 @@ def test_capsule_weight_grad(emu, monkeypatch, shape, iterations, dtype, warps):
                  leaky=True, detach=False, return_coupling=True)
 
 
+@pytest.mark.parametrize("value", ["-1", "lots", "5 warps"])
+def test_capsule_grad_switch_is_checked(emu, monkeypatch, value):
+    monkeypatch.setenv("CAPSROUTE_CAPSULE_GRAD", value)
+    with pytest.raises(ValueError, match="CAPSROUTE_CAPSULE_GRAD must be 0 or a number"):
+        run_emulated(emu, "dynamic_routing", SHAPES[0], torch.float32, iterations=2,
+                     bias=False, leaky=False, detach=False, return_coupling=False)
+
+
 # The backward keeps the gradient passes' couplings for its last pass where they fit
 # CAPSROUTE_COUPLING_CACHE_MB (every other test here: they do); with 0 the last pass
 # recomputes them from the predictions.

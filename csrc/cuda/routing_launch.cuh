@@ -483,10 +483,17 @@ template <typename T, typename acc_t>
 int capsule_grad_warps(const Dims& d, int64_t iterations) {
   if (!std::is_same<acc_t, float>::value || !d.rows8) return 0;
   const char* env = std::getenv("CAPSROUTE_CAPSULE_GRAD");
-  const int asked = env != nullptr && *env != '\0' ? std::atoi(env) : -1;
+  long asked = -1;  // unset or empty: the rule above
+  if (env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    asked = std::strtol(env, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0' && asked >= 0,
+                      "capsroute: CAPSROUTE_CAPSULE_GRAD must be 0 or a number of warps, but is '",
+                      env, "'");
+  }
   if (asked == 0) return 0;
   int warps = static_cast<int>(std::clamp<int64_t>(
-      asked > 0 ? asked : ceil_div(d.N_in, cuda::multiprocessor_count()), 1,
+      asked > 0 ? int64_t(asked) : ceil_div(d.N_in, cuda::multiprocessor_count()), 1,
       cuda::kCapsuleWarpsMax));
   while (warps >= cuda::kCapsuleWarpsMin &&
          cuda::capsule_grad_layout<T>(d, static_cast<int>(iterations), warps).end > kPassSmem)
@@ -571,11 +578,11 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     const int capsule_warps = kept ? capsule_grad_warps<T, acc_t>(d, iterations) : 0;
     if (capsule_warps > 0) {
       if constexpr (std::is_same<acc_t, float>::value) {
-        const dim3 capsule_grid(static_cast<unsigned>(ceil_div(n.N_in, capsule_warps)),
-                                d.n_groups, grid.z);
+        const dim3 blocks(static_cast<unsigned>(ceil_div(n.N_in, capsule_warps)), d.n_groups,
+                          grid.z);
         auto go = [&](auto kR) {
-          cuda::launch(cuda::weight_grad_capsules_kernel<DT, decltype(kR)::value, T>,
-                       capsule_grid, capsule_warps * 32,
+          cuda::launch(cuda::weight_grad_capsules_kernel<DT, decltype(kR)::value, T>, blocks,
+                       capsule_warps * 32,
                        cuda::capsule_grad_layout<T>(d, static_cast<int>(iterations),
                                                     capsule_warps).end,
                        cuda::current_stream(), src, d, sw, aptr<acc_t>(grad_u_part),
@@ -588,10 +595,11 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
       }
     } else if (kept) {
       last_pass(src, std::true_type{});
-    } else
+    } else {
       launch_with_source(
           src, d, [&] { return staged_fits(d, true, layout); },
           [&](auto source) { last_pass(source, std::false_type{}); });
+    }
     // With several groups of output capsules their contributions to grad_u are added here,
     // in group order.
     if (!direct) grad_u.copy_(d.n_groups == 1 ? grad_u_part[0] : grad_u_part.sum(0));
