@@ -2823,11 +2823,7 @@ weight_grad_capsules_kernel(WeightSource<scalar_t> src, Dims n, Sweep<float> sw,
     for (int h = 0; h < 2; ++h) x[h] = mine ? u_at(src.u, n, b0 + 2 * L.t + h, i, k0 + L.g) : 0.f;
   };
 
-  float gW[kGroupRows][4];
-#pragma unroll
-  for (int r = 0; r < kGroupRows; ++r)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) gW[r][q] = 0.f;
+  float gW[kGroupRows][4] = {};
   const float uniform = uniform_coupling<float>(n);
   const int D_in = static_cast<int>(n.D_in), D_out = static_cast<int>(n.D_out);
   const int pair_plane = caps * kTileB / 2;  // pairs from a c plane to its gbeta plane
@@ -2858,11 +2854,7 @@ weight_grad_capsules_kernel(WeightSource<scalar_t> src, Dims n, Sweep<float> sw,
       // Where the lane's row g of W[i, j] (capsule 0 of the group) from dim k0 is, walked from
       // row tile to row tile (computed from r, each row's address took ~25 instructions).
       int wo = L.g * D_in + k0;
-      float gu[2][8];
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int k = 0; k < 8; ++k) gu[h][k] = 0.f;
+      float gu[2][8] = {};
 #pragma unroll
       for (int r = 0; r < kGroupRows; ++r) {
         if (r >= rows) break;  // warp-uniform
