@@ -15,6 +15,9 @@
 #   capsgrad  the kept last pass on weight_grad_capsules_kernel (the default where it applies)
 #             against weight_grad_kernel (CAPSROUTE_CAPSULE_GRAD=0), and with 5 and 6 warps
 #             a block: profile_cuda.py at B=128 float32 and B=32
+#   chunks    the row passes' chunks of input capsules: CAPSROUTE_ROW_BLOCKS_PER_SM unset
+#             (2 blocks of 8 warps per SM planned, 4 of 4 at B=32), 1, 2, 4 and 8, at B=32 and
+#             B=512 (profile_cuda.py)
 #   tests     the test suite's CUDA cases
 #   ncu       Nsight Compute on the canonical shape's kernels (scripts/ncu_kernels.sh)
 #   ncu-scale the same on the 32768x64 scale shape
@@ -94,6 +97,7 @@ for step in "$@"; do
     host) timeout $(cap 60) python3 scripts/profile_cuda.py --host 2>&1 | grep -v -i warn | tee "$OUT/host.log" ;;
     rows) env_ab CAPSROUTE_ROW_PASS "0 1" "" "--dtype bfloat16" "--batch 512" | tee "$OUT/rows.log" ;;
     capsgrad) env_ab CAPSROUTE_CAPSULE_GRAD "0 - 5 6" "" "--batch 32" | tee "$OUT/capsgrad.log" ;;
+    chunks) env_ab CAPSROUTE_ROW_BLOCKS_PER_SM "- 1 2 4 8" "--batch 32" "--batch 512" | tee "$OUT/chunks.log" ;;
     ab)
       cp capsroute/_C.abi3.so "$OUT/.current.so"
       for b in build/device_*/ current; do

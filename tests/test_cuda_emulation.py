@@ -245,12 +245,28 @@ def test_capsule_weight_grad(emu, monkeypatch, shape, iterations, dtype, warps):
                  leaky=True, detach=False, return_coupling=True)
 
 
-@pytest.mark.parametrize("value", ["-1", "lots", "5 warps"])
-def test_capsule_grad_switch_is_checked(emu, monkeypatch, value):
-    monkeypatch.setenv("CAPSROUTE_CAPSULE_GRAD", value)
-    with pytest.raises(ValueError, match="CAPSROUTE_CAPSULE_GRAD must be 0 or a number"):
+# The switches for measuring one kernel choice against another: a bad value is an error that
+# names the variable; CAPSROUTE_ROW_BLOCKS_PER_SM (the row passes' chunks of input capsules)
+# keeps the results: 1 block per multiprocessor planned (the emulation's 2: 2 chunks of 19
+# capsules) and 40 (37 chunks of one), against the default 8 for a batch of one row tile
+# (16 chunks of 3).
+@pytest.mark.parametrize("name,value", [("CAPSROUTE_CAPSULE_GRAD", "-1"),
+                                        ("CAPSROUTE_CAPSULE_GRAD", "lots"),
+                                        ("CAPSROUTE_CAPSULE_GRAD", "5 warps"),
+                                        ("CAPSROUTE_ROW_BLOCKS_PER_SM", "0"),
+                                        ("CAPSROUTE_ROW_BLOCKS_PER_SM", "two")])
+def test_switches_are_checked(emu, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name} must be"):
         run_emulated(emu, "dynamic_routing", SHAPES[0], torch.float32, iterations=2,
                      bias=False, leaky=False, detach=False, return_coupling=False)
+
+
+@pytest.mark.parametrize("blocks", ["1", "40"])
+def test_row_pass_chunks(emu, monkeypatch, blocks):
+    monkeypatch.setenv("CAPSROUTE_ROW_BLOCKS_PER_SM", blocks)
+    run_emulated(emu, "dynamic_routing", SHAPES[0], torch.float32, iterations=3, bias=True,
+                 leaky=True, detach=False, return_coupling=True)
 
 
 # The backward keeps the gradient passes' couplings for its last pass where they fit

@@ -61,6 +61,18 @@ acc_t* aptr(const at::Tensor& t) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The whole number in the environment variable `name` (the switches below), or -1 where it
+// is unset or empty; anything but a whole number >= 0 is an error saying it must be `what`.
+inline int64_t env_number(const char* name, const char* what) {
+  const char* s = std::getenv(name);
+  if (s == nullptr || *s == '\0') return -1;
+  char* end = nullptr;
+  const long long v = std::strtoll(s, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && v >= 0, "capsroute: ", name, " must be ", what,
+                    ", but is '", s, "'");
+  return v;
+}
+
 // Row tiles of 16 dims per output capsule: the kernels are compiled for D_out <= 32.
 inline int dim_tiles(const char* op, int64_t D_out) {
   TORCH_CHECK_VALUE(D_out <= 2 * cuda::kTileD, op,
@@ -241,14 +253,20 @@ bool use_row_pass(const Dims& d) {
 }
 
 // The row passes' blocks: up to 4 row tiles of 16 batch elements, 2 warps each; the chunks of
-// input capsules are planned for them (plan_chunks), in d.
+// input capsules are planned for them (plan_chunks), in d, for 16 warps per multiprocessor
+// (two blocks of 8, or more of fewer at small B). For measuring the chunk count's effect
+// (partial sums against blocks' length), CAPSROUTE_ROW_BLOCKS_PER_SM=n plans for n blocks.
 inline dim3 plan_row_pass(Dims& d, int& threads) {
   const int64_t tiles = ceil_div(d.B, cuda::kRowsB);
   const int per_block = static_cast<int>(std::min<int64_t>(4, tiles));
   const int64_t b_blocks = ceil_div(tiles, per_block);
   TORCH_CHECK_VALUE(b_blocks <= 65535,
                     "dynamic_routing: too large for the CUDA kernels' grid: B = ", d.B);
-  plan_chunks(d, cuda::kPassBlocksPerSM * std::max(1, 4 / per_block), b_blocks);
+  const char* name = "CAPSROUTE_ROW_BLOCKS_PER_SM";
+  const int64_t asked = env_number(name, "a number of blocks, 1 or more");
+  TORCH_CHECK_VALUE(asked != 0, "capsroute: ", name, " must be a number of blocks, 1 or more");
+  plan_chunks(d, asked > 0 ? asked : cuda::kPassBlocksPerSM * std::max(1, 4 / per_block),
+              b_blocks);
   threads = 64 * per_block;
   return dim3(static_cast<unsigned>(d.n_chunks), static_cast<unsigned>(b_blocks));
 }
@@ -320,14 +338,9 @@ void forward(const Src& src, const Dims& dims, int64_t iterations, double eps, c
 // (least memory, the last pass recomputes them). The canonical CapsNet at B = 128 keeps
 // 24 MB, against the 94 MB that u_hat alone would take.
 inline int64_t coupling_cache_bytes() {
-  const char* mb = std::getenv("CAPSROUTE_COUPLING_CACHE_MB");
-  if (mb == nullptr || *mb == '\0') return int64_t(1024) << 20;
-  char* end = nullptr;
-  const long long v = std::strtoll(mb, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && v >= 0,
-                    "capsroute: CAPSROUTE_COUPLING_CACHE_MB must be a whole number of MiB, "
-                    "0 or more, but is '", mb, "'");
-  return std::min<int64_t>(v, int64_t(1) << 40) << 20;
+  const int64_t mb =
+      env_number("CAPSROUTE_COUPLING_CACHE_MB", "a whole number of MiB, 0 or more");
+  return mb < 0 ? int64_t(1024) << 20 : std::min<int64_t>(mb, int64_t(1) << 40) << 20;
 }
 
 // What the backward sweep leaves for the last pass, per iteration t at t - 1: V_prev
@@ -482,18 +495,10 @@ inline at::Tensor grad_bias_of(const at::Tensor& gs, int64_t t_min, int64_t iter
 template <typename T, typename acc_t>
 int capsule_grad_warps(const Dims& d, int64_t iterations) {
   if (!std::is_same<acc_t, float>::value || !d.rows8) return 0;
-  const char* env = std::getenv("CAPSROUTE_CAPSULE_GRAD");
-  long asked = -1;  // unset or empty: the rule above
-  if (env != nullptr && *env != '\0') {
-    char* end = nullptr;
-    asked = std::strtol(env, &end, 10);
-    TORCH_CHECK_VALUE(*end == '\0' && asked >= 0,
-                      "capsroute: CAPSROUTE_CAPSULE_GRAD must be 0 or a number of warps, but is '",
-                      env, "'");
-  }
+  const int64_t asked = env_number("CAPSROUTE_CAPSULE_GRAD", "0 or a number of warps");
   if (asked == 0) return 0;
   int warps = static_cast<int>(std::clamp<int64_t>(
-      asked > 0 ? int64_t(asked) : ceil_div(d.N_in, cuda::multiprocessor_count()), 1,
+      asked > 0 ? asked : ceil_div(d.N_in, cuda::multiprocessor_count()), 1,
       cuda::kCapsuleWarpsMax));
   while (warps >= cuda::kCapsuleWarpsMin &&
          cuda::capsule_grad_layout<T>(d, static_cast<int>(iterations), warps).end > kPassSmem)
