@@ -83,7 +83,7 @@ if args.tiny:
     # float64 runs neither the row passes (forward and gradient) nor the kept last pass with
     # one input capsule per warp (weight_grad_capsules_kernel): float32 and bfloat16 on a
     # shape that takes all three, small for the sanitizers (13 input capsules: 4 warps a
-    # block asked for, where by default it needs 4 per multiprocessor).
+    # block asked for, where by default it needs 6 per multiprocessor).
     os.environ["CAPSROUTE_CAPSULE_GRAD"] = "4"
     B, Ni, No, Di, Do = 20, 13, 10, 8, 16
     g = torch.Generator(device="cpu").manual_seed(7)

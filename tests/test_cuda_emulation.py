@@ -227,9 +227,9 @@ def test_row_pass_shapes(emu, monkeypatch, shape, dtype, row_pass):
 
 # The backward's last pass with kept couplings on weight_grad_capsules_kernel (a block's warps
 # own input capsules and share the batch tiles' rows: float32 and the half types, D_in a
-# multiple of 8, and at least 4 input capsules a block, which the emulation's 2
-# multiprocessors give from N_in = 7 on), against weight_grad_kernel (CAPSROUTE_CAPSULE_GRAD=0)
-# and with 5 warps a block asked for: last blocks with idle warps (37 = 3 x 12 + 1, 11, 9, 13
+# multiple of 8, and by default at least 6 input capsules a block, which the emulation's 2
+# multiprocessors give from N_in = 11 on), against weight_grad_kernel
+# (CAPSROUTE_CAPSULE_GRAD=0) and with 5 warps a block asked for (every shape here): last blocks with idle warps (37 = 3 x 12 + 1, 11, 9, 13
 # and 8 capsules), two groups of output capsules, two row tiles per capsule (32 dims, and 24:
 # the second tile half empty), 13 dims (rows past D_out in the tile), two chunks of input dims;
 # 2, 3 and 5 iterations.

@@ -109,14 +109,14 @@ def test_row_passes_cuda(dtype, shape, row_pass, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_capsule_weight_grad_cuda(dtype, layer, warps, monkeypatch):
     """The backward's kept last pass on weight_grad_capsules_kernel (a block's warps each own
-    an input capsule: the default with D_in % 8 == 0 and at least 4 input capsules per
+    an input capsule: the default with D_in % 8 == 0 and at least 6 input capsules per
     multiprocessor), on weight_grad_kernel (CAPSROUTE_CAPSULE_GRAD=0) and with 5 warps a block
     asked for: against the reference on the MNIST layer with a short batch tile (B = 37), and
     on two groups of output capsules with two chunks of input dims and a last block with idle
     warps."""
     monkeypatch.setenv("CAPSROUTE_CAPSULE_GRAD", warps)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    shape = Shape(37, 1152, 10, 8, 16) if layer == "mnist" else Shape(10, 4 * sms + 3, 20, 16, 16)
+    shape = Shape(37, 1152, 10, 8, 16) if layer == "mnist" else Shape(10, 6 * sms + 3, 20, 16, 16)
     run_case("dynamic_routing", shape, dtype, "cuda", iterations=3, bias=True, leaky=True,
              detach=False, return_coupling=True)
 

@@ -2740,7 +2740,10 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
 // enough input capsules to give every multiprocessor a block of at least kCapsuleWarpsMin
 // warps); weight_grad_kernel otherwise.
 // grid = (ceil(N_in / warps), n_groups, ceil(D_in / 8)); shared memory: capsule_grad_layout.
-constexpr int kCapsuleWarpsMin = 4;
+// Below ~6 warps per SM (1.5 per scheduler) the issue rate should fall so far that sharing
+// the rows no longer pays for it: at N_in = 500, 4 warps a block would need ~30% issue to
+// match weight_grad_kernel's L2-bound ~43 µs (counted, not measured).
+constexpr int kCapsuleWarpsMin = 6;
 constexpr int kCapsuleWarpsMax = 12;  // 384 threads: up to 168 registers for one block per SM
 
 // Byte offsets of its shared memory: [2 buffers: (2r - 1) tiles of the group's rows, gs^(1..r)

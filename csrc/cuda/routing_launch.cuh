@@ -491,7 +491,8 @@ inline at::Tensor grad_bias_of(const at::Tensor& gs, int64_t t_min, int64_t iter
 // runs instead: float32 accumulation with W's rows in 16-byte pieces (rows8), and enough input
 // capsules that one block per multiprocessor has at least kCapsuleWarpsMin of them, with its
 // shared memory within kPassSmem. For measuring, CAPSROUTE_CAPSULE_GRAD=0 keeps
-// weight_grad_kernel, and CAPSROUTE_CAPSULE_GRAD=n asks for n warps per block.
+// weight_grad_kernel, and CAPSROUTE_CAPSULE_GRAD=n asks for n warps per block (any n from 1,
+// fewer where shared memory needs it).
 template <typename T, typename acc_t>
 int capsule_grad_warps(const Dims& d, int64_t iterations) {
   if (!std::is_same<acc_t, float>::value || !d.rows8) return 0;
@@ -500,10 +501,11 @@ int capsule_grad_warps(const Dims& d, int64_t iterations) {
   int warps = static_cast<int>(std::clamp<int64_t>(
       asked > 0 ? asked : ceil_div(d.N_in, cuda::multiprocessor_count()), 1,
       cuda::kCapsuleWarpsMax));
-  while (warps >= cuda::kCapsuleWarpsMin &&
+  const int least = asked > 0 ? 1 : cuda::kCapsuleWarpsMin;
+  while (warps >= least &&
          cuda::capsule_grad_layout<T>(d, static_cast<int>(iterations), warps).end > kPassSmem)
     --warps;
-  return warps >= cuda::kCapsuleWarpsMin ? warps : 0;
+  return warps >= least ? warps : 0;
 }
 
 template <typename scalar_t, typename Src>
