@@ -2789,7 +2789,9 @@ weight_grad_capsules_kernel(WeightSource<scalar_t> src, Dims n, Sweep<float> sw,
   float* const pairs = reinterpret_cast<float*>(smem + lay.pairs) + warp * lay.pair_elems;
   scalar_t* const w = reinterpret_cast<scalar_t*>(smem + lay.w) + warp * lay.w_elems;
 
-  // The warp's W[i] (group rows), with the first tile's copies below.
+  // The warp's W[i] (group rows), with the first tile's copies below: stage_weight's copy by
+  // the warp's lanes (rows8 here). Making copy_weight take the threads as parameters
+  // instead tipped routing_pass_kernel's gradient pass (DT = 2) into 8 bytes of spills.
   if (mine) {
     constexpr int kPer = 16 / sizeof(scalar_t);
     const scalar_t* from = src.W + (i * n.N_out + group_j0(n, grp)) * n.D_out * n.D_in;
