@@ -250,7 +250,8 @@ def test_capsule_weight_grad(emu, monkeypatch, shape, iterations, dtype, warps):
 # keeps the results: 1 block per multiprocessor planned (the emulation's 2: 2 chunks of 19
 # capsules) and 40 (37 chunks of one), against the default 8 for a batch of one row tile
 # (16 chunks of 3).
-@pytest.mark.parametrize("name,value", [("CAPSROUTE_CAPSULE_GRAD", "-1"),
+@pytest.mark.parametrize("name,value", [("CAPSROUTE_ROW_PASS", "off"),
+                                        ("CAPSROUTE_CAPSULE_GRAD", "-1"),
                                         ("CAPSROUTE_CAPSULE_GRAD", "lots"),
                                         ("CAPSROUTE_CAPSULE_GRAD", "5 warps"),
                                         ("CAPSROUTE_ROW_BLOCKS_PER_SM", "0"),

@@ -901,6 +901,10 @@ __host__ __device__ inline int64_t kept_batch(const Dims& n) {
 __host__ __device__ inline int64_t kept_plane(const Dims& n) {
   return n.N_in * n.N_out * kept_batch(n);
 }
+// Where (b, i, j) is in a plane.
+__host__ __device__ inline int64_t kept_index(const Dims& n, int64_t i, int64_t j, int64_t b) {
+  return (i * n.N_out + j) * kept_batch(n) + b;
+}
 // Where iteration t's two planes start (t >= 2; see Sweep::kept).
 __host__ __device__ inline int64_t kept_offset(const Dims& n, int64_t t) {
   return (t - 2) * 2 * kept_plane(n);
@@ -922,7 +926,7 @@ __host__ __device__ inline KeptSteps kept_steps(const Dims& n) {
 template <int DT>
 __device__ __forceinline__ int64_t kept_pair_offset(const Dims& n, const Lane& L, int64_t i,
                                                     int64_t b0, int grp) {
-  return (i * n.N_out + grp * (kGroupRows / DT)) * kept_batch(n) + b0 + 2 * L.t;
+  return kept_index(n, i, grp * (kGroupRows / DT), b0 + 2 * L.t);
 }
 template <int DT, typename acc_t>
 __device__ __forceinline__ void keep_couplings(const Dims& n, const Lane& L, acc_t* kept,
@@ -934,7 +938,7 @@ __device__ __forceinline__ void keep_couplings(const Dims& n, const Lane& L, acc
   const bool in = b < n.B;
   // One pointer per plane, walked batch by batch (with each capsule's address made in 64
   // bits, the gradient pass spilled more: ptxas).
-  acc_t* pc = kept + (i * n.N_out + grp * GJ + spread_capsule(L, 0)) * rows + b;
+  acc_t* pc = kept + kept_index(n, i, grp * GJ + spread_capsule(L, 0), b);
   acc_t* pg = pc + kept_plane(n);
 #pragma unroll
   for (int nb = 0; nb < kBatches<DT>; ++nb) {
@@ -1727,7 +1731,7 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
           const float gv = c[v] * (dc[v] - cg);
           const int j = j_base + v;
           if (keep && j < n.N_out) {
-            float* kc = st.kept + (i * n.N_out + j) * rows + b;
+            float* kc = st.kept + kept_index(n, i, j, b);
             kc[0] = b < n.B ? c[v] : 0.f;
             kc[kept_plane(n)] = b < n.B ? gv : 0.f;
           }
@@ -2720,7 +2724,6 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   }
 }
 
-
 // --- the last pass with kept couplings, one input capsule per warp ----------------------
 //
 // weight_grad_kernel gives a block one input capsule and its warps the batch tiles in turn, so
@@ -2806,7 +2809,7 @@ weight_grad_capsules_kernel(WeightSource<scalar_t> src, Dims n, Sweep<float> sw,
   const int run = rows * kTileElems;
   const bool pair_lane = mine && lane < 2 * caps;  // (caps <= 16)
   const float* const kept_lane =
-      sw.kept + (i * n.N_out + group_j0(n, grp) + (lane >> 1)) * kept_batch(n) + 4 * (lane & 1);
+      sw.kept + kept_index(n, i, group_j0(n, grp) + (lane >> 1), 4 * (lane & 1));
   float* const pairs_lane = pairs + (lane >> 1) * kTileB + 4 * (lane & 1);
   auto stage = [&](int64_t b0, int buf) {
     const int64_t at = ((b0 / kTileB) * n.N_out + group_j0(n, grp)) * DT * kTileElems;

@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <string>
 #include <utility>
 
 #include "../checks.h"
@@ -245,10 +244,8 @@ constexpr bool kRowSource = std::is_same<std::remove_cv_t<Src>, cuda::WeightSour
                             !std::is_same<T, double>::value;
 template <typename Src, typename T>
 bool use_row_pass(const Dims& d) {
-  if constexpr (kRowSource<Src, T>) {
-    const char* env = std::getenv("CAPSROUTE_ROW_PASS");
-    return cuda::row_pass_supported(d) && !(env != nullptr && std::string(env) == "0");
-  }
+  if constexpr (kRowSource<Src, T>)
+    return cuda::row_pass_supported(d) && env_number("CAPSROUTE_ROW_PASS", "0 or 1") != 0;
   return false;
 }
 
