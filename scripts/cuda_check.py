@@ -80,10 +80,13 @@ print(f"float64 vs reference: worst relative error {worst:.2e}; {len(fails)} fai
 for f in fails[:15]:
     print("  FAIL", f)
 if args.tiny:
-    # float64 runs neither the row passes (forward and gradient) nor the kept last pass with
-    # one input capsule per warp (weight_grad_capsules_kernel): float32 and bfloat16 on a
-    # shape that takes all three, small for the sanitizers (13 input capsules: 4 warps a
-    # block asked for, where by default it needs 6 per multiprocessor).
+    # float64 runs neither the row passes (forward and gradient), nor the kept last pass with
+    # one input capsule per warp (weight_grad_capsules_kernel), nor the recomputing one with
+    # operands (weight_grad_kernel with a capsule per warp): float32 and bfloat16 on a shape
+    # that takes them, small for the sanitizers (13 input capsules: CAPSROUTE_CAPSULE_GRAD
+    # asks for a capsule per warp, 4 a block in the kept pass, where by default they need more
+    # capsules per multiprocessor), then float32 with the couplings recomputed
+    # (CAPSROUTE_COUPLING_CACHE_MB=0).
     os.environ["CAPSROUTE_CAPSULE_GRAD"] = "4"
     B, Ni, No, Di, Do = 20, 13, 10, 8, 16
     g = torch.Generator(device="cpu").manual_seed(7)
@@ -91,14 +94,16 @@ if args.tiny:
     W64 = torch.randn(Ni, No, Do, Di, dtype=torch.float64, generator=g) * 4 / (Ni * Di) ** 0.5
     gv64 = torch.randn(B, No, Do, dtype=torch.float64, generator=g)
     out = {}
-    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+    runs = [(torch.float64, ""), (torch.float32, ""), (torch.bfloat16, ""), (torch.float32, "0")]
+    for dtype, cache in runs:
+        os.environ["CAPSROUTE_COUPLING_CACHE_MB"] = cache
         u, W = (x.to(dev, dtype).requires_grad_() for x in (u64, W64))
         fn = ref.dynamic_routing if dtype == torch.float64 else capsroute.dynamic_routing
         v = fn(u, W, 3, leaky=True)
-        out[dtype] = [v, *torch.autograd.grad(v, [u, W], gv64.to(dev, dtype))]
-    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
-        errs = [rel(a, b) for a, b in zip(out[dtype], out[torch.float64])]
-        print(f"{dtype} {(B, Ni, No, Di, Do)} v, grad u, grad W: "
+        out[dtype, cache] = [v, *torch.autograd.grad(v, [u, W], gv64.to(dev, dtype))]
+    for (dtype, cache), tol in zip(runs[1:], (1e-4, 5e-2, 1e-4)):
+        errs = [rel(a, b) for a, b in zip(out[dtype, cache], out[torch.float64, ""])]
+        print(f"{dtype}{' recomputed' if cache else ''} {(B, Ni, No, Di, Do)} v, grad u, grad W: "
               + ", ".join("%.1e" % e for e in errs) + ("" if max(errs) < tol else "  FAIL"))
     sys.exit(0)
 

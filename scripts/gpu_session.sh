@@ -15,6 +15,10 @@
 #   capsgrad  the kept last pass on weight_grad_capsules_kernel (the default where it applies)
 #             against weight_grad_kernel (CAPSROUTE_CAPSULE_GRAD=0), and with 5 and 6 warps
 #             a block: profile_cuda.py at B=128 float32 and B=32
+#   recompute the recomputing last pass with an input capsule per warp of weight_grad_kernel
+#             (the default where it takes fewer tile steps) against one per block
+#             (CAPSROUTE_CAPSULE_GRAD=0): the scale shape, and the canonical shape with
+#             CAPSROUTE_COUPLING_CACHE_MB=0 at B=32 (per warp) and B=128 (per block)
 #   chunks    the row passes' chunks of input capsules: CAPSROUTE_ROW_BLOCKS_PER_SM unset
 #             (2 blocks of 8 warps per SM planned, 4 of 4 at B=32), 1, 2, 4 and 8, at B=32 and
 #             B=512 (profile_cuda.py)
@@ -64,16 +68,17 @@ profile_shapes() {
   timeout $(cap 90) python3 scripts/profile_cuda.py --n-in 32768 --n-out 64 --calls 3
 }
 # env_ab VAR "VALUES" ARGS...: profile_cuda.py with each argument set (a string each) under each
-# value of the environment switch VAR ("-" leaves it unset: the default).
+# value of the environment switch VAR ("-" leaves it unset: the default), AB_S seconds each
+# (default 40).
 env_ab() {
   local var=$1 values=$2; shift 2
   for args in "$@"; do
     for v in $values; do
       echo "--- $var=$v $args"
       if [ "$v" = - ]; then
-        env -u "$var" timeout $(cap 40) python3 scripts/profile_cuda.py $args
+        env -u "$var" timeout $(cap ${AB_S:-40}) python3 scripts/profile_cuda.py $args
       else
-        env "$var=$v" timeout $(cap 40) python3 scripts/profile_cuda.py $args
+        env "$var=$v" timeout $(cap ${AB_S:-40}) python3 scripts/profile_cuda.py $args
       fi
     done
   done 2>&1 | grep -v -i warn
@@ -97,6 +102,10 @@ for step in "$@"; do
     host) timeout $(cap 60) python3 scripts/profile_cuda.py --host 2>&1 | grep -v -i warn | tee "$OUT/host.log" ;;
     rows) env_ab CAPSROUTE_ROW_PASS "0 1" "" "--dtype bfloat16" "--batch 512" | tee "$OUT/rows.log" ;;
     capsgrad) env_ab CAPSROUTE_CAPSULE_GRAD "0 - 5 6" "" "--batch 32" | tee "$OUT/capsgrad.log" ;;
+    recompute)
+      ( AB_S=90 env_ab CAPSROUTE_CAPSULE_GRAD "0 -" "--n-in 32768 --n-out 64 --calls 3"
+        export CAPSROUTE_COUPLING_CACHE_MB=0
+        env_ab CAPSROUTE_CAPSULE_GRAD "0 -" "--batch 32" "" ) | tee "$OUT/recompute.log" ;;
     chunks) env_ab CAPSROUTE_ROW_BLOCKS_PER_SM "- 1 2 4 8" "--batch 32" "--batch 512" | tee "$OUT/chunks.log" ;;
     ab)
       cp capsroute/_C.abi3.so "$OUT/.current.so"

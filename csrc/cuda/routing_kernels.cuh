@@ -239,6 +239,17 @@ __device__ __forceinline__ const T* opaque(const T* p) {
   return p;
 }
 
+// ... and made again at each use (volatile, so not hoisted): for a loop-invariant pointer from
+// which a loop forms many addresses, which the compiler would otherwise form once before the
+// loop and keep (or spill) for all of it.
+template <typename T>
+__device__ __forceinline__ const T* reformed(const T* p) {
+#ifndef CAPSROUTE_EMULATE
+  asm volatile("mov.b64 %0, %0;" : "+l"(p));
+#endif
+  return p;
+}
+
 // The same for a 32-bit offset walked in an unrolled loop, which the compiler would otherwise
 // rebuild in closed form at every use.
 __device__ __forceinline__ int opaque(int x) {
@@ -1101,9 +1112,11 @@ __device__ __forceinline__ void stage_weight(const GivenSource<scalar_t>&, const
 // of predict_tile (layout in FragmentSource): lane (g, t) of row tile r and chunk c holds
 // rows (r % DT) * 16 + {g, g + 8} and input dims 8c + {t, t + 4}, split into TF32 parts, with
 // zeros past D_out and D_in, and for the row tiles past the group's capsules (made in
-// batches, see capsule_batch). Made once per input capsule by the whole block, instead of by
-// every warp at every use of a tile.
-template <int DT, int kChunks, typename scalar_t>
+// batches, see capsule_batch). Made once per input capsule, instead of by every warp at every
+// use of a tile: by the whole block, or with kWarp by the one warp that owns the capsule
+// (a template parameter: the block's form as thread parameters cost routing_pass_kernel's
+// forward pass 36 B of spills). `raw` may be in global memory.
+template <int DT, int kChunks, bool kWarp = false, typename scalar_t>
 __device__ __forceinline__ void build_fragments(const scalar_t* raw, const Dims& n, int grp,
                                                 uint4* Wf) {
   using S = Scalar<scalar_t>;
@@ -1112,7 +1125,8 @@ __device__ __forceinline__ void build_fragments(const scalar_t* raw, const Dims&
   const int D_in = static_cast<int>(n.D_in), D_out = static_cast<int>(n.D_out);
   const int KC = kChunks > 0 ? kChunks : n.k_chunks;  // (a division below)
   const int caps = static_cast<int>(group_caps(n, grp));
-  for (int e = threadIdx.x; e < kGroupRows * KC * 32; e += blockDim.x) {
+  for (int e = kWarp ? threadIdx.x & 31 : threadIdx.x; e < kGroupRows * KC * 32;
+       e += kWarp ? 32 : blockDim.x) {
     const int lane = e & 31, c = (e >> 5) % KC, r = (e >> 5) / KC;
     const int d0 = (r % DT) * kTileD + (lane >> 2), k0 = c * 8 + (lane & 3);
     const scalar_t* w = raw + (r / DT) * (D_out * D_in);
@@ -2204,6 +2218,12 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
 // memory, float64: in registers); at the end the warps' partial sums are added in warp order
 // (deterministic, no atomics).
 // grid = (N_in, n_groups, ceil(D_in / 8)); dynamic shared memory: weight_grad_layout().
+// Recomputing, with kOwn, each warp owns an input capsule instead (grid.x =
+// ceil(N_in / kFinalWarps)): its own operands of W[i] in shared memory, W[i]'s rows for grad_u
+// read from global memory, all the batch tiles and its own grad_W[i], written at the end. The
+// block's warps walk the tiles together, so that the rows of V and gs, the same for every
+// input capsule, are read once a block where every warp read them (the launch code chooses
+// between the two by counting tile steps: recompute_capsule_warps).
 //
 // Two ways to get g_uh, one instantiation each (kKept):
 // - false: prediction_grad makes the warp's 16 rows of g_uh (recomputing predictions, logits
@@ -2247,12 +2267,13 @@ constexpr int kRingTiles = 2 * kRingIterations - 1;  // gs^(1), gs^(2), gs^(3), 
 constexpr size_t kRingBytes = size_t(kFinalWarps) * 2 * kRingTiles * kTileElems * sizeof(float);
 template <typename scalar_t, typename acc_t>
 __host__ __device__ inline SmemLayout weight_grad_layout(const Dims& n, bool fragments,
-                                                         bool kept) {
+                                                         bool kept, bool own = false) {
   const size_t tiles = std::is_same<acc_t, float>::value
                            ? kFinalAccBytes + (kept ? kRingBytes : 0)
                            : size_t(kFinalWarps) * kTileB * (kFinalTileStride + 8) * sizeof(acc_t);
   const size_t w_bytes = n.w_shared ? widest_group_cols(n) * n.D_in * sizeof(scalar_t) : 0;
-  return smem_layout<scalar_t>(n, tiles, w_bytes, fragments, 1, kFinalWarps);
+  // With a capsule per warp (own): operands for each warp's.
+  return smem_layout<scalar_t>(n, tiles, w_bytes, fragments, own ? kFinalWarps : 1, kFinalWarps);
 }
 
 // grad_u's share of row tile r of g_uh (capsule j, the lane's dims d; j < N_out):
@@ -2508,31 +2529,47 @@ __device__ __forceinline__ void ring_row(const Dims& n, const Lane& L, const flo
   }
 }
 
+// grad_W[i, j, d, k0 + k] = x for row `row` of group grp's (j, d) rows (row tile r = row / 16:
+// capsule grp * GJ + r / DT, dim (r % DT) * 16 + row % 16), where that entry exists.
+template <int DT, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_weight_grad(const Dims& n, scalar_t* grad_W, int64_t i,
+                                                  int grp, int64_t k0, int row, int k, acc_t x) {
+  const int r = row / kTileD;
+  const int64_t j = int64_t(grp) * (kGroupRows / DT) + r / DT;
+  const int d = (r % DT) * kTileD + row % kTileD;
+  if (j < n.N_out && d < n.D_out && k0 + k < n.D_in)
+    grad_W[((i * n.N_out + j) * n.D_out + d) * n.D_in + k0 + k] = Scalar<scalar_t>::store(x);
+}
+
 // Two blocks per SM with the couplings kept (float32 accumulation: ~109 KB of shared memory
 // each for the MNIST layer, the ring included); recomputing needs all the registers.
-template <int DT, typename Src, typename scalar_t, bool kKept>
+template <int DT, typename Src, typename scalar_t, bool kKept, bool kOwn = false>
 __global__ void __launch_bounds__(kFinalWarps * 32, blocks_per_sm<scalar_t>(kKept ? 2 : 1))
 weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
                    typename Scalar<scalar_t>::acc* __restrict__ grad_u_part,
                    scalar_t* __restrict__ grad_W) {
   using acc_t = typename Scalar<scalar_t>::acc;
-  using S = Scalar<scalar_t>;
   constexpr int GJ = kGroupRows / DT;
   constexpr bool kMatrixUnits = std::is_same<acc_t, float>::value;
   static_assert(!(kKept && Src::kFragments), "kept couplings need no prediction operands");
+  static_assert(!(kKept && kOwn), "a capsule per warp recomputes");
   const Lane L;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t i = blockIdx.x;
+  // The block's input capsule, or with kOwn the warp's; a warp past N_in (in the last block)
+  // only meets the barriers.
+  const int64_t i = kOwn ? int64_t(blockIdx.x) * kFinalWarps + warp : int64_t(blockIdx.x);
+  const bool active = i < n.N_in;
   const int grp = blockIdx.y;
   const int64_t k0 = int64_t(blockIdx.z) * 8;
 
   unsigned char* smem = dynamic_smem<unsigned char>();
-  const SmemLayout layout = weight_grad_layout<scalar_t, acc_t>(n, Src::kFragments, kKept);
+  const SmemLayout layout = weight_grad_layout<scalar_t, acc_t>(n, Src::kFragments, kKept, kOwn);
   // W[i]'s rows from output capsule w_j0 on (for grad_u): all of them in global memory, or
-  // the group's in shared memory (always with fragments).
-  const scalar_t* w_rows = src.W + i * n.J * n.D_in;
+  // the group's in shared memory (always with fragments, unless kOwn).
+  const scalar_t* w_rows = src.W + (active ? i : 0) * n.J * n.D_in;
+  const scalar_t* w_group = w_rows + group_j0(n, grp) * n.D_out * n.D_in;  // (in global memory)
   int64_t w_j0 = 0;
-  if (n.w_shared) {
+  if (!kOwn && n.w_shared) {
     scalar_t* w = reinterpret_cast<scalar_t*>(smem + layout.w);
     stage_weight(src, n, i, grp, w);
     cp_async_commit();
@@ -2542,10 +2579,17 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   }
   __syncthreads();
   if constexpr (Src::kFragments) {  // the predictions' operands (one input capsule: once)
-    src.Wf = reinterpret_cast<uint4*>(smem + layout.wf);
+    // (uint4s per capsule, as weight_grad_layout counts them)
+    const int64_t operands = int64_t(kGroupRows) * Src::kParts * n.k_chunks * 32;
+    src.Wf = reinterpret_cast<uint4*>(smem + layout.wf) + (kOwn ? warp * operands : 0);
     src.Uf = reinterpret_cast<uint4*>(smem + layout.uf) + warp * n.k_chunks * 32;
-    build_fragments<DT, Src::kChunks>(w_rows, n, grp, src.Wf);
-    __syncthreads();
+    if constexpr (kOwn) {  // the warp's own, from global memory
+      if (active) build_fragments<DT, Src::kChunks, true>(w_group, n, grp, src.Wf);
+      __syncwarp();
+    } else {
+      build_fragments<DT, Src::kChunks>(w_rows, n, grp, src.Wf);
+      __syncthreads();
+    }
   } else {
     src.Wi = w_rows;
     src.wi_j0 = w_j0;
@@ -2585,18 +2629,31 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
     }
     cp_async_commit();
   }
-  // W[i]'s group rows in shared memory as whole 16-byte rows: grad_u from them by
-  // add_grad_u_staged.
-  const bool w_staged = n.w_shared && n.rows8;
+  // W[i]'s group rows in shared memory as whole 16-byte rows (kOwn: the same rows in global
+  // memory): grad_u from them by add_grad_u_staged.
+  const bool w_staged = (kOwn || n.w_shared) && n.rows8;
   auto grad_u_row = [&](int r, const acc_t (&a)[4], acc_t (&gu)[2][8]) {
-    if (w_staged)  // (the pointer made here, where the compiler sees that it is shared memory)
-      add_grad_u_staged<DT>(reinterpret_cast<const scalar_t*>(smem + layout.w), n, L, r,
-                            static_cast<int>(k0), a, gu);
+    // (the pointer made here, where the compiler sees that it is shared memory; kOwn: the rows'
+    // 16 global addresses, hoisted out of the batch loop, spilled 104 B)
+    if (w_staged)
+      add_grad_u_staged<DT>(kOwn ? reformed(w_group)
+                                 : reinterpret_cast<const scalar_t*>(smem + layout.w),
+                            n, L, r, static_cast<int>(k0), a, gu);
     else
       add_grad_u<DT>(w_rows, w_j0, n, L, grp, r, k0, a, gu);
   };
 
-  for (int64_t b0 = int64_t(warp) * kTileB; b0 < n.B; b0 += kFinalWarps * kTileB) {
+  // The batch tiles: the warp's share (w, w + kFinalWarps, ...), or with a capsule per warp
+  // all of them, the block's warps on the same tile at a time (a barrier per tile keeps them
+  // there), so that the V and gs rows they all read come from L2 once a block, not once a
+  // warp: ~90% of this pass's L2 traffic at N_in = 32768 (RESULTS.md).
+  const int64_t b_first = kOwn ? 0 : int64_t(warp) * kTileB;
+  const int64_t b_step = kOwn ? kTileB : int64_t(kFinalWarps) * kTileB;
+  for (int64_t b0 = b_first; b0 < n.B; b0 += b_step) {
+    if constexpr (kOwn) {
+      __syncthreads();
+      if (!active) continue;
+    }
     acc_t gu[2][8];
 #pragma unroll
     for (int h = 0; h < 2; ++h)
@@ -2674,6 +2731,20 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
     if constexpr (!kMatrixUnits) add_weight_grad_fma(tile_g, tile_u, src.u, n, L, i, b0, k0, gW);
   }
 
+  if constexpr (kOwn) {  // the warp's grad_W[i], whole: no sum over warps
+    if (!active) return;
+#pragma unroll
+    for (int e = 0; e < 64; ++e) {
+      int row, k;
+      weight_grad_slot<acc_t>(e, lane, row, k);
+      if constexpr (kMatrixUnits)
+        store_weight_grad<DT>(n, grad_W, i, grp, k0, row, k, gw_s[e * 32 + lane]);
+      else
+        store_weight_grad<DT>(n, grad_W, i, grp, k0, row, k, gW[e]);
+    }
+    return;
+  }
+
   // The warps' partial grad_W[i] ([256 rows][8 dims]), added in warp order into `sum`.
   acc_t* sum = reinterpret_cast<acc_t*>(smem);
   if constexpr (kMatrixUnits) {
@@ -2714,14 +2785,8 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
       __syncthreads();
     }
   }
-  // Row (r, dd) of the group: capsule grp * GJ + r / DT, dim (r % DT) * 16 + dd.
-  for (int e = threadIdx.x; e < kFinalRows * 8; e += blockDim.x) {
-    const int row = e / 8, k = e % 8, r = row / kTileD, dd = row % kTileD;
-    const int64_t j = int64_t(grp) * GJ + r / DT;
-    const int d = (r % DT) * kTileD + dd;
-    if (j < n.N_out && d < n.D_out && k0 + k < n.D_in)
-      grad_W[((i * n.N_out + j) * n.D_out + d) * n.D_in + k0 + k] = S::store(sum[e]);
-  }
+  for (int e = threadIdx.x; e < kFinalRows * 8; e += blockDim.x)
+    store_weight_grad<DT>(n, grad_W, i, grp, k0, e / 8, e % 8, sum[e]);
 }
 
 // --- the last pass with kept couplings, one input capsule per warp ----------------------
