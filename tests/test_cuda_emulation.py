@@ -341,6 +341,20 @@ def test_thread_order_does_not_change_results(emu, monkeypatch, op, shape, dtype
     every launch) in random orders, and with cp.async copies landing early or late
     (CAPSROUTE_EMULATION_SCHEDULE); code that reads or writes what another thread writes with
     no barrier between them gives different bits under different orders."""
+    check_thread_order(emu, monkeypatch, op, shape, dtype)
+
+
+# The same for the recomputing last pass with an input capsule per warp (a last block with
+# idle warps; two groups).
+@pytest.mark.parametrize("shape,dtype", [(SHAPES[0], torch.float32), (SHAPES[2], torch.bfloat16),
+                                         (TINY_GROUPS, torch.float64)], ids=str)
+def test_thread_order_recomputing_capsule_warps(emu, monkeypatch, shape, dtype):
+    monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", "0")
+    monkeypatch.setenv("CAPSROUTE_CAPSULE_GRAD", "1")
+    check_thread_order(emu, monkeypatch, "dynamic_routing", shape, dtype)
+
+
+def check_thread_order(emu, monkeypatch, op, shape, dtype):
     gen = make_generator("emulation-schedule", op, tuple(shape), str(dtype))
     make = make_routing_inputs if op == "dynamic_routing" else make_route_inputs
     ins = make(shape, dtype, "cpu", bias=True, gen=gen)
