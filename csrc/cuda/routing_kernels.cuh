@@ -1114,8 +1114,9 @@ __device__ __forceinline__ void stage_weight(const GivenSource<scalar_t>&, const
 // zeros past D_out and D_in, and for the row tiles past the group's capsules (made in
 // batches, see capsule_batch). Made once per input capsule, instead of by every warp at every
 // use of a tile: by the whole block, or with kWarp by the one warp that owns the capsule
-// (a template parameter: the block's form as thread parameters cost routing_pass_kernel's
-// forward pass 36 B of spills). `raw` may be in global memory.
+// (a template parameter, so that the block's form compiles as it did: with thread parameters,
+// and a flag in Dims, routing_pass_kernel's forward pass went from 0 to 36 B of spills).
+// `raw` may be in global memory.
 template <int DT, int kChunks, bool kWarp = false, typename scalar_t>
 __device__ __forceinline__ void build_fragments(const scalar_t* raw, const Dims& n, int grp,
                                                 uint4* Wf) {
