@@ -87,16 +87,19 @@ for name, fn in [("forward", forward), ("forward+backward", forward_backward)]:
     for e in sorted(events, key=lambda e: -e.device_time_total):
         print(f"  {e.device_time_total / args.calls:9.1f} us  {e.count / args.calls:4.1f}x  {e.key[:100]}")
 
-    # Back to back (no synchronisation between calls), eagerly and as a CUDA graph replay.
+    # Back to back (no synchronisation between calls), eagerly and as a CUDA graph replay;
+    # also the host's time to enqueue the calls (until the last returns, before the sync).
     def per_call(run):
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         for _ in range(args.calls):
             run()
+        host_us = (time.perf_counter() - t0) / args.calls * 1e6
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end) / args.calls * 1e3
+        return start.elapsed_time(end) / args.calls * 1e3, host_us
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -111,6 +114,7 @@ for name, fn in [("forward", forward), ("forward+backward", forward_backward)]:
     except RuntimeError as e:
         print(f"  back to back: the CUDA graph capture failed: {e}")
         continue
-    eager_us, graph_us = per_call(fn), per_call(graph.replay)
+    (eager_us, host_us), (graph_us, _) = per_call(fn), per_call(graph.replay)
     print(f"  back to back: eager {eager_us:.1f} us per call, CUDA graph replay {graph_us:.1f} us "
-          f"(host-bound by {max(0.0, eager_us - graph_us):.1f} us)")
+          f"(host-bound by {max(0.0, eager_us - graph_us):.1f} us); the host enqueues a call "
+          f"in {host_us:.1f} us")
