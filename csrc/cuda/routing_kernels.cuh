@@ -2305,12 +2305,27 @@ __device__ __forceinline__ void add_grad_u(const scalar_t* w_rows, int64_t w_j0,
 // per k. The general form above tests every k against D_in and reads through a generic
 // pointer (W is in global memory where it does not fit): ~130 instructions a row, a third
 // of the kept last pass's (SASS).
-template <typename scalar_t, typename acc_t>
+// kStream: p is in global memory, read through the read-only path without allocating in L1
+// (weight_grad_kernel's kOwn form: each warp's own W[i] rows, 64 KB a block per batch tile,
+// would otherwise stream through its ~28 KB of L1 and evict the rows its warps share).
+__device__ __forceinline__ uint4 load16_no_l1(const void* p) {
+#ifdef CAPSROUTE_EMULATE
+  return *reinterpret_cast<const uint4*>(p);
+#else
+  uint4 x;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
+      : "l"(__cvta_generic_to_global(p)));
+  return x;
+#endif
+}
+template <bool kStream = false, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_row8(const scalar_t* p, acc_t (&w)[8]) {
   constexpr int kPer = 16 / sizeof(scalar_t);
 #pragma unroll
   for (int v = 0; v < 8 / kPer; ++v) {
-    const uint4 x = reinterpret_cast<const uint4*>(p)[v];
+    const uint4 x = kStream ? load16_no_l1(reinterpret_cast<const uint4*>(p) + v)
+                            : reinterpret_cast<const uint4*>(p)[v];
     scalar_t e[kPer];
     memcpy(e, &x, sizeof(x));
 #pragma unroll
@@ -2319,14 +2334,14 @@ __device__ __forceinline__ void load_row8(const scalar_t* p, acc_t (&w)[8]) {
 }
 // The lane's two rows of a row tile: row d at w (from input dim k0), row d + 8 `step`
 // elements on; in[dh]: whether row d + 8 dh exists (< D_out).
-template <typename scalar_t, typename acc_t>
+template <bool kStream = false, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void add_grad_u_rows(const scalar_t* w, int step, const bool (&in)[2],
                                                 const acc_t (&gr)[4], acc_t (&gu)[2][8]) {
 #pragma unroll
   for (int dh = 0; dh < 2; ++dh) {
     if (!in[dh]) continue;
     acc_t wk[8];
-    load_row8(w + dh * step, wk);
+    load_row8<kStream>(w + dh * step, wk);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       gu[0][k] += wk[k] * gr[2 * dh];
@@ -2334,14 +2349,14 @@ __device__ __forceinline__ void add_grad_u_rows(const scalar_t* w, int step, con
     }
   }
 }
-template <int DT, typename scalar_t, typename acc_t>
+template <int DT, bool kStream = false, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void add_grad_u_staged(const scalar_t* w_group, const Dims& n,
                                                   const Lane& L, int r, int k0,
                                                   const acc_t (&gr)[4], acc_t (&gu)[2][8]) {
   const int D_in = static_cast<int>(n.D_in), D_out = static_cast<int>(n.D_out);
   const int d = L.dim(r % DT, 0);
   const bool in[2] = {d < D_out, d + 8 < D_out};
-  add_grad_u_rows(w_group + ((r / DT) * D_out + d) * D_in + k0, 8 * D_in, in, gr, gu);
+  add_grad_u_rows<kStream>(w_group + ((r / DT) * D_out + d) * D_in + k0, 8 * D_in, in, gr, gu);
 }
 
 // The 8 lanes that share t add up their dims of gu, each sum left in one of them
@@ -2634,12 +2649,13 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   // memory): grad_u from them by add_grad_u_staged.
   const bool w_staged = (kOwn || n.w_shared) && n.rows8;
   auto grad_u_row = [&](int r, const acc_t (&a)[4], acc_t (&gu)[2][8]) {
-    // (the pointer made here, where the compiler sees that it is shared memory; kOwn: the rows'
-    // 16 global addresses, hoisted out of the batch loop, spilled 104 B)
+    // (the pointer made here, where the compiler sees that it is shared memory; kOwn: formed
+    // at each use, where the compiler had formed the 16 rows' global addresses before the
+    // batch loop and spilled them, 112 B)
     if (w_staged)
-      add_grad_u_staged<DT>(kOwn ? reformed(w_group)
-                                 : reinterpret_cast<const scalar_t*>(smem + layout.w),
-                            n, L, r, static_cast<int>(k0), a, gu);
+      add_grad_u_staged<DT, kOwn>(kOwn ? reformed(w_group)
+                                       : reinterpret_cast<const scalar_t*>(smem + layout.w),
+                                  n, L, r, static_cast<int>(k0), a, gu);
     else
       add_grad_u<DT>(w_rows, w_j0, n, L, grp, r, k0, a, gu);
   };
