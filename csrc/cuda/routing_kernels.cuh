@@ -2223,8 +2223,8 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
 // ceil(N_in / kFinalWarps)): its own operands of W[i] in shared memory, W[i]'s rows for grad_u
 // read from global memory, all the batch tiles and its own grad_W[i], written at the end. The
 // block's warps walk the tiles together, so that the rows of V and gs, the same for every
-// input capsule, are read once a block where every warp read them (the launch code chooses
-// between the two by counting tile steps: recompute_capsule_warps).
+// input capsule, can be read from L2 once a block where every warp read them (the launch
+// code chooses between the two forms by counting tile steps: recompute_capsule_warps).
 //
 // Two ways to get g_uh, one instantiation each (kKept):
 // - false: prediction_grad makes the warp's 16 rows of g_uh (recomputing predictions, logits
@@ -2662,8 +2662,9 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
 
   // The batch tiles: the warp's share (w, w + kFinalWarps, ...), or with a capsule per warp
   // all of them, the block's warps on the same tile at a time (a barrier per tile keeps them
-  // there), so that the V and gs rows they all read come from L2 once a block, not once a
-  // warp: ~90% of this pass's L2 traffic at N_in = 32768 (RESULTS.md).
+  // there), so that the V and gs rows they all read can come from L2 once a block, the L1
+  // cache serving the other warps, where each warp read them from L2: ~90% of this pass's L2
+  // traffic at N_in = 32768 (counted, RESULTS.md).
   const int64_t b_first = kOwn ? 0 : int64_t(warp) * kTileB;
   const int64_t b_step = kOwn ? kTileB : int64_t(kFinalWarps) * kTileB;
   for (int64_t b0 = b_first; b0 < n.B; b0 += b_step) {
