@@ -246,9 +246,9 @@ def test_capsule_weight_grad(emu, monkeypatch, shape, iterations, dtype, warps):
 
 
 # The backward's last pass recomputing the couplings (CAPSROUTE_COUPLING_CACHE_MB=0) with an
-# input capsule per warp of weight_grad_kernel (Dims::capsule_warps; CAPSROUTE_CAPSULE_GRAD=1
-# asks for it where its operands fit, 0 keeps a capsule per block, and the default chooses by
-# the emulation's 2 multiprocessors): the MNIST capsules (37: a last block with 3 idle warps),
+# input capsule per warp of weight_grad_kernel (its kOwn form; CAPSROUTE_CAPSULE_GRAD=1 asks
+# for it where its operands fit, 0 keeps a capsule per block, and the default chooses by the
+# emulation's 2 multiprocessors): the MNIST capsules (37: a last block with 3 idle warps),
 # scalar loads of W's rows (3 input dims), two groups, two row tiles per capsule, two chunks of
 # input dims (their operands fit for bfloat16 only: float32 keeps a capsule per block), 9
 # batch tiles; float32, bfloat16 and float64 (no operands, grad_W in registers).
