@@ -34,9 +34,10 @@
 # The logs end up packed in $OUT/logs.tgz (the device tool brings back only 8 files). The whole
 # session keeps inside SESSION_S seconds (default 570, under the tool's 600-second call): each
 # step's time limit is cut to what is left, so the logs are packed even when the last step is.
-# First call on a fresh machine: `quick bench` (~8 min with the build, ~6 with a prebuilt
-# extension: scripts/prebuild_device.sh here, then carry ["build/device"]); second: `profile
-# tests sanitize`.
+# Build here first (scripts/prebuild_device.sh, then carry ["build/device"]: ~140 s of the
+# device's time saved). With kernels never run on a GPU, the first call is correctness,
+# `quick tests sanitize`; the second the A/B switches, then the table, `rows capsgrad
+# recompute bench`.
 set -uo pipefail
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
