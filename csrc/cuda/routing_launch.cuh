@@ -643,8 +643,13 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
           });
     }
     // With several groups of output capsules their contributions to grad_u are added here,
-    // in group order.
-    if (!direct) grad_u.copy_(d.n_groups == 1 ? grad_u_part[0] : grad_u_part.sum(0));
+    // in group order: straight into grad_u where it is in the accumulation type (no
+    // temporary: 134 MB at the 32768 x 64 shape), else summed, then converted.
+    if (direct) return;
+    if (d.n_groups > 1 && grad_u.scalar_type() == grad_u_part.scalar_type())
+      at::sum_out(grad_u, grad_u_part, at::IntArrayRef{0});
+    else
+      grad_u.copy_(d.n_groups == 1 ? grad_u_part[0] : grad_u_part.sum(0));
   });
 }
 
