@@ -2860,7 +2860,6 @@ template <int DT, int kR, typename scalar_t>
 __global__ void __launch_bounds__(kCapsuleWarpsMax * 32, 1)
 weight_grad_capsules_kernel(WeightSource<scalar_t> src, Dims n, Sweep<float> sw,
                             float* __restrict__ grad_u_part, scalar_t* __restrict__ grad_W) {
-  using S = Scalar<scalar_t>;
   const Lane L;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const int64_t i = int64_t(blockIdx.x) * warps + warp;
@@ -2980,12 +2979,11 @@ weight_grad_capsules_kernel(WeightSource<scalar_t> src, Dims n, Sweep<float> sw,
 #pragma unroll
   for (int r = 0; r < kGroupRows; ++r) {
     if (r >= rows) break;
-    const int64_t j = group_j0(n, grp) + r / DT;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const int d = L.dim(r % DT, q), k = k0 + L.col(q);
-      if (d < n.D_out && k < n.D_in)
-        grad_W[((i * n.N_out + j) * n.D_out + d) * n.D_in + k] = S::store(gW[r][q]);
+      int row, k;
+      weight_grad_slot<float>(4 * r + q, lane, row, k);
+      store_weight_grad<DT>(n, grad_W, i, grp, k0, row, k, gW[r][q]);
     }
   }
 }
