@@ -483,6 +483,14 @@ inline at::Tensor grad_bias_of(const at::Tensor& gs, int64_t t_min, int64_t iter
       .contiguous();  // the narrow keeps the padded row stride where D_out is not whole tiles
 }
 
+// CAPSROUTE_CAPSULE_GRAD, the switch of the last passes with an input capsule per warp (for
+// measuring them against weight_grad_kernel's capsule per block): 0 turns them off, n >= 1
+// asks for them (n warps a block where the kernel takes a count), unset (-1) leaves the choice
+// to capsule_grad_warps and recompute_capsule_warps.
+inline int64_t capsule_grad_asked() {
+  return env_number("CAPSROUTE_CAPSULE_GRAD", "0 or a number of warps");
+}
+
 // Input capsules (warps) per block of weight_grad_capsules_kernel, the last pass with kept
 // couplings that shares the batch tiles' rows across capsules, or 0 where weight_grad_kernel
 // runs instead: float32 accumulation with W's rows in 16-byte pieces (rows8), and enough input
@@ -493,7 +501,7 @@ inline at::Tensor grad_bias_of(const at::Tensor& gs, int64_t t_min, int64_t iter
 template <typename T, typename acc_t>
 int capsule_grad_warps(const Dims& d, int64_t iterations) {
   if (!std::is_same<acc_t, float>::value || !d.rows8) return 0;
-  const int64_t asked = env_number("CAPSROUTE_CAPSULE_GRAD", "0 or a number of warps");
+  const int64_t asked = capsule_grad_asked();
   if (asked == 0) return 0;
   int warps = static_cast<int>(std::clamp<int64_t>(
       asked > 0 ? asked : ceil_div(d.N_in, cuda::multiprocessor_count()), 1,
@@ -516,7 +524,7 @@ int capsule_grad_warps(const Dims& d, int64_t iterations) {
 // and any other number a warp's, where it fits.
 template <typename T, typename acc_t>
 bool recompute_capsule_warps(Dims d, int64_t z_chunks) {
-  const int64_t asked = env_number("CAPSROUTE_CAPSULE_GRAD", "0 or a number of warps");
+  const int64_t asked = capsule_grad_asked();
   if (asked == 0) return false;
   d.w_shared = false;
   const bool fragments = !std::is_same<T, double>::value;
