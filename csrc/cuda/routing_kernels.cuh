@@ -1081,23 +1081,29 @@ __device__ __forceinline__ int64_t group_caps(const Dims& n, int grp) {
 // Copies `elems` elements of W (whole rows of W[i]) into shared memory: 16-byte asynchronous
 // copies when D_in % 8 == 0 and W is 16-byte aligned (rows8), plain loads and stores
 // otherwise. stage_weight: group grp's rows of W[i] (capsules j0 .. j0 + count - 1:
-// [count, D_out, D_in], contiguous).
-template <typename scalar_t>
+// [count, D_out, D_in], contiguous). By the block's threads, or with kWarp by one warp's
+// lanes (a template parameter: as thread parameters the block's form tipped
+// routing_pass_kernel's gradient pass, DT = 2, into 8 bytes of spills).
+template <bool kWarp = false, typename scalar_t>
 __device__ __forceinline__ void copy_weight(const Dims& n, const scalar_t* from, int64_t elems,
                                             scalar_t* dst) {
   if (n.rows8) {
     constexpr int kPer = 16 / sizeof(scalar_t);
-    for (int64_t e = int64_t(threadIdx.x) * kPer; e < elems; e += int64_t(blockDim.x) * kPer)
+    for (int64_t e = int64_t(kWarp ? threadIdx.x & 31 : threadIdx.x) * kPer; e < elems;
+         e += int64_t(kWarp ? 32 : blockDim.x) * kPer)
       cp_async16(dst + e, from + e);
   } else {
-    for (int64_t e = threadIdx.x; e < elems; e += blockDim.x) dst[e] = from[e];
+    for (int64_t e = kWarp ? threadIdx.x & 31 : threadIdx.x; e < elems;
+         e += kWarp ? 32 : blockDim.x)
+      dst[e] = from[e];
   }
 }
-template <typename scalar_t>
+template <bool kWarp = false, typename scalar_t>
 __device__ __forceinline__ void stage_weight(const WeightSource<scalar_t>& src, const Dims& n,
                                              int64_t i, int grp, scalar_t* dst) {
   const int64_t row = n.D_out * n.D_in;
-  copy_weight(n, src.W + i * n.J * n.D_in + group_j0(n, grp) * row, group_caps(n, grp) * row, dst);
+  copy_weight<kWarp>(n, src.W + i * n.J * n.D_in + group_j0(n, grp) * row,
+                     group_caps(n, grp) * row, dst);
 }
 template <typename scalar_t, int kChunks>
 __device__ __forceinline__ void stage_weight(const FragmentSource<scalar_t, kChunks>& src,
@@ -2874,15 +2880,8 @@ weight_grad_capsules_kernel(WeightSource<scalar_t> src, Dims n, Sweep<float> sw,
   float* const pairs = reinterpret_cast<float*>(smem + lay.pairs) + warp * lay.pair_elems;
   scalar_t* const w = reinterpret_cast<scalar_t*>(smem + lay.w) + warp * lay.w_elems;
 
-  // The warp's W[i] (group rows), with the first tile's copies below: stage_weight's copy by
-  // the warp's lanes (rows8 here). Making copy_weight take the threads as parameters
-  // instead tipped routing_pass_kernel's gradient pass (DT = 2) into 8 bytes of spills.
-  if (mine) {
-    constexpr int kPer = 16 / sizeof(scalar_t);
-    const scalar_t* from = src.W + (i * n.N_out + group_j0(n, grp)) * n.D_out * n.D_in;
-    for (int e = lane * kPer; e < caps * n.D_out * n.D_in; e += 32 * kPer)
-      cp_async16(w + e, from + e);
-  }
+  // The warp's W[i] (group rows), with the first tile's copies below.
+  if (mine) stage_weight<true>(src, n, i, grp, w);
   // Batch tile b0's copies into buffer `buf`: the block's rows (2r - 1 runs of `rows` row
   // tiles, contiguous in the tiled arrays: gs^(1..r), then V^(1..r-1)), and the warp's pairs:
   // for each tp = 2 (t - 2) + p (iteration t, plane p: c or gbeta), lane 2 jl + h copies half
