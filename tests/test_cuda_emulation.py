@@ -145,11 +145,14 @@ def test_every_option_float64(emu, op, iterations, bias, leaky, detach, coupling
 @pytest.mark.parametrize("iterations,leaky,detach,coupling",
                          list(itertools.product([2, 3], [False, True], [False, True], [False, True])),
                          ids=lambda x: str(int(x)) if isinstance(x, bool) else str(x))
-def test_groups_every_option_float64(emu, op, iterations, leaky, detach, coupling):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+def test_groups_every_option(emu, op, iterations, leaky, detach, coupling, dtype):
     """Several groups of output capsules: the softmax statistics made once per iteration by
     a statistics pass per group and merged, used by every group's pass and by the last
-    backward pass."""
-    run_emulated(emu, op, TINY_GROUPS, torch.float64, iterations=iterations, bias=True,
+    backward pass. In float32 the forward's and gradient passes of dynamic_routing make each
+    prediction tile once for its agreement and its sum (group_walk); float64 and route walk
+    the predictions twice."""
+    run_emulated(emu, op, TINY_GROUPS, dtype, iterations=iterations, bias=True,
                  leaky=leaky, detach=detach, return_coupling=coupling)
 
 

@@ -13,12 +13,13 @@
 // V or gs, or the weighted sum) and dropped, so nothing of size B x N_in x N_out x D_out is
 // ever held, let alone written. The softmax over j is local to the 8 lanes that share t,
 // which hold each (b, j)'s logit once between them ("spread", see reduce_scatter) after the
-// sums over dims. A warp sums up to 16 row tiles (16 capsules of
-// <= 16 dims, or 8 of <= 32): a group; more capsules are split into groups run by separate
-// blocks, with the softmax statistics over all of them made once per iteration by a
-// statistics pass per group, merged (Pass::kStats, merge_group_stats_kernel). The forward's
-// and the gradient passes of the usual layer sizes run on row_pass_kernel instead, 16 batch
-// elements per product.
+// sums over dims. A warp sums up to 16 row tiles (16 capsules of <= 16 dims, or 8 of <= 32):
+// a group; more capsules are split into groups run by separate blocks, with the softmax
+// statistics over all of them made once per iteration by a statistics pass per group, merged
+// (Pass::kStats, merge_group_stats_kernel); with them given, a group's pass uses each
+// prediction tile for its agreement and its sum (group_walk). The forward's and the gradient
+// passes of the usual layer sizes run on row_pass_kernel instead, 16 batch elements per
+// product.
 //
 // Sums over input capsules are formed per warp in registers, written per block, and added
 // across blocks by a separate kernel in block order: no float atomics, so results are
@@ -689,6 +690,33 @@ __device__ __forceinline__ acc_t spread_at(const acc_t (&x)[NB], const Lane& L, 
   return __shfl_sync(0xffffffffu, x[jl >> 2], ((jl & 3) * 2 + h) * 4 + L.t);
 }
 
+// p[((sb + s) * 2 + h) * K + k] += the lane's shares of <u_hat[b, i, j], x[k][b, j]> for the
+// KB capsules j = j0 + s (prediction tiles uh, s * DT + dt), batch half h: the dot products
+// that reduce_scatter then sums over the lanes.
+template <int DT, int K, int KB, typename acc_t>
+__device__ __forceinline__ void add_dots(const LaneRows<acc_t> (&rows)[K], const Dims& n, int j0,
+                                         int sb, const acc_t (&uh)[KB * DT][4],
+                                         acc_t (&p)[8 * K]) {
+#pragma unroll
+  for (int s = 0; s < KB; ++s)
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        acc_t f[4];
+        load_frag<DT>(rows[k], n, j0 + s, dt, f);
+        const acc_t(&u)[4] = uh[s * DT + dt];
+        // (one product at a time: two FMAs, where a sum of two products took an FMUL, an FMA
+        // and an add)
+        acc_t& p0 = p[((sb + s) * 2) * K + k];
+        acc_t& p1 = p[((sb + s) * 2 + 1) * K + k];
+        p0 += u[0] * f[0];
+        p0 += u[2] * f[2];
+        p1 += u[1] * f[1];
+        p1 += u[3] * f[3];
+      }
+}
+
 // out[k][nb] = <u_hat[b, i, j], x[k][b, j]> for the lane's (j, b) of batch nb, for K arrays x
 // laid out as V: V alone (the logits), or V and gs in the backward, where each prediction tile
 // serves both dot products. 0 for capsules past N_out.
@@ -719,29 +747,29 @@ __device__ __forceinline__ void agreements(const Src& src, const Dims& n, const 
       if (sb > 0 && !has_capsule(n, grp * GJ + jl0)) break;  // warp-uniform
       acc_t uh[KB * DT][4];
       predict_tiles<DT>(src, n, L, i, b0, grp, jl0 * DT, uh);
-#pragma unroll
-      for (int s = 0; s < KB; ++s)
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-          for (int k = 0; k < K; ++k) {
-            acc_t f[4];
-            load_frag<DT>(rows[k], n, grp * GJ + jl0 + s, dt, f);
-            const acc_t(&u)[4] = uh[s * DT + dt];
-            // (one product at a time: two FMAs, where a sum of two products took an FMUL,
-            // an FMA and an add)
-            acc_t& p0 = p[((sb + s) * 2) * K + k];
-            acc_t& p1 = p[((sb + s) * 2 + 1) * K + k];
-            p0 += u[0] * f[0];
-            p0 += u[2] * f[2];
-            p1 += u[1] * f[1];
-            p1 += u[3] * f[3];
-          }
+      add_dots<DT, K, KB>(rows, n, grp * GJ + jl0, sb, uh, p);
     }
     reduce_scatter(p, L);
     const bool in = has_capsule(n, grp * GJ + spread_capsule(L, nb));
 #pragma unroll
     for (int k = 0; k < K; ++k) out[k][nb] = in ? p[k] : acc_t(0);
+  }
+}
+
+// acc[r][q] += w[capsule of r][batch half of q] * u_hat[r][q] for the row tiles of the KB
+// capsules jb .. jb + KB - 1 (prediction tiles uh).
+template <int DT, int KB, typename acc_t, int NB>
+__device__ __forceinline__ void add_weighted(const acc_t (&uh)[KB * DT][4], const acc_t (&w)[NB],
+                                             const Lane& L, int jb,
+                                             acc_t (&acc)[kGroupRows][4]) {
+#pragma unroll
+  for (int jl = jb; jl < jb + KB; ++jl) {
+    const acc_t w0 = spread_at(w, L, jl, 0), w1 = spread_at(w, L, jl, 1);
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        acc[jl * DT + dt][q] += (q & 1 ? w1 : w0) * uh[(jl - jb) * DT + dt][q];
   }
 }
 
@@ -757,15 +785,7 @@ __device__ __forceinline__ void accumulate(const Src& src, const Dims& n, const 
     if (!has_capsule(n, grp * GJ + jb)) break;  // warp-uniform
     acc_t uh[KB * DT][4];
     predict_tiles<DT>(src, n, L, i, b0, grp, jb * DT, uh);
-#pragma unroll
-    for (int jl = jb; jl < jb + KB; ++jl) {
-      const acc_t w0 = spread_at(w, L, jl, 0), w1 = spread_at(w, L, jl, 1);
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-          acc[jl * DT + dt][q] += (q & 1 ? w1 : w0) * uh[(jl - jb) * DT + dt][q];
-    }
+    add_weighted<DT, KB>(uh, w, L, jb, acc);
   }
 }
 
@@ -785,6 +805,24 @@ __device__ __forceinline__ void sum_predictions(const Src& src, const Dims& n, c
   }
 }
 
+// With several groups: the lane's (b, i) statistics over all capsules (launch_group_stats),
+// the softmax's maximum m and sum of exponentials l (0 and 1 past B) ...
+template <typename acc_t>
+__device__ __forceinline__ void given_softmax_stats(const Dims& n, const Lane& L,
+                                                    const State<acc_t>& st, int64_t i,
+                                                    int64_t b0, acc_t& m, acc_t& l) {
+  const int64_t b = spread_batch(L, b0);
+  m = b < n.B ? st.stats[(b * n.N_in + i) * 2] : acc_t(0);
+  l = b < n.B ? st.stats[(b * n.N_in + i) * 2 + 1] : acc_t(1);
+}
+// ... and the softmax backward's sum_k c_k g_k (0 past B).
+template <typename acc_t>
+__device__ __forceinline__ acc_t given_cg(const Dims& n, const Lane& L, const State<acc_t>& st,
+                                          int64_t i, int64_t b0) {
+  const int64_t b = spread_batch(L, b0);
+  return b < n.B ? st.cg[b * n.N_in + i] : acc_t(0);
+}
+
 // The group's logits in c (agreements with V) become its coupling coefficients: the softmax
 // over all capsules, whose statistics with several groups come from launch_group_stats
 // (st.stats, which the launch code always provides then). One exp per value and one division
@@ -798,9 +836,7 @@ __device__ __forceinline__ void softmax_coupling(const Dims& n, const Lane& L,
   const int j0 = grp * GJ;
   acc_t m, l = acc_t(0);
   if (n.n_groups > 1) {
-    const int64_t b = spread_batch(L, b0);
-    m = b < n.B ? st.stats[(b * n.N_in + i) * 2] : acc_t(0);
-    l = b < n.B ? st.stats[(b * n.N_in + i) * 2 + 1] : acc_t(1);
+    given_softmax_stats(n, L, st, i, b0, m, l);
   } else {
     // Leaky routing: an extra logit 0 joins the softmax (its coefficient is dropped).
     m = n.leaky ? acc_t(0) : acc_t(-INFINITY);
@@ -862,8 +898,7 @@ __device__ __forceinline__ void coupling_grad(const Dims& n, const Lane& L, cons
                                               acc_t (&g)[kBatches<DT>]) {
   acc_t cg = acc_t(0);
   if (n.n_groups > 1) {
-    const int64_t b = spread_batch(L, b0);
-    cg = b < n.B ? st.cg[b * n.N_in + i] : acc_t(0);
+    cg = given_cg(n, L, st, i, b0);
   } else {
 #pragma unroll
     for (int nb = 0; nb < kBatches<DT>; ++nb) cg += c[nb] * g[nb];
@@ -897,6 +932,79 @@ __device__ __forceinline__ void coupling_and_grad(const Src& src, const Dims& n,
   }
   add_grad_c<DT>(n, L, st, i, b0, grp, g);
   coupling_grad<DT>(n, L, st, i, b0, c, g);
+}
+
+// A group's pass with several groups, from staged operands (capsule batches of four): with
+// the statistics over all capsules given (st.stats, and st.cg in the gradient pass), a
+// capsule's coupling (kGrad: its logit gradient) needs no other capsule's logit, so each
+// batch's prediction tiles serve its agreements and then, weighted, the sums: one walk over
+// the group's predictions, where coupling() (coupling_and_grad()) and accumulate() take two.
+// c (and g) as those functions leave them, for store_couplings and keep_couplings; the
+// forward passes its c as g too (unused).
+template <int DT, bool kGrad, typename Src, typename acc_t>
+__device__ __forceinline__ void group_walk(const Src& src, const Dims& n, const Lane& L,
+                                           const State<acc_t>& st, int64_t i, int64_t b0,
+                                           int grp, acc_t (&c)[kBatches<DT>],
+                                           acc_t (&g)[kBatches<DT>],
+                                           acc_t (&acc)[kGroupRows][4]) {
+  constexpr int GJ = kGroupRows / DT, K = kGrad ? 2 : 1;
+  static_assert(capsule_batch<Src, GJ>() == 4, "a batch's four capsules made together");
+  LaneRows<acc_t> rows[K];
+  rows[0] = lane_rows<DT>(st.V, st, n, L, b0);
+  if (kGrad) rows[K - 1] = lane_rows<DT>(st.gs, st, n, L, b0);
+  acc_t m, l;
+  given_softmax_stats(n, L, st, i, b0, m, l);
+  const acc_t inv = acc_t(1) / l, cg = kGrad ? given_cg(n, L, st, i, b0) : acc_t(0);
+  const int64_t b = spread_batch(L, b0);
+#pragma unroll
+  for (int nb = 0; nb < kBatches<DT>; ++nb) {
+    c[nb] = acc_t(0);
+    if (kGrad) g[nb] = acc_t(0);
+  }
+#pragma unroll
+  for (int nb = 0; nb < kBatches<DT>; ++nb) {
+    if (!has_capsule(n, grp * GJ + 4 * nb)) break;  // warp-uniform
+    acc_t uh[4 * DT][4];
+    predict_tiles<DT>(src, n, L, i, b0, grp, 4 * nb * DT, uh);
+    acc_t p[8 * K] = {};
+    add_dots<DT, K, 4>(rows, n, grp * GJ + 4 * nb, 0, uh, p);
+    reduce_scatter(p, L);
+    const int j = grp * GJ + spread_capsule(L, nb);
+    const bool in = has_capsule(n, j);
+    // (the operations of softmax_coupling, add_grad_c and coupling_grad, in their order)
+    c[nb] = in ? exp_(p[0] - m) : acc_t(0);
+    c[nb] *= inv;
+    if (kGrad) {
+      acc_t dc = in ? p[K - 1] : acc_t(0);
+      if (st.grad_c != nullptr && b < n.B && in) dc += st.grad_c[(b * n.N_in + i) * n.N_out + j];
+      g[nb] = c[nb] * (dc - cg);
+    }
+    add_weighted<DT, 4>(uh, kGrad ? g : c, L, 4 * nb, acc);
+  }
+}
+
+// The couplings c (kGrad: and the logit gradients g, see coupling_and_grad) of the lane's
+// values of capsule i at an iteration t >= 2, then their sums with the predictions into acc
+// (kGrad: g's); `use()` stores c (and g) in between. With the statistics given (kGiven:
+// several groups, staged operands) one walk over the predictions (group_walk), else two.
+template <int DT, bool kGrad, bool kGiven, typename Src, typename acc_t, typename Use>
+__device__ __forceinline__ void couplings_and_sums(const Src& src, const Dims& n, const Lane& L,
+                                                   const State<acc_t>& st, int64_t i,
+                                                   int64_t b0, int grp,
+                                                   acc_t (&c)[kBatches<DT>],
+                                                   acc_t (&g)[kBatches<DT>],
+                                                   acc_t (&acc)[kGroupRows][4], Use&& use) {
+  if constexpr (kGiven) {
+    group_walk<DT, kGrad>(src, n, L, st, i, b0, grp, c, g, acc);
+    use();
+  } else {
+    if (kGrad)
+      coupling_and_grad<DT>(src, n, L, st, i, b0, grp, c, g);
+    else
+      coupling<DT>(src, n, L, st, i, b0, grp, c);
+    use();
+    accumulate<DT>(src, n, L, i, b0, grp, kGrad ? g : c, acc);
+  }
 }
 
 // The gradient pass's c and logit gradient g of (b, i, j) for the last pass, which then needs
@@ -1270,7 +1378,11 @@ __host__ __device__ inline SmemLayout pass_layout(const Dims& n, int tiles, bool
 //   kGradient: partial[chunk] = sum_i gbeta_ij u_hat_ij (the logit-gradient term G).
 //   kStats:    partial = the group's softmax statistics per (b, i) (group_partial_stats),
 //              with the softmax backward's sums when st.gs is given (then V and gs tiles).
-template <Pass kPass, int DT, typename Src, typename scalar_t>
+// kGiven (kForward, kGradient; several groups, staged operands): the statistics over all
+// capsules given, one walk over the predictions (group_walk). A template parameter, not a
+// branch on n_groups: with both walks in one kernel the gradient pass spilled 176 bytes
+// (ptxas, float), where either alone spills 0 (two walks) or 40.
+template <Pass kPass, int DT, typename Src, typename scalar_t, bool kGiven = false>
 __global__ void __launch_bounds__(kThreads, kPassBlocksPerSM)
 routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
                     typename Scalar<scalar_t>::acc* __restrict__ partial,
@@ -1389,14 +1501,14 @@ routing_pass_kernel(Src src, Dims n, State<typename Scalar<scalar_t>::acc> st,
         }
         sum_predictions<DT>(src, n, L, i, b0, grp, acc);
       } else if constexpr (kPass == Pass::kForward) {
-        coupling<DT>(src, n, L, st, i, b0, grp, c);
-        if (c_out != nullptr) store_couplings<DT>(n, L, i, b0, grp, c, c_out);
-        accumulate<DT>(src, n, L, i, b0, grp, c, acc);
+        couplings_and_sums<DT, false, kGiven>(src, n, L, st, i, b0, grp, c, c, acc, [&] {
+          if (c_out != nullptr) store_couplings<DT>(n, L, i, b0, grp, c, c_out);
+        });
       } else {  // t >= 2
         acc_t g[kBatches<DT>];
-        coupling_and_grad<DT>(src, n, L, st, i, b0, grp, c, g);
-        if (st.kept != nullptr) keep_couplings<DT>(n, L, st.kept, i, b0, grp, c, g);
-        accumulate<DT>(src, n, L, i, b0, grp, g, acc);
+        couplings_and_sums<DT, true, kGiven>(src, n, L, st, i, b0, grp, c, g, acc, [&] {
+          if (st.kept != nullptr) keep_couplings<DT>(n, L, st.kept, i, b0, grp, c, g);
+        });
       }
     }
     if (Src::kComputed && !Src::kFragments && n.w_shared)

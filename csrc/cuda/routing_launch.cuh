@@ -212,6 +212,18 @@ void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* pa
       [&](auto source) {
         using S = decltype(source);
         const size_t smem = plan_pass_smem<T, acc_t>(d, S::kComputed, S::kFragments, tiles);
+        // With several groups the forward's and gradient passes have the statistics given
+        // (st.stats, st.cg): from staged operands they walk the predictions once. Not the
+        // gradient pass of wider layers (D_out > 16 or D_in > 8): with the predictions of a
+        // batch of capsules kept through its sums it spilled 96-276 bytes (ptxas, float).
+        constexpr bool kWalk =
+            S::kFragments && (kPass == cuda::Pass::kForward ||
+                              (kPass == cuda::Pass::kGradient && DT == 1 && S::kChunks == 1));
+        if constexpr (kWalk) {
+          if (d.n_groups > 1)
+            return cuda::launch(cuda::routing_pass_kernel<kPass, DT, S, T, true>, grid,
+                                d.warps * 32, smem, stream, source, d, st, partial, c_out);
+        }
         cuda::launch(cuda::routing_pass_kernel<kPass, DT, S, T>, grid, d.warps * 32, smem,
                      stream, source, d, st, partial, c_out);
       });
