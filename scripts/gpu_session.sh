@@ -21,6 +21,9 @@
 #             (the default where it takes fewer tile steps) against one per block
 #             (CAPSROUTE_CAPSULE_GRAD=0): the scale shape, and the canonical shape with
 #             CAPSROUTE_COUPLING_CACHE_MB=0 at B=32 (per warp) and B=128 (per block)
+#   walk      a group's forward and gradient passes walking the predictions once (the default
+#             where W[i] is staged as operands) against twice (CAPSROUTE_GROUP_WALK=0): the
+#             scale shape (profile_cuda.py)
 #   chunks    the row passes' chunks of input capsules: CAPSROUTE_ROW_BLOCKS_PER_SM unset
 #             (2 blocks of 8 warps per SM planned, 4 of 4 at B=32), 1, 2, 4 and 8, at B=32 and
 #             B=512 (profile_cuda.py)
@@ -37,7 +40,7 @@
 # Build here first (scripts/prebuild_device.sh, then carry ["build/device"]: ~140 s of the
 # device's time saved). With kernels never run on a GPU, the first call is correctness,
 # `quick tests sanitize`; the second the A/B switches, then the table, `rows capsgrad
-# recompute bench`.
+# recompute walk bench`.
 set -uo pipefail
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -109,6 +112,7 @@ for step in "$@"; do
       ( AB_S=90 env_ab CAPSROUTE_CAPSULE_GRAD "0 -" "--n-in 32768 --n-out 64 --calls 3"
         export CAPSROUTE_COUPLING_CACHE_MB=0
         env_ab CAPSROUTE_CAPSULE_GRAD "0 -" "--batch 32" "" ) | tee "$OUT/recompute.log" ;;
+    walk) AB_S=90 env_ab CAPSROUTE_GROUP_WALK "0 1" "--n-in 32768 --n-out 64 --calls 3" | tee "$OUT/walk.log" ;;
     chunks) env_ab CAPSROUTE_ROW_BLOCKS_PER_SM "- 1 2 4 8" "--batch 32" "--batch 512" | tee "$OUT/chunks.log" ;;
     ab)
       cp capsroute/_C.abi3.so "$OUT/.current.so"

@@ -266,8 +266,21 @@ def test_recomputing_capsule_warps(emu, monkeypatch, shape, dtype, switch):
                  detach=False, return_coupling=True)
 
 
+# A group's forward and gradient passes with one walk over the predictions (the default
+# where W[i] is staged as operands) and with two (CAPSROUTE_GROUP_WALK=0): two groups of 16,
+# groups of 8 with two row tiles per capsule (its gradient pass walks twice either way), two
+# chunks of input dims.
+@pytest.mark.parametrize("walk", ["0", "1"])
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[3], GROUPS_WIDE_IN], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_group_walk_switch(emu, monkeypatch, shape, dtype, walk):
+    monkeypatch.setenv("CAPSROUTE_GROUP_WALK", walk)
+    run_emulated(emu, "dynamic_routing", shape, dtype, iterations=3, bias=True, leaky=True,
+                 detach=False, return_coupling=True)
+
+
 # The switches for measuring one kernel choice against another: a bad value is an error that
-# names the variable; CAPSROUTE_ROW_BLOCKS_PER_SM (the row passes' chunks of input capsules)
+# names the variable (CAPSROUTE_GROUP_WALK is read where there are several groups); CAPSROUTE_ROW_BLOCKS_PER_SM (the row passes' chunks of input capsules)
 # keeps the results: 1 block per multiprocessor planned (the emulation's 2: 2 chunks of 19
 # capsules) and 40 (37 chunks of one), against the default 8 for a batch of one row tile
 # (16 chunks of 3).
@@ -276,11 +289,13 @@ def test_recomputing_capsule_warps(emu, monkeypatch, shape, dtype, switch):
                                         ("CAPSROUTE_CAPSULE_GRAD", "lots"),
                                         ("CAPSROUTE_CAPSULE_GRAD", "5 warps"),
                                         ("CAPSROUTE_ROW_BLOCKS_PER_SM", "0"),
-                                        ("CAPSROUTE_ROW_BLOCKS_PER_SM", "two")])
+                                        ("CAPSROUTE_ROW_BLOCKS_PER_SM", "two"),
+                                        ("CAPSROUTE_GROUP_WALK", "no")])
 def test_switches_are_checked(emu, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
+    shape = SHAPES[2] if name == "CAPSROUTE_GROUP_WALK" else SHAPES[0]
     with pytest.raises(ValueError, match=f"{name} must be"):
-        run_emulated(emu, "dynamic_routing", SHAPES[0], torch.float32, iterations=2,
+        run_emulated(emu, "dynamic_routing", shape, torch.float32, iterations=2,
                      bias=False, leaky=False, detach=False, return_coupling=False)
 
 

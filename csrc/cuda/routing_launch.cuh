@@ -194,6 +194,12 @@ void launch_with_source(const cuda::WeightSource<T>& src, const Dims& d, Fits&& 
   launch(src);
 }
 
+// Whether a group's forward and gradient passes walk the predictions once where launch_pass
+// can (routing_pass_kernel's kGiven), unless CAPSROUTE_GROUP_WALK=0, which keeps the two
+// walks that one group takes: a switch for measuring one against the other in the same
+// session.
+inline bool group_walk() { return env_number("CAPSROUTE_GROUP_WALK", "0 or 1") != 0; }
+
 // One pass over the input capsules (see routing_pass_kernel); `tiles` tiled arrays staged (V,
 // and gs for the gradient and for the statistics with their sums).
 template <cuda::Pass kPass, int DT, typename Src, typename T, typename acc_t>
@@ -220,7 +226,7 @@ void launch_pass(const Src& src, Dims d, const cuda::State<acc_t>& st, acc_t* pa
             S::kFragments && (kPass == cuda::Pass::kForward ||
                               (kPass == cuda::Pass::kGradient && DT == 1 && S::kChunks == 1));
         if constexpr (kWalk) {
-          if (d.n_groups > 1)
+          if (d.n_groups > 1 && group_walk())
             return cuda::launch(cuda::routing_pass_kernel<kPass, DT, S, T, true>, grid,
                                 d.warps * 32, smem, stream, source, d, st, partial, c_out);
         }
