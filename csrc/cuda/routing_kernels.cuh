@@ -152,6 +152,14 @@ __host__ __device__ __forceinline__ int64_t widest_group_cols(const Dims& n) {
   return widest_group_caps(n) * n.D_out;
 }
 
+// Where row (b, i) of the couplings c [B, N_in, N_out] (and of grad_c) starts: c[b, i, j] is
+// at coupling_row(n, b, i) + j, and route's prediction u_hat[b, i, j] at that times D_out.
+// (j is left to the caller, in the type its loop has: a 64-bit j where the group pass had a
+// 32-bit one cost it 42 instructions per capsule, SASS, float.)
+__host__ __device__ __forceinline__ int64_t coupling_row(const Dims& n, int64_t b, int64_t i) {
+  return (b * n.N_in + i) * n.N_out;
+}
+
 // --- the tiled layout of V, V_prev and gs ------------------------------------------------
 //
 // The kernels' own [B, N_out, D_out] arrays in the accumulation type (the running sums V and
@@ -536,7 +544,7 @@ __device__ __forceinline__ void predict_tile(const GivenSource<scalar_t>& src, c
     const int64_t b = b0 + L.col(q);
     const int d = L.dim(r % DT, q);
     uh[q] = (b < n.B && d < n.D_out)
-                ? Scalar<scalar_t>::load(src.u_hat + ((b * n.N_in + i) * n.N_out + j) * n.D_out + d)
+                ? Scalar<scalar_t>::load(src.u_hat + (coupling_row(n, b, i) + j) * n.D_out + d)
                 : acc_t(0);
   }
 }
@@ -885,7 +893,7 @@ __device__ __forceinline__ void add_grad_c(const Dims& n, const Lane& L, const S
 #pragma unroll
   for (int nb = 0; nb < kBatches<DT>; ++nb) {
     const int64_t j = int64_t(grp) * (kGroupRows / DT) + spread_capsule(L, nb);
-    if (b < n.B && j < n.N_out) g[nb] += st.grad_c[(b * n.N_in + i) * n.N_out + j];
+    if (b < n.B && j < n.N_out) g[nb] += st.grad_c[coupling_row(n, b, i) + j];
   }
 }
 
@@ -976,7 +984,7 @@ __device__ __forceinline__ void group_walk(const Src& src, const Dims& n, const 
     c[nb] *= inv;
     if (kGrad) {
       acc_t dc = in ? p[K - 1] : acc_t(0);
-      if (st.grad_c != nullptr && b < n.B && in) dc += st.grad_c[(b * n.N_in + i) * n.N_out + j];
+      if (st.grad_c != nullptr && b < n.B && in) dc += st.grad_c[coupling_row(n, b, i) + j];
       g[nb] = c[nb] * (dc - cg);
     }
     add_weighted<DT, 4>(uh, kGrad ? g : c, L, 4 * nb, acc);
@@ -1312,7 +1320,7 @@ __device__ __forceinline__ void store_couplings(const Dims& n, const Lane& L, in
   for (int nb = 0; nb < kBatches<DT>; ++nb) {
     const int64_t j = int64_t(grp) * (kGroupRows / DT) + spread_capsule(L, nb);
     if (b < n.B && j < n.N_out)
-      c_out[(b * n.N_in + i) * n.N_out + j] = Scalar<scalar_t>::store(c[nb]);
+      c_out[coupling_row(n, b, i) + j] = Scalar<scalar_t>::store(c[nb]);
   }
 }
 
@@ -1812,7 +1820,7 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
             dc[v] += __shfl_xor_sync(0xffffffffu, dc[v], 1);
             const int j = j_base + v;
             if (st.grad_c != nullptr && b < n.B && j < n.N_out)
-              dc[v] += st.grad_c[(b * n.N_in + i) * n.N_out + j];
+              dc[v] += st.grad_c[coupling_row(n, b, i) + j];
           }
         }
         // The softmax over all capsules: this warp's maximum, sum of exponentials e and (in
@@ -1878,7 +1886,7 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
       for (int v = 0; v < kMine; ++v) {
         const int j = j_base + v;
         if (b < n.B && j < n.N_out)
-          c_out[(b * n.N_in + i) * n.N_out + j] = Scalar<scalar_t>::store(c[v]);
+          c_out[coupling_row(n, b, i) + j] = Scalar<scalar_t>::store(c[v]);
       }
     }
     if (!kFirst) gather_stage<kMine>(c, (t & 2) != 0, 2);
@@ -2306,8 +2314,7 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
       const int64_t b = b0 + L.col(q);
       const int d = L.dim(r % DT, q);
       if (j < n.N_out && b < n.B && d < n.D_out)
-        grad_u_hat[((b * n.N_in + i) * n.N_out + j) * n.D_out + d] =
-            Scalar<scalar_t>::store(x[q]);
+        grad_u_hat[(coupling_row(n, b, i) + j) * n.D_out + d] = Scalar<scalar_t>::store(x[q]);
     }
   };
   for (int64_t b0 = 0; b0 < n.B; b0 += kTileB) {
