@@ -476,7 +476,9 @@ def main(argv=None) -> int:
     for cfg in configs:
         t0 = time.perf_counter()
         rows.append(run_config(cfg, device, args))
-        print(f"  ({cfg.label()}: {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        # Each configuration's times as it finishes: what a run stopped by a time limit leaves.
+        times = ", ".join(f"{k} {fmt_ms(v)}" for k, v in rows[-1].times_ms.items())
+        print(f"  ({cfg.label()}: {time.perf_counter() - t0:.0f} s; ms: {times})", file=sys.stderr)
     print()
     print_table(rows, baselines)
     # Relative-norm tolerances of the forward (half types: a few roundings of the output).
