@@ -38,9 +38,12 @@
 # session keeps inside SESSION_S seconds (default 570, under the tool's 600-second call): each
 # step's time limit is cut to what is left, so the logs are packed even when the last step is.
 # Build here first (scripts/prebuild_device.sh, then carry ["build/device"]: ~140 s of the
-# device's time saved). With kernels never run on a GPU, the first call is correctness,
-# `quick tests sanitize`; the second the A/B switches, then the table, `rows capsgrad
-# recompute walk bench`.
+# device's time saved). A session has 15 minutes of device time, the machine's start (a
+# minute or two) and its idle time included: with kernels never run on a GPU, one call
+# `SESSION_S=540 ... quick tests sanitize walk rows recompute capsgrad` (correctness first,
+# then the A/B switches, in the order of what they decide; the steps past the time are
+# skipped), then on the warm machine `bench` with the time left (ratios.py prints each
+# configuration's times as it finishes them).
 set -uo pipefail
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
