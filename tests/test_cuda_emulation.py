@@ -280,10 +280,10 @@ def test_group_walk_switch(emu, monkeypatch, shape, dtype, walk):
 
 
 # The switches for measuring one kernel choice against another: a bad value is an error that
-# names the variable (CAPSROUTE_GROUP_WALK is read where there are several groups); CAPSROUTE_ROW_BLOCKS_PER_SM (the row passes' chunks of input capsules)
-# keeps the results: 1 block per multiprocessor planned (the emulation's 2: 2 chunks of 19
-# capsules) and 40 (37 chunks of one), against the default 8 for a batch of one row tile
-# (16 chunks of 3).
+# names the variable (CAPSROUTE_GROUP_WALK is read where there are several groups);
+# CAPSROUTE_ROW_BLOCKS_PER_SM (the row passes' chunks of input capsules) keeps the results:
+# 1 block per multiprocessor planned (the emulation's 2: 2 chunks of 19 capsules) and 40 (37
+# chunks of one), against the default 8 for a batch of one row tile (16 chunks of 3).
 @pytest.mark.parametrize("name,value", [("CAPSROUTE_ROW_PASS", "off"),
                                         ("CAPSROUTE_CAPSULE_GRAD", "-1"),
                                         ("CAPSROUTE_CAPSULE_GRAD", "lots"),
