@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library: schemas and kernels)
+from . import reference
 
 ops = torch.ops.capsroute
 
@@ -209,7 +210,8 @@ def _route_backward_fake(grad_v, grad_c, u_hat, s, has_bias, iterations, leaky, 
 def _setup_context(ctx, predictions: Sequence[Tensor], bias, iterations, leaky, detach, eps,
                    return_coupling, output) -> None:
     _, c, s = output
-    ctx.save_for_backward(*predictions, s)
+    # bias only for _gradient_graph; the kernels' backward needs none of it.
+    ctx.save_for_backward(*predictions, s, *(() if bias is None else (bias,)))
     ctx.options = (bias is not None, iterations, leaky, detach, eps)
     # c^(r) is a constant with detach=True (DESIGN.md section 1), as in the reference.
     ctx.coupling_has_grad = return_coupling and not detach
@@ -229,6 +231,41 @@ def _incoming(ctx, grad_v: Optional[Tensor], grad_c: Optional[Tensor], like: Ten
     return grad_v, (grad_c if ctx.coupling_has_grad else None)
 
 
+# --- gradients of gradients -------------------------------------------------------------
+# The backward ops are not themselves differentiable. Where autograd asks for a graph of the
+# gradients (create_graph=True: a gradient penalty, second-order meta-learning) and they depend
+# on something that requires grad, they come from capsroute.reference instead: the same math
+# in plain PyTorch ops, which autograd differentiates again, at the reference's cost in time
+# and memory (it materialises u_hat). Before, the second derivatives came out as zeros.
+
+
+def _gradient_graph_needed(*tensors: Optional[Tensor]) -> bool:
+    # Grad mode is on inside a backward only under create_graph=True.
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _gradient_graph(ctx, fn, inputs: Sequence[Tensor], bias: Optional[Tensor], grad_v, grad_c):
+    """The gradients of `inputs` and `bias` (None where not required) as a differentiable
+    graph: autograd through `fn` (reference.dynamic_routing or reference.route), which runs
+    in the kernels' accumulation dtype, its outputs cast back as the op's are."""
+    _, iterations, leaky, detach, eps = ctx.options
+    dtype = inputs[0].dtype
+    acc = acc_dtype(dtype)
+    v, c = fn(*(t.to(acc) for t in inputs), iterations,
+              bias=None if bias is None else bias.to(acc), leaky=leaky, detach=detach, eps=eps,
+              return_coupling=True)
+    pairs = [(v.to(dtype), grad_v)]
+    if ctx.coupling_has_grad:
+        pairs.append((c.to(dtype), grad_c))
+    pairs = [(out, grad) for out, grad in pairs if grad is not None]
+    wanted = [t for t in (*inputs, bias) if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad([out for out, _ in pairs], wanted,
+                                     [grad for _, grad in pairs], create_graph=True,
+                                     allow_unused=True) if pairs and wanted else ())
+    return tuple(next(grads) if t is not None and t.requires_grad else None
+                 for t in (*inputs, bias))
+
+
 def _dynamic_routing_setup(ctx, inputs, output):
     u, weight, bias, iterations, leaky, detach, eps, return_coupling = inputs
     _setup_context(ctx, (u, weight), bias, iterations, leaky, detach, eps, return_coupling, output)
@@ -236,13 +273,16 @@ def _dynamic_routing_setup(ctx, inputs, output):
 
 
 def _dynamic_routing_backward(ctx, grad_v, grad_c, grad_s):
-    u, weight, s = ctx.saved_tensors
-    has_bias = ctx.options[0]
+    u, weight, s, *bias = ctx.saved_tensors
+    bias = bias[0] if bias else None
+    if _gradient_graph_needed(grad_v, grad_c, u, weight, bias):
+        grads = _gradient_graph(ctx, reference.dynamic_routing, (u, weight), bias, grad_v, grad_c)
+        return (*grads, None, None, None, None, None)
     grad_v, grad_c = _incoming(ctx, grad_v, grad_c, u)
     grad_u, grad_weight, grad_bias = ops.dynamic_routing_backward(
         grad_v, grad_c, u, weight, s, *ctx.options
     )
-    return grad_u, grad_weight, grad_bias if has_bias else None, None, None, None, None, None
+    return grad_u, grad_weight, grad_bias if bias is not None else None, None, None, None, None, None
 
 
 def _route_setup(ctx, inputs, output):
@@ -252,11 +292,14 @@ def _route_setup(ctx, inputs, output):
 
 
 def _route_backward(ctx, grad_v, grad_c, grad_s):
-    u_hat, s = ctx.saved_tensors
-    has_bias = ctx.options[0]
+    u_hat, s, *bias = ctx.saved_tensors
+    bias = bias[0] if bias else None
+    if _gradient_graph_needed(grad_v, grad_c, u_hat, bias):
+        grads = _gradient_graph(ctx, reference.route, (u_hat,), bias, grad_v, grad_c)
+        return (*grads, None, None, None, None, None)
     grad_v, grad_c = _incoming(ctx, grad_v, grad_c, u_hat)
     grad_u_hat, grad_bias = ops.route_backward(grad_v, grad_c, u_hat, s, *ctx.options)
-    return grad_u_hat, grad_bias if has_bias else None, None, None, None, None, None
+    return grad_u_hat, grad_bias if bias is not None else None, None, None, None, None, None
 
 
 torch.library.register_autograd(

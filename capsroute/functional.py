@@ -10,6 +10,7 @@ import math
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import _ops, reference
@@ -51,6 +52,36 @@ def _prepare(*tensors: Optional[Tensor]):
     return tensors
 
 
+def _transformed(*tensors: Optional[Tensor]) -> bool:
+    """Whether a transform that the ops have no rule for applies to these inputs: forward-mode
+    AD (torch.autograd.forward_ad; torch.func.jvp, jacfwd, hessian) or torch.func's reverse
+    mode (grad, vjp, jacrev). The functions then run the reference, which the transforms
+    differentiate as they do any PyTorch code. Through the ops, forward-mode AD would drop the
+    tangents (zeros from jvp) and torch.func.grad would fail inside torch. torch.func.vmap
+    needs no rule: torch runs the op once per example."""
+    if torch.compiler.is_compiling():
+        return False
+    if fwAD._current_level >= 0 and any(
+        isinstance(t, Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors
+    ):
+        return True
+    functorch = torch._C._functorch
+    if functorch.maybe_current_level() is None:
+        return False
+    differentiating = (functorch.TransformType.Grad, functorch.TransformType.Jvp)
+    return any(level.key() in differentiating for level in functorch.get_interpreter_stack())
+
+
+def _by_reference(fn, inputs, iterations, bias, leaky, detach, eps, return_coupling):
+    """fn (a reference function) in the kernels' accumulation dtype, its outputs in the
+    inputs' dtype, as the ops give them."""
+    dtype = inputs[0].dtype
+    acc = _ops.acc_dtype(dtype)
+    out = fn(*(t.to(acc) for t in inputs), iterations, bias=None if bias is None else bias.to(acc),
+             leaky=leaky, detach=detach, eps=eps, return_coupling=return_coupling)
+    return tuple(t.to(dtype) for t in out) if return_coupling else out.to(dtype)
+
+
 def dynamic_routing(
     u: Tensor,
     weight: Tensor,
@@ -79,6 +110,10 @@ def dynamic_routing(
     """
     iterations, eps = _options(iterations, eps)
     u, weight, bias = _prepare(u, weight, bias)
+    if _transformed(u, weight, bias):
+        _ops.check_dynamic_routing(u, weight, bias, iterations, eps)
+        return _by_reference(reference.dynamic_routing, (u, weight), iterations, bias, leaky,
+                             detach, eps, return_coupling)
     v, c, _ = _ops.ops.dynamic_routing(u, weight, bias, iterations, leaky, detach, eps,
                                        return_coupling)
     return (v, c) if return_coupling else v
@@ -105,6 +140,10 @@ def route(
     """
     iterations, eps = _options(iterations, eps)
     u_hat, bias = _prepare(u_hat, bias)
+    if _transformed(u_hat, bias):
+        _ops.check_route(u_hat, bias, iterations, eps)
+        return _by_reference(reference.route, (u_hat,), iterations, bias, leaky, detach, eps,
+                             return_coupling)
     v, c, _ = _ops.ops.route(u_hat, bias, iterations, leaky, detach, eps, return_coupling)
     return (v, c) if return_coupling else v
 

@@ -311,6 +311,135 @@ def test_detach_gradient_is_that_of_the_last_iteration(op, iterations, leaky, bi
         assert rel_err(z, y) > 1e-4, "the test case does not tell detach from exact"
 
 
+# --- gradients of gradients, forward-mode AD and torch.func --------------------------------
+# The backward ops are not differentiable and the ops have no forward-mode or functorch rules:
+# there capsroute runs the reference (capsroute/_ops.py, _gradient_graph; functional.py,
+# _transformed). Before, double backward and jvp gave zeros and torch.func.grad failed.
+
+
+def _inputs_and_fns(op, device, *, bias, leaky=False, detach=False, return_coupling=False,
+                    key=()):
+    """float64 leaves of GRADCHECK_SHAPE, and the op and the reference as functions of them."""
+    gen = make_generator("transforms", op, bias, leaky, detach, return_coupling, *key)
+    make = make_routing_inputs if op == "dynamic_routing" else make_route_inputs
+    inputs = tuple(t for t in make(GRADCHECK_SHAPE, torch.float64, device, bias=bias, gen=gen,
+                                   requires_grad=True) if t is not None)
+    n = 2 if op == "dynamic_routing" else 1
+
+    def of(lib):
+        def fn(*xs):
+            return getattr(lib, op)(*xs[:n], 2, bias=xs[n] if bias else None, leaky=leaky,
+                                    detach=detach, return_coupling=return_coupling)
+        return fn
+
+    return inputs, of(capsroute), of(reference)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("return_coupling", [False, True], ids=["v", "v_and_c"])
+@pytest.mark.parametrize("leaky", [False, True], ids=["softmax", "leaky"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("op", OPS)
+def test_gradgradcheck(op, bias, leaky, return_coupling, device):
+    """Second derivatives against finite differences of the first (float64). Not with
+    detach=True, whose gradient holds c^(r) constant: it is no function's derivative, and
+    finite differences of it move c^(r) (test_gradient_penalty_matches_reference covers it)."""
+    inputs, fn, _ = _inputs_and_fns(op, device, bias=bias, leaky=leaky,
+                                    return_coupling=return_coupling)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("detach", [False, True], ids=["exact", "detach"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("op", OPS)
+def test_gradient_penalty_matches_reference(op, bias, detach, device):
+    """A gradient penalty: |dL/dx|^2 differentiated again. Its first-order gradients, taken
+    with create_graph=True, are the kernels' (to rounding), and its gradients the
+    reference's."""
+    inputs, fn, ref = _inputs_and_fns(op, device, bias=bias, detach=detach, key=("penalty",))
+    r = randn(fn(*inputs).shape, make_generator("penalty-r", op), device=device)
+
+    def penalty(f):
+        grads = torch.autograd.grad((f(*inputs) * r).sum(), inputs, create_graph=True)
+        return grads, sum((g * g).sum() for g in grads)
+
+    grads, p = penalty(fn)
+    grads_ref, p_ref = penalty(ref)
+    kernels = torch.autograd.grad((fn(*inputs) * r).sum(), inputs)
+    for g, g_ref, k in zip(grads, grads_ref, kernels):
+        assert_close_rel(g, g_ref, 1e-12, "first-order gradient")
+        assert_close_rel(g, k, 1e-12, "first-order gradient against the kernels'")
+    for g, g_ref in zip(torch.autograd.grad(p, inputs), torch.autograd.grad(p_ref, inputs)):
+        assert_close_rel(g, g_ref, 1e-12, "gradient of the penalty")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("return_coupling", [False, True], ids=["v", "v_and_c"])
+@pytest.mark.parametrize("op", OPS)
+def test_forward_mode_matches_reference(op, return_coupling, device):
+    """torch.autograd.forward_ad and torch.func.jvp: the tangents of v (and c) are the
+    reference's (float64)."""
+    import torch.autograd.forward_ad as fwAD
+
+    inputs, fn, ref = _inputs_and_fns(op, device, bias=True, return_coupling=return_coupling)
+    primals = tuple(t.detach() for t in inputs)
+    gen = make_generator("tangents", op, return_coupling)
+    tangents = tuple(randn(t.shape, gen, device=device) for t in primals)
+    outs = lambda o: o if return_coupling else (o,)  # noqa: E731
+    with fwAD.dual_level():
+        got = [fwAD.unpack_dual(o) for o in outs(fn(*map(fwAD.make_dual, primals, tangents)))]
+    want = torch.func.jvp(ref, primals, tangents)
+    jvp = torch.func.jvp(fn, primals, tangents)
+    for k, (value, tangent, value_ref, tangent_ref) in enumerate(zip(
+            [g.primal for g in got], [g.tangent for g in got], outs(want[0]), outs(want[1]))):
+        assert_close_rel(value, value_ref, 1e-12, f"output {k}")
+        assert_close_rel(tangent, tangent_ref, 1e-12, f"forward_ad tangent {k}")
+        assert_close_rel(outs(jvp[1])[k], tangent_ref, 1e-12, f"jvp tangent {k}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_torch_func_matches_reference(op, device):
+    """torch.func.grad, jacrev and jacfwd give the reference's derivatives, and vmap over
+    examples the op's own values, example by example (float64)."""
+    inputs, fn, ref = _inputs_and_fns(op, device, bias=True)
+    primals = tuple(t.detach() for t in inputs)
+    r = randn(fn(*primals).shape, make_generator("func-r", op), device=device)
+    argnums = tuple(range(len(primals)))
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        for got, want in zip(transform(fn, argnums)(*primals), transform(ref, argnums)(*primals)):
+            assert_close_rel(got, want, 1e-12, transform.__name__)
+    loss = lambda f: lambda *xs: (f(*xs) * r).sum()  # noqa: E731
+    for got, want in zip(torch.func.grad(loss(fn), argnums)(*primals),
+                         torch.func.grad(loss(ref), argnums)(*primals)):
+        assert_close_rel(got, want, 1e-12, "grad")
+    # vmap over a leading dim of examples, each a batch of its own; the weights are shared.
+    batched = (torch.stack([primals[0], primals[0].flip(0)]),) + primals[1:]
+    in_dims = (0,) + (None,) * (len(primals) - 1)
+    got = torch.func.vmap(fn, in_dims)(*batched)
+    for k in range(2):
+        assert_close_rel(got[k], fn(batched[0][k], *primals[1:]), 1e-14, "vmap")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_plain_calls_run_the_kernels(op, device, monkeypatch):
+    """Forward, backward (create_graph=False), no_grad and vmap calls never reach the
+    reference: it is the way around a transform, not a path a training step takes."""
+    inputs, fn, _ = _inputs_and_fns(op, device, bias=True, return_coupling=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference ran")
+
+    monkeypatch.setattr(reference, op, refuse)
+    v, c = fn(*inputs)
+    torch.autograd.grad((v.sum(), c.sum()), inputs)
+    with torch.no_grad():
+        fn(*inputs)
+    torch.func.vmap(lambda x: fn(x, *inputs[1:])[0])(inputs[0].detach()[None])
+
+
 # --- torch.library.opcheck -----------------------------------------------------------------
 
 OPCHECK_SHAPE = Shape(3, 7, 5, 3, 4)
