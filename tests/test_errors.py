@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from typing import Callable, NamedTuple
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,7 +175,23 @@ ERROR_CASES = [
     Case("dr-eps-negative", dr(eps=-1e-3), ValueError,
          r"expected eps to be finite and >= 0, but got -0\.001"),
     Case("rt-eps-str", rt(eps="1e-8"), TypeError, r"expected eps to be a float, but got str"),
+    Case("dr-iterations-numpy-float", dr(iterations=np.float64(3.0)), TypeError,
+         r"expected iterations to be an int, but got float64"),
+    Case("rt-eps-tensor", rt(eps=torch.tensor(1e-8)), TypeError,
+         r"expected eps to be a float, but got Tensor"),
 ]
+
+
+@pytest.mark.parametrize("op", ["dynamic_routing", "route"])
+def test_numpy_scalars_are_taken(op):
+    """iterations and eps of numpy's types (from a config file, say) are taken as ints and
+    floats, as torch's own ops take them: the same result as with Python's."""
+    x = _inputs()
+    call = dr if op == "dynamic_routing" else rt
+    want = call(iterations=2, eps=0.25)(x)
+    for iterations, eps in [(np.int64(2), np.float64(0.25)), (np.int32(2), np.float32(0.25)),
+                            (np.uint8(2), 0.25)]:
+        assert torch.equal(call(iterations=iterations, eps=eps)(x), want), (iterations, eps)
 
 
 def _op_name(case: Case) -> str:
