@@ -244,19 +244,25 @@ def _gradient_graph_needed(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _gradient_graph(ctx, fn, inputs: Sequence[Tensor], bias: Optional[Tensor], grad_v, grad_c):
-    """The gradients of `inputs` and `bias` (None where not required) as a differentiable
-    graph: autograd through `fn` (reference.dynamic_routing or reference.route), which runs
-    in the kernels' accumulation dtype, its outputs cast back as the op's are."""
-    _, iterations, leaky, detach, eps = ctx.options
+def run_reference(fn, inputs: Sequence[Tensor], bias: Optional[Tensor], iterations: int,
+                  leaky: bool, detach: bool, eps: float, return_coupling: bool):
+    """fn (reference.dynamic_routing or reference.route) in the kernels' accumulation dtype,
+    its outputs cast back to the inputs' dtype, as the op gives them: the way around what the
+    kernels do not differentiate (here, and under torch.func's transforms: functional.py)."""
     dtype = inputs[0].dtype
     acc = acc_dtype(dtype)
-    v, c = fn(*(t.to(acc) for t in inputs), iterations,
-              bias=None if bias is None else bias.to(acc), leaky=leaky, detach=detach, eps=eps,
-              return_coupling=True)
-    pairs = [(v.to(dtype), grad_v)]
+    out = fn(*(t.to(acc) for t in inputs), iterations, bias=None if bias is None else bias.to(acc),
+             leaky=leaky, detach=detach, eps=eps, return_coupling=return_coupling)
+    return tuple(t.to(dtype) for t in out) if return_coupling else out.to(dtype)
+
+
+def _gradient_graph(ctx, fn, inputs: Sequence[Tensor], bias: Optional[Tensor], grad_v, grad_c):
+    """The gradients of `inputs` and `bias` (None where not required) as a differentiable
+    graph: autograd through run_reference."""
+    v, c = run_reference(fn, inputs, bias, *ctx.options[1:], return_coupling=True)
+    pairs = [(v, grad_v)]
     if ctx.coupling_has_grad:
-        pairs.append((c.to(dtype), grad_c))
+        pairs.append((c, grad_c))
     pairs = [(out, grad) for out, grad in pairs if grad is not None]
     wanted = [t for t in (*inputs, bias) if t is not None and t.requires_grad]
     grads = iter(torch.autograd.grad([out for out, _ in pairs], wanted,

@@ -79,16 +79,6 @@ def _transformed(*tensors: Optional[Tensor]) -> bool:
     return any(level.key() in differentiating for level in functorch.get_interpreter_stack())
 
 
-def _by_reference(fn, inputs, iterations, bias, leaky, detach, eps, return_coupling):
-    """fn (a reference function) in the kernels' accumulation dtype, its outputs in the
-    inputs' dtype, as the ops give them."""
-    dtype = inputs[0].dtype
-    acc = _ops.acc_dtype(dtype)
-    out = fn(*(t.to(acc) for t in inputs), iterations, bias=None if bias is None else bias.to(acc),
-             leaky=leaky, detach=detach, eps=eps, return_coupling=return_coupling)
-    return tuple(t.to(dtype) for t in out) if return_coupling else out.to(dtype)
-
-
 def dynamic_routing(
     u: Tensor,
     weight: Tensor,
@@ -119,8 +109,8 @@ def dynamic_routing(
     u, weight, bias = _prepare(u, weight, bias)
     if _transformed(u, weight, bias):
         _ops.check_dynamic_routing(u, weight, bias, iterations, eps)
-        return _by_reference(reference.dynamic_routing, (u, weight), iterations, bias, leaky,
-                             detach, eps, return_coupling)
+        return _ops.run_reference(reference.dynamic_routing, (u, weight), bias, iterations,
+                                  leaky, detach, eps, return_coupling)
     v, c, _ = _ops.ops.dynamic_routing(u, weight, bias, iterations, leaky, detach, eps,
                                        return_coupling)
     return (v, c) if return_coupling else v
@@ -149,8 +139,8 @@ def route(
     u_hat, bias = _prepare(u_hat, bias)
     if _transformed(u_hat, bias):
         _ops.check_route(u_hat, bias, iterations, eps)
-        return _by_reference(reference.route, (u_hat,), iterations, bias, leaky, detach, eps,
-                             return_coupling)
+        return _ops.run_reference(reference.route, (u_hat,), bias, iterations, leaky, detach,
+                                  eps, return_coupling)
     v, c, _ = _ops.ops.route(u_hat, bias, iterations, leaky, detach, eps, return_coupling)
     return (v, c) if return_coupling else v
 

@@ -424,6 +424,32 @@ def test_torch_func_matches_reference(op, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", OPS)
+def test_transforms_in_half_types(op, device):
+    """bfloat16: jvp's tangents and a gradient penalty's gradients are the float32
+    reference's, to bfloat16 precision, and in bfloat16, as the op's outputs and gradients are
+    (the reference runs in float32, as the kernels accumulate)."""
+    inputs, fn, ref = _inputs_and_fns(op, device, bias=True, key=("bf16",))
+    low = tuple(t.detach().bfloat16().requires_grad_() for t in inputs)
+    high = tuple(t.detach().float().requires_grad_() for t in low)
+    tangents = tuple(torch.ones_like(t) for t in low)
+    value, tangent = torch.func.jvp(fn, tuple(t.detach() for t in low), tangents)
+    value_ref, tangent_ref = torch.func.jvp(ref, tuple(t.detach() for t in high),
+                                            tuple(t.float() for t in tangents))
+    assert value.dtype == tangent.dtype == torch.bfloat16
+    assert_close_rel(tangent, tangent_ref, 1e-2, "jvp tangent")
+
+    def penalty(f, xs):
+        grads = torch.autograd.grad(f(*xs).float().square().sum(), xs, create_graph=True)
+        assert all(g.dtype == x.dtype for g, x in zip(grads, xs))
+        return torch.autograd.grad(sum(g.float().square().sum() for g in grads), xs)
+
+    for got, want in zip(penalty(fn, low), penalty(ref, high)):
+        assert got.dtype == torch.bfloat16
+        assert_close_rel(got, want, 3e-2, "gradient of the penalty")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
 def test_plain_calls_run_the_kernels(op, device, monkeypatch):
     """Forward, backward (create_graph=False), no_grad and vmap calls never reach the
     reference: it is the way around a transform, not a path a training step takes."""
