@@ -25,16 +25,12 @@ def _options(iterations, eps) -> Tuple[int, float]:
     # Python-level type checks; the values are checked by the op itself. Integers and reals of
     # other types (numpy's, from a config file) are taken as torch's own ops take them; bools
     # and tensors are not (a tensor's value would mean a device sync).
-    if isinstance(iterations, bool) or not isinstance(iterations, int):
-        if isinstance(iterations, (bool, Tensor)) or not isinstance(iterations, numbers.Integral):
-            raise TypeError(f"capsroute: expected iterations to be an int, but got "
-                            f"{type(iterations).__name__}")
-        iterations = int(iterations)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        if isinstance(eps, (bool, Tensor)) or not isinstance(eps, numbers.Real):
-            raise TypeError(f"capsroute: expected eps to be a float, but got "
-                            f"{type(eps).__name__}")
-    return iterations, float(eps)
+    if isinstance(iterations, (bool, Tensor)) or not isinstance(iterations, numbers.Integral):
+        raise TypeError(f"capsroute: expected iterations to be an int, but got "
+                        f"{type(iterations).__name__}")
+    if isinstance(eps, (bool, Tensor)) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"capsroute: expected eps to be a float, but got {type(eps).__name__}")
+    return int(iterations), float(eps)
 
 
 def _prepare(*tensors: Optional[Tensor]):
