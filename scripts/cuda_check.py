@@ -82,11 +82,10 @@ for f in fails[:15]:
 if args.tiny:
     # float64 runs neither the row passes (forward and gradient), nor the kept last pass with
     # one input capsule per warp (weight_grad_capsules_kernel), nor the recomputing one with
-    # operands (weight_grad_kernel with a capsule per warp): float32 and bfloat16 on a shape
-    # that takes them, small for the sanitizers (13 input capsules: CAPSROUTE_CAPSULE_GRAD
-    # asks for a capsule per warp, 4 a block in the kept pass, where by default they need more
-    # capsules per multiprocessor), then float32 with the couplings recomputed
-    # (CAPSROUTE_COUPLING_CACHE_MB=0).
+    # operands: float32 and bfloat16 on a shape that takes them, small for the sanitizers (13
+    # input capsules: CAPSROUTE_CAPSULE_GRAD asks for 4 warps a block in the kept pass, where
+    # by default it needs more capsules per multiprocessor), then float32 with the couplings
+    # recomputed (CAPSROUTE_COUPLING_CACHE_MB=0).
     os.environ["CAPSROUTE_CAPSULE_GRAD"] = "4"
     B, Ni, No, Di, Do = 20, 13, 10, 8, 16
     g = torch.Generator(device="cpu").manual_seed(7)

@@ -17,10 +17,6 @@
 #   capsgrad  the kept last pass on weight_grad_capsules_kernel (the default where it applies)
 #             against weight_grad_kernel (CAPSROUTE_CAPSULE_GRAD=0), and with 5 and 6 warps
 #             a block: profile_cuda.py at B=128 float32 and B=32
-#   recompute the recomputing last pass with an input capsule per warp of weight_grad_kernel
-#             (the default where it takes fewer tile steps) against one per block
-#             (CAPSROUTE_CAPSULE_GRAD=0): the scale shape, and the canonical shape with
-#             CAPSROUTE_COUPLING_CACHE_MB=0 at B=32 (per warp) and B=128 (per block)
 #   walk      a group's forward and gradient passes walking the predictions once (the default
 #             where W[i] is staged as operands) against twice (CAPSROUTE_GROUP_WALK=0): the
 #             scale shape (profile_cuda.py)
@@ -40,7 +36,7 @@
 # Build here first (scripts/prebuild_device.sh, then carry ["build/device"]: ~140 s of the
 # device's time saved). A session has 15 minutes of device time, the machine's start (a
 # minute or two) and its idle time included: with kernels never run on a GPU, one call
-# `SESSION_S=540 ... quick tests sanitize walk rows recompute capsgrad` (correctness first,
+# `SESSION_S=540 ... quick tests sanitize walk rows capsgrad` (correctness first,
 # then the A/B switches, in the order of what they decide; the steps past the time are
 # skipped), then on the warm machine `bench` with the time left (ratios.py prints each
 # configuration's times as it finishes them).
@@ -111,10 +107,6 @@ for step in "$@"; do
     host) for dt in float32 bfloat16; do timeout $(cap 60) python3 scripts/profile_cuda.py --host --dtype $dt; done 2>&1 | grep -v -i warn | tee "$OUT/host.log" ;;
     rows) env_ab CAPSROUTE_ROW_PASS "0 1" "" "--dtype bfloat16" "--batch 512" | tee "$OUT/rows.log" ;;
     capsgrad) env_ab CAPSROUTE_CAPSULE_GRAD "0 - 5 6" "" "--batch 32" | tee "$OUT/capsgrad.log" ;;
-    recompute)
-      ( AB_S=90 env_ab CAPSROUTE_CAPSULE_GRAD "0 -" "--n-in 32768 --n-out 64 --calls 3"
-        export CAPSROUTE_COUPLING_CACHE_MB=0
-        env_ab CAPSROUTE_CAPSULE_GRAD "0 -" "--batch 32" "" ) | tee "$OUT/recompute.log" ;;
     walk) AB_S=90 env_ab CAPSROUTE_GROUP_WALK "0 1" "--n-in 32768 --n-out 64 --calls 3" | tee "$OUT/walk.log" ;;
     chunks) env_ab CAPSROUTE_ROW_BLOCKS_PER_SM "- 1 2 4 8" "--batch 32" "--batch 512" | tee "$OUT/chunks.log" ;;
     ab)

@@ -248,24 +248,6 @@ def test_capsule_weight_grad(emu, monkeypatch, shape, iterations, dtype, warps):
                  leaky=True, detach=False, return_coupling=True)
 
 
-# The backward's last pass recomputing the couplings (CAPSROUTE_COUPLING_CACHE_MB=0) with an
-# input capsule per warp of weight_grad_kernel (its kOwn form; CAPSROUTE_CAPSULE_GRAD=1 asks
-# for it where its operands fit, 0 keeps a capsule per block, and the default chooses by the
-# emulation's 2 multiprocessors): the MNIST capsules (37: a last block with 3 idle warps),
-# scalar loads of W's rows (3 input dims), two groups, two row tiles per capsule, two chunks of
-# input dims (their operands fit for bfloat16 only: float32 keeps a capsule per block), 9
-# batch tiles; float32, bfloat16 and float64 (no operands, grad_W in registers).
-@pytest.mark.parametrize("switch", ["", "0", "1"])
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[2], SHAPES[3], SHAPES[4],
-                                   Shape(70, 11, 10, 8, 16)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
-def test_recomputing_capsule_warps(emu, monkeypatch, shape, dtype, switch):
-    monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", "0")
-    monkeypatch.setenv("CAPSROUTE_CAPSULE_GRAD", switch)
-    run_emulated(emu, "dynamic_routing", shape, dtype, iterations=3, bias=True, leaky=True,
-                 detach=False, return_coupling=True)
-
-
 # A group's forward and gradient passes with one walk over the predictions (the default
 # where W[i] is staged as operands) and with two (CAPSROUTE_GROUP_WALK=0): two groups of 16,
 # groups of 8 with two row tiles per capsule (its gradient pass walks twice either way), two
@@ -362,13 +344,12 @@ def test_thread_order_does_not_change_results(emu, monkeypatch, op, shape, dtype
     check_thread_order(emu, monkeypatch, op, shape, dtype)
 
 
-# The same for the recomputing last pass with an input capsule per warp (a last block with
-# idle warps; two groups).
+# The same for the last pass recomputing the couplings (CAPSROUTE_COUPLING_CACHE_MB=0; two
+# groups).
 @pytest.mark.parametrize("shape,dtype", [(SHAPES[0], torch.float32), (SHAPES[2], torch.bfloat16),
                                          (TINY_GROUPS, torch.float64)], ids=str)
-def test_thread_order_recomputing_capsule_warps(emu, monkeypatch, shape, dtype):
+def test_thread_order_recomputing(emu, monkeypatch, shape, dtype):
     monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", "0")
-    monkeypatch.setenv("CAPSROUTE_CAPSULE_GRAD", "1")
     check_thread_order(emu, monkeypatch, "dynamic_routing", shape, dtype)
 
 

@@ -121,24 +121,6 @@ def test_capsule_weight_grad_cuda(dtype, layer, warps, monkeypatch):
              detach=False, return_coupling=True)
 
 
-@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
-@pytest.mark.parametrize("switch", ["", "0", "1"], ids=["default", "capsule-per-block", "per-warp"])
-@pytest.mark.parametrize("layer", ["mnist", "groups", "float64"])
-def test_recomputing_capsule_warps_cuda(layer, switch, monkeypatch):
-    """The backward's last pass recomputing the couplings (CAPSROUTE_COUPLING_CACHE_MB=0) on
-    weight_grad_kernel with an input capsule per warp (the default where it takes fewer tile
-    steps, asked for with CAPSROUTE_CAPSULE_GRAD=1) and per block (=0): against the reference
-    on the MNIST layer at B = 32 (a warp's capsule by default) with a short batch tile, on
-    four groups of output capsules with a last block of 3 active warps, and in float64."""
-    monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", "0")
-    monkeypatch.setenv("CAPSROUTE_CAPSULE_GRAD", switch)
-    shape, dtype = {"mnist": (Shape(29, 1152, 10, 8, 16), torch.float32),
-                    "groups": (Shape(20, 8 * 37 + 3, 64, 8, 16), torch.bfloat16),
-                    "float64": (Shape(12, 300, 10, 8, 16), torch.float64)}[layer]
-    run_case("dynamic_routing", shape, dtype, "cuda", iterations=3, bias=True, leaky=True,
-             detach=False, return_coupling=True)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("eps", [0.0, 1e-3, 0.5])
 @pytest.mark.parametrize("op", OPS)

@@ -248,17 +248,6 @@ __device__ __forceinline__ const T* opaque(const T* p) {
   return p;
 }
 
-// ... and made again at each use (volatile, so not hoisted): for a loop-invariant pointer from
-// which a loop forms many addresses, which the compiler would otherwise form once before the
-// loop and keep (or spill) for all of it.
-template <typename T>
-__device__ __forceinline__ const T* reformed(const T* p) {
-#ifndef CAPSROUTE_EMULATE
-  asm volatile("mov.b64 %0, %0;" : "+l"(p));
-#endif
-  return p;
-}
-
 // The same for a 32-bit offset walked in an unrolled loop, which the compiler would otherwise
 // rebuild in closed form at every use.
 __device__ __forceinline__ int opaque(int x) {
@@ -1234,12 +1223,9 @@ __device__ __forceinline__ void stage_weight(const GivenSource<scalar_t>&, const
 // of predict_tile (layout in FragmentSource): lane (g, t) of row tile r and chunk c holds
 // rows (r % DT) * 16 + {g, g + 8} and input dims 8c + {t, t + 4}, split into TF32 parts, with
 // zeros past D_out and D_in, and for the row tiles past the group's capsules (made in
-// batches, see capsule_batch). Made once per input capsule, instead of by every warp at every
-// use of a tile: by the whole block, or with kWarp by the one warp that owns the capsule
-// (a template parameter, so that the block's form compiles as it did: with thread parameters,
-// and a flag in Dims, routing_pass_kernel's forward pass went from 0 to 36 B of spills).
-// `raw` may be in global memory.
-template <int DT, int kChunks, bool kWarp = false, typename scalar_t>
+// batches, see capsule_batch). Made once per input capsule by the whole block, instead of by
+// every warp at every use of a tile.
+template <int DT, int kChunks, typename scalar_t>
 __device__ __forceinline__ void build_fragments(const scalar_t* raw, const Dims& n, int grp,
                                                 uint4* Wf) {
   using S = Scalar<scalar_t>;
@@ -1248,8 +1234,7 @@ __device__ __forceinline__ void build_fragments(const scalar_t* raw, const Dims&
   const int D_in = static_cast<int>(n.D_in), D_out = static_cast<int>(n.D_out);
   const int KC = kChunks > 0 ? kChunks : n.k_chunks;  // (a division below)
   const int caps = static_cast<int>(group_caps(n, grp));
-  for (int e = kWarp ? threadIdx.x & 31 : threadIdx.x; e < kGroupRows * KC * 32;
-       e += kWarp ? 32 : blockDim.x) {
+  for (int e = threadIdx.x; e < kGroupRows * KC * 32; e += blockDim.x) {
     const int lane = e & 31, c = (e >> 5) % KC, r = (e >> 5) / KC;
     const int d0 = (r % DT) * kTileD + (lane >> 2), k0 = c * 8 + (lane & 3);
     const scalar_t* w = raw + (r / DT) * (D_out * D_in);
@@ -2344,12 +2329,6 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
 // memory, float64: in registers); at the end the warps' partial sums are added in warp order
 // (deterministic, no atomics).
 // grid = (N_in, n_groups, ceil(D_in / 8)); dynamic shared memory: weight_grad_layout().
-// Recomputing, with kOwn, each warp owns an input capsule instead (grid.x =
-// ceil(N_in / kFinalWarps)): its own operands of W[i] in shared memory, W[i]'s rows for grad_u
-// read from global memory, all the batch tiles and its own grad_W[i], written at the end. The
-// block's warps walk the tiles together, so that the rows of V and gs, the same for every
-// input capsule, can be read from L2 once a block where every warp read them (the launch
-// code chooses between the two forms by counting tile steps: recompute_capsule_warps).
 //
 // Two ways to get g_uh, one instantiation each (kKept):
 // - false: prediction_grad makes the warp's 16 rows of g_uh (recomputing predictions, logits
@@ -2393,13 +2372,12 @@ constexpr int kRingTiles = 2 * kRingIterations - 1;  // gs^(1), gs^(2), gs^(3), 
 constexpr size_t kRingBytes = size_t(kFinalWarps) * 2 * kRingTiles * kTileElems * sizeof(float);
 template <typename scalar_t, typename acc_t>
 __host__ __device__ inline SmemLayout weight_grad_layout(const Dims& n, bool fragments,
-                                                         bool kept, bool own = false) {
+                                                         bool kept) {
   const size_t tiles = std::is_same<acc_t, float>::value
                            ? kFinalAccBytes + (kept ? kRingBytes : 0)
                            : size_t(kFinalWarps) * kTileB * (kFinalTileStride + 8) * sizeof(acc_t);
   const size_t w_bytes = n.w_shared ? widest_group_cols(n) * n.D_in * sizeof(scalar_t) : 0;
-  // With a capsule per warp (own): operands for each warp's.
-  return smem_layout<scalar_t>(n, tiles, w_bytes, fragments, own ? kFinalWarps : 1, kFinalWarps);
+  return smem_layout<scalar_t>(n, tiles, w_bytes, fragments, 1, kFinalWarps);
 }
 
 // grad_u's share of row tile r of g_uh (capsule j, the lane's dims d; j < N_out):
@@ -2430,27 +2408,12 @@ __device__ __forceinline__ void add_grad_u(const scalar_t* w_rows, int64_t w_j0,
 // per k. The general form above tests every k against D_in and reads through a generic
 // pointer (W is in global memory where it does not fit): ~130 instructions a row, a third
 // of the kept last pass's (SASS).
-// kStream: p is in global memory, read through the read-only path without allocating in L1
-// (weight_grad_kernel's kOwn form: each warp's own W[i] rows, 64 KB a block per batch tile,
-// would otherwise stream through its ~28 KB of L1 and evict the rows its warps share).
-__device__ __forceinline__ uint4 load16_no_l1(const void* p) {
-#ifdef CAPSROUTE_EMULATE
-  return *reinterpret_cast<const uint4*>(p);
-#else
-  uint4 x;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
-      : "l"(__cvta_generic_to_global(p)));
-  return x;
-#endif
-}
-template <bool kStream = false, typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_row8(const scalar_t* p, acc_t (&w)[8]) {
   constexpr int kPer = 16 / sizeof(scalar_t);
 #pragma unroll
   for (int v = 0; v < 8 / kPer; ++v) {
-    const uint4 x = kStream ? load16_no_l1(reinterpret_cast<const uint4*>(p) + v)
-                            : reinterpret_cast<const uint4*>(p)[v];
+    const uint4 x = reinterpret_cast<const uint4*>(p)[v];
     scalar_t e[kPer];
     memcpy(e, &x, sizeof(x));
 #pragma unroll
@@ -2459,14 +2422,14 @@ __device__ __forceinline__ void load_row8(const scalar_t* p, acc_t (&w)[8]) {
 }
 // The lane's two rows of a row tile: row d at w (from input dim k0), row d + 8 `step`
 // elements on; in[dh]: whether row d + 8 dh exists (< D_out).
-template <bool kStream = false, typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void add_grad_u_rows(const scalar_t* w, int step, const bool (&in)[2],
                                                 const acc_t (&gr)[4], acc_t (&gu)[2][8]) {
 #pragma unroll
   for (int dh = 0; dh < 2; ++dh) {
     if (!in[dh]) continue;
     acc_t wk[8];
-    load_row8<kStream>(w + dh * step, wk);
+    load_row8(w + dh * step, wk);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       gu[0][k] += wk[k] * gr[2 * dh];
@@ -2474,14 +2437,14 @@ __device__ __forceinline__ void add_grad_u_rows(const scalar_t* w, int step, con
     }
   }
 }
-template <int DT, bool kStream = false, typename scalar_t, typename acc_t>
+template <int DT, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void add_grad_u_staged(const scalar_t* w_group, const Dims& n,
                                                   const Lane& L, int r, int k0,
                                                   const acc_t (&gr)[4], acc_t (&gu)[2][8]) {
   const int D_in = static_cast<int>(n.D_in), D_out = static_cast<int>(n.D_out);
   const int d = L.dim(r % DT, 0);
   const bool in[2] = {d < D_out, d + 8 < D_out};
-  add_grad_u_rows<kStream>(w_group + ((r / DT) * D_out + d) * D_in + k0, 8 * D_in, in, gr, gu);
+  add_grad_u_rows(w_group + ((r / DT) * D_out + d) * D_in + k0, 8 * D_in, in, gr, gu);
 }
 
 // The 8 lanes that share t add up their dims of gu, each sum left in one of them
@@ -2684,7 +2647,7 @@ __device__ __forceinline__ void store_weight_grad(const Dims& n, scalar_t* grad_
 
 // Two blocks per SM with the couplings kept (float32 accumulation: ~109 KB of shared memory
 // each for the MNIST layer, the ring included); recomputing needs all the registers.
-template <int DT, typename Src, typename scalar_t, bool kKept, bool kOwn = false>
+template <int DT, typename Src, typename scalar_t, bool kKept>
 __global__ void __launch_bounds__(kFinalWarps * 32, blocks_per_sm<scalar_t>(kKept ? 2 : 1))
 weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
                    typename Scalar<scalar_t>::acc* __restrict__ grad_u_part,
@@ -2693,24 +2656,19 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   constexpr int GJ = kGroupRows / DT;
   constexpr bool kMatrixUnits = std::is_same<acc_t, float>::value;
   static_assert(!(kKept && Src::kFragments), "kept couplings need no prediction operands");
-  static_assert(!(kKept && kOwn), "a capsule per warp recomputes");
   const Lane L;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  // The block's input capsule, or with kOwn the warp's; a warp past N_in (in the last block)
-  // only meets the barriers.
-  const int64_t i = kOwn ? int64_t(blockIdx.x) * kFinalWarps + warp : int64_t(blockIdx.x);
-  const bool active = i < n.N_in;
+  const int64_t i = blockIdx.x;
   const int grp = blockIdx.y;
   const int64_t k0 = int64_t(blockIdx.z) * 8;
 
   unsigned char* smem = dynamic_smem<unsigned char>();
-  const SmemLayout layout = weight_grad_layout<scalar_t, acc_t>(n, Src::kFragments, kKept, kOwn);
+  const SmemLayout layout = weight_grad_layout<scalar_t, acc_t>(n, Src::kFragments, kKept);
   // W[i]'s rows from output capsule w_j0 on (for grad_u): all of them in global memory, or
-  // the group's in shared memory (always with fragments, unless kOwn).
-  const scalar_t* w_rows = src.W + (active ? i : 0) * n.J * n.D_in;
-  const scalar_t* w_group = w_rows + group_j0(n, grp) * n.D_out * n.D_in;  // (in global memory)
+  // the group's in shared memory (always with fragments).
+  const scalar_t* w_rows = src.W + i * n.J * n.D_in;
   int64_t w_j0 = 0;
-  if (!kOwn && n.w_shared) {
+  if (n.w_shared) {
     scalar_t* w = reinterpret_cast<scalar_t*>(smem + layout.w);
     stage_weight(src, n, i, grp, w);
     cp_async_commit();
@@ -2720,17 +2678,10 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   }
   __syncthreads();
   if constexpr (Src::kFragments) {  // the predictions' operands (one input capsule: once)
-    // (uint4s per capsule, as weight_grad_layout counts them)
-    const int64_t operands = int64_t(kGroupRows) * Src::kParts * n.k_chunks * 32;
-    src.Wf = reinterpret_cast<uint4*>(smem + layout.wf) + (kOwn ? warp * operands : 0);
+    src.Wf = reinterpret_cast<uint4*>(smem + layout.wf);
     src.Uf = reinterpret_cast<uint4*>(smem + layout.uf) + warp * n.k_chunks * 32;
-    if constexpr (kOwn) {  // the warp's own, from global memory
-      if (active) build_fragments<DT, Src::kChunks, true>(w_group, n, grp, src.Wf);
-      __syncwarp();
-    } else {
-      build_fragments<DT, Src::kChunks>(w_rows, n, grp, src.Wf);
-      __syncthreads();
-    }
+    build_fragments<DT, Src::kChunks>(w_rows, n, grp, src.Wf);
+    __syncthreads();
   } else {
     src.Wi = w_rows;
     src.wi_j0 = w_j0;
@@ -2770,33 +2721,18 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
     }
     cp_async_commit();
   }
-  // W[i]'s group rows in shared memory as whole 16-byte rows (kOwn: the same rows in global
-  // memory): grad_u from them by add_grad_u_staged.
-  const bool w_staged = (kOwn || n.w_shared) && n.rows8;
+  // W[i]'s group rows in shared memory as whole 16-byte rows: grad_u from them by
+  // add_grad_u_staged.
+  const bool w_staged = n.w_shared && n.rows8;
   auto grad_u_row = [&](int r, const acc_t (&a)[4], acc_t (&gu)[2][8]) {
-    // (the pointer made here, where the compiler sees that it is shared memory; kOwn: formed
-    // at each use, where the compiler had formed the 16 rows' global addresses before the
-    // batch loop and spilled them, 112 B)
-    if (w_staged)
-      add_grad_u_staged<DT, kOwn>(kOwn ? reformed(w_group)
-                                       : reinterpret_cast<const scalar_t*>(smem + layout.w),
-                                  n, L, r, static_cast<int>(k0), a, gu);
+    if (w_staged)  // (the pointer made here, where the compiler sees that it is shared memory)
+      add_grad_u_staged<DT>(reinterpret_cast<const scalar_t*>(smem + layout.w), n, L, r,
+                            static_cast<int>(k0), a, gu);
     else
       add_grad_u<DT>(w_rows, w_j0, n, L, grp, r, k0, a, gu);
   };
 
-  // The batch tiles: the warp's share (w, w + kFinalWarps, ...), or with a capsule per warp
-  // all of them, the block's warps on the same tile at a time (a barrier per tile keeps them
-  // there), so that the V and gs rows they all read can come from L2 once a block, the L1
-  // cache serving the other warps, where each warp read them from L2: ~90% of this pass's L2
-  // traffic at N_in = 32768 (counted, RESULTS.md).
-  const int64_t b_first = kOwn ? 0 : int64_t(warp) * kTileB;
-  const int64_t b_step = kOwn ? kTileB : int64_t(kFinalWarps) * kTileB;
-  for (int64_t b0 = b_first; b0 < n.B; b0 += b_step) {
-    if constexpr (kOwn) {
-      __syncthreads();
-      if (!active) continue;
-    }
+  for (int64_t b0 = int64_t(warp) * kTileB; b0 < n.B; b0 += kFinalWarps * kTileB) {
     acc_t gu[2][8];
 #pragma unroll
     for (int h = 0; h < 2; ++h)
@@ -2872,20 +2808,6 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
     }
     // float64: the tile of g_uh, staged row by row above, into grad_W's sums.
     if constexpr (!kMatrixUnits) add_weight_grad_fma(tile_g, tile_u, src.u, n, L, i, b0, k0, gW);
-  }
-
-  if constexpr (kOwn) {  // the warp's grad_W[i], whole: no sum over warps
-    if (!active) return;
-#pragma unroll
-    for (int e = 0; e < 64; ++e) {
-      int row, k;
-      weight_grad_slot<acc_t>(e, lane, row, k);
-      if constexpr (kMatrixUnits)
-        store_weight_grad<DT>(n, grad_W, i, grp, k0, row, k, gw_s[e * 32 + lane]);
-      else
-        store_weight_grad<DT>(n, grad_W, i, grp, k0, row, k, gW[e]);
-    }
-    return;
   }
 
   // The warps' partial grad_W[i] ([256 rows][8 dims]), added in warp order into `sum`.

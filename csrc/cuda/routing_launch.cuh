@@ -501,10 +501,9 @@ inline at::Tensor grad_bias_of(const at::Tensor& gs, int64_t t_min, int64_t iter
       .contiguous();  // the narrow keeps the padded row stride where D_out is not whole tiles
 }
 
-// CAPSROUTE_CAPSULE_GRAD, the switch of the last passes with an input capsule per warp (for
-// measuring them against weight_grad_kernel's capsule per block): 0 turns them off, n >= 1
-// asks for them (n warps a block where the kernel takes a count), unset (-1) leaves the choice
-// to capsule_grad_warps and recompute_capsule_warps.
+// CAPSROUTE_CAPSULE_GRAD, the switch of the kept last pass with an input capsule per warp (for
+// measuring it against weight_grad_kernel's capsule per block): 0 turns it off, n >= 1 asks
+// for it with n warps a block, unset (-1) leaves the choice to capsule_grad_warps.
 inline int64_t capsule_grad_asked() {
   return env_number("CAPSROUTE_CAPSULE_GRAD", "0 or a number of warps");
 }
@@ -529,30 +528,6 @@ int capsule_grad_warps(const Dims& d, int64_t iterations) {
          cuda::capsule_grad_layout<T>(d, static_cast<int>(iterations), warps).end > kPassSmem)
     --warps;
   return warps >= least ? warps : 0;
-}
-
-// Whether the recomputing last pass (weight_grad_kernel without kept couplings) gives each
-// warp an input capsule of its own (kOwn). Its blocks then read each row of V
-// and gs once for kFinalWarps capsules, but hold kFinalWarps capsules' operands (where those
-// do not fit in kPassSmem it is not used) and walk every batch tile. One block runs per
-// multiprocessor either way, so the time goes as the waves of blocks times a block's tile
-// steps per warp; a warp's capsule is chosen where that is at most 5/4 of a block's capsule,
-// the 1/4 for the rows it no longer rereads (a guess, to be measured: the rows are ~90% of
-// the pass's L2 traffic at N_in = 32768). CAPSROUTE_CAPSULE_GRAD=0 keeps a block's capsule,
-// and any other number a warp's, where it fits.
-template <typename T, typename acc_t>
-bool recompute_capsule_warps(Dims d, int64_t z_chunks) {
-  const int64_t asked = capsule_grad_asked();
-  if (asked == 0) return false;
-  d.w_shared = false;
-  const bool fragments = !std::is_same<T, double>::value;
-  if (cuda::weight_grad_layout<T, acc_t>(d, fragments, false, true).end > kPassSmem) return false;
-  if (asked > 0) return true;
-  const int64_t sms = cuda::multiprocessor_count();
-  const int64_t others = d.n_groups * z_chunks, tiles = ceil_div(d.B, cuda::kTileB);
-  const int64_t per_block = ceil_div(d.N_in * others, sms) * ceil_div(tiles, cuda::kFinalWarps);
-  const int64_t per_warp = ceil_div(ceil_div(d.N_in, cuda::kFinalWarps) * others, sms) * tiles;
-  return 4 * per_warp <= 5 * per_block;
 }
 
 template <typename scalar_t, typename Src>
@@ -619,19 +594,13 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     // it reads W[i] as it is. W[i]'s rows are staged in shared memory where they fit beside
     // the tiles (always with operands).
     const bool kept = sw.kept != nullptr;
-    // Recomputing: an input capsule per warp or per block (recompute_capsule_warps).
-    const bool own = !kept && recompute_capsule_warps<T, acc_t>(d, grid.z);
-    auto layout = [kept, own](const Dims& e, bool f) {
-      return cuda::weight_grad_layout<T, acc_t>(e, f, kept, own);
+    auto layout = [kept](const Dims& e, bool f) {
+      return cuda::weight_grad_layout<T, acc_t>(e, f, kept);
     };
-    auto last_pass = [&](auto source, auto kept_t, auto own_t) {
+    auto last_pass = [&](auto source, auto kept_t) {
       using S = decltype(source);
-      constexpr bool kOwn = decltype(own_t)::value;
-      d.w_shared = !kOwn && staged_fits(d, S::kFragments, layout);
-      const dim3 blocks(
-          kOwn ? static_cast<unsigned>(ceil_div(n.N_in, cuda::kFinalWarps)) : grid.x, grid.y,
-          grid.z);
-      cuda::launch(cuda::weight_grad_kernel<DT, S, T, decltype(kept_t)::value, kOwn>, blocks,
+      d.w_shared = staged_fits(d, S::kFragments, layout);
+      cuda::launch(cuda::weight_grad_kernel<DT, S, T, decltype(kept_t)::value>, grid,
                    cuda::kFinalWarps * 32, layout(d, S::kFragments).end, cuda::current_stream(),
                    source, d, sw, aptr<acc_t>(grad_u_part), dptr<scalar_t>(grad_weight));
     };
@@ -654,19 +623,11 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
           go(std::integral_constant<int, 0>{});
       }
     } else if (kept) {
-      last_pass(src, std::true_type{}, std::false_type{});
+      last_pass(src, std::true_type{});
     } else {
-      // A warp's capsule takes operands (float64: none), which recompute_capsule_warps found
-      // to fit: only those sources are compiled with it.
       launch_with_source(
-          src, d, [&] { return own || staged_fits(d, true, layout); },
-          [&](auto source) {
-            constexpr bool kOperands = decltype(source)::kFragments;
-            if constexpr (kOperands != std::is_same<T, double>::value) {
-              if (own) return last_pass(source, std::false_type{}, std::true_type{});
-            }
-            last_pass(source, std::false_type{}, std::false_type{});
-          });
+          src, d, [&] { return staged_fits(d, true, layout); },
+          [&](auto source) { last_pass(source, std::false_type{}); });
     }
     // With several groups of output capsules their contributions to grad_u are added here,
     // in group order: straight into grad_u where it is in the accumulation type (no
