@@ -202,13 +202,14 @@ def test_shapes_float32(emu, shape):
                  leaky=shape.N_out > 9, detach=False, return_coupling=True)
 
 
-# The row passes (row_pass_kernel, the forward's and the gradient passes: float32 and the
-# half types where D_in <= 8, D_out <= 16 and N_out * ceil(D_out / 8) <= 20; the shapes above
-# but the groups and the wide ones take them) under every forward option, on odd sizes (a batch of 3 in a row tile of 16,
-# two column tiles of 11 dims: one warp of a pair has no capsules), 5 row tiles of 3 capsules
-# of 5 dims (two blocks), the MNIST layer's capsules (5 for each warp of a pair) and layers
-# whose second warp has some of its capsules (4 of 8 with D_out = 8, 2 of 5 with D_out = 13);
-# and the same sizes on routing_pass_kernel with CAPSROUTE_ROW_PASS=0.
+# The row passes (row_pass_kernel, the forward's and the gradient passes: float32, and the
+# half types with CAPSROUTE_ROW_PASS=1, where D_in <= 8, D_out <= 16 and
+# N_out * ceil(D_out / 8) <= 20; the shapes above but the groups and the wide ones take them)
+# under every forward option, on odd sizes (a batch of 3 in a row tile of 16, two column tiles
+# of 11 dims: one warp of a pair has no capsules), 5 row tiles of 3 capsules of 5 dims (two
+# blocks), the MNIST layer's capsules (5 for each warp of a pair) and layers whose second warp
+# has some of its capsules (4 of 8 with D_out = 8, 2 of 5 with D_out = 13); and the same sizes
+# on routing_pass_kernel with CAPSROUTE_ROW_PASS=0.
 @pytest.mark.parametrize("iterations,bias,leaky,coupling",
                          list(itertools.product([1, 2, 3], [False, True], [False, True],
                                                 [False, True])),
@@ -264,8 +265,8 @@ def test_group_walk_switch(emu, monkeypatch, shape, dtype, walk):
 # The switches for measuring one kernel choice against another: a bad value is an error that
 # names the variable (CAPSROUTE_GROUP_WALK is read where there are several groups);
 # CAPSROUTE_ROW_BLOCKS_PER_SM (the row passes' chunks of input capsules) keeps the results:
-# 1 block per multiprocessor planned (the emulation's 2: 2 chunks of 19 capsules) and 40 (37
-# chunks of one), against the default 8 for a batch of one row tile (16 chunks of 3).
+# 1 block per multiprocessor planned (the emulation's 2: 2 chunks of 19 capsules), 8 (16
+# chunks of 3) and 40 (37 chunks of one), against the default 2 (4 chunks of 10).
 @pytest.mark.parametrize("name,value", [("CAPSROUTE_ROW_PASS", "off"),
                                         ("CAPSROUTE_CAPSULE_GRAD", "-1"),
                                         ("CAPSROUTE_CAPSULE_GRAD", "lots"),
@@ -281,7 +282,7 @@ def test_switches_are_checked(emu, monkeypatch, name, value):
                      bias=False, leaky=False, detach=False, return_coupling=False)
 
 
-@pytest.mark.parametrize("blocks", ["1", "40"])
+@pytest.mark.parametrize("blocks", ["1", "8", "40"])
 def test_row_pass_chunks(emu, monkeypatch, blocks):
     monkeypatch.setenv("CAPSROUTE_ROW_BLOCKS_PER_SM", blocks)
     run_emulated(emu, "dynamic_routing", SHAPES[0], torch.float32, iterations=3, bias=True,

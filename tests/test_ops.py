@@ -92,9 +92,10 @@ def test_groups_over_many_capsules_cuda(op, dtype, cache_mb, monkeypatch):
                                    Shape(40, 300, 12, 8, 8)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
 def test_row_passes_cuda(dtype, shape, row_pass, monkeypatch):
-    """The forward's and the gradient passes of dynamic_routing run on row_pass_kernel (16
-    batch elements per product) where a layer is at most 20 column tiles of 8 dims, and on
-    routing_pass_kernel with CAPSROUTE_ROW_PASS=0: both against the reference, on the MNIST
+    """The forward's and the gradient passes of dynamic_routing on row_pass_kernel (16
+    batch elements per product; float32's default where a layer is at most 20 column tiles of
+    8 dims, asked for in the half types with CAPSROUTE_ROW_PASS=1) and on routing_pass_kernel
+    with CAPSROUTE_ROW_PASS=0: both against the reference, on the MNIST
     layer, a layer whose second warp of a pair has 2 of its 5 capsules (13 dims; a batch of
     37 leaves a short row tile; each block walks several input capsules) and 12 capsules of
     8 dims."""

@@ -253,24 +253,33 @@ void launch_group_stats(const Src& src, const Dims& d, cuda::State<acc_t> st, ac
 }
 
 // Whether the forward's passes and the backward's gradient passes run on row_pass_kernel:
-// dynamic_routing in float32 or a half type at the sizes it supports
-// (cuda::row_pass_supported), unless CAPSROUTE_ROW_PASS=0, which keeps routing_pass_kernel's
-// passes (as every other size has them): a switch for measuring one against the other in the
-// same session.
+// dynamic_routing in float32 at the sizes it supports (cuda::row_pass_supported). On an H100
+// at B = 128 (3245b3d) they took a float32 forward from 113.5 to 105.8 µs of GPU time and a
+// B = 512 one from 371 to 286, but a bfloat16 forward from 90.5 to 101.1 µs (routing_pass_kernel
+// reads half the bytes of W's operands there; the row pass converts to float32 as it loads),
+// so the half types keep routing_pass_kernel unless asked. CAPSROUTE_ROW_PASS=1 asks for the
+// row passes in the half types too, 0 keeps routing_pass_kernel's passes for every dtype (as
+// every other size has them): switches for measuring one against the other.
 template <typename Src, typename T>
 constexpr bool kRowSource = std::is_same<std::remove_cv_t<Src>, cuda::WeightSource<T>>::value &&
                             !std::is_same<T, double>::value;
 template <typename Src, typename T>
 bool use_row_pass(const Dims& d) {
-  if constexpr (kRowSource<Src, T>)
-    return cuda::row_pass_supported(d) && env_number("CAPSROUTE_ROW_PASS", "0 or 1") != 0;
+  if constexpr (kRowSource<Src, T>) {
+    if (!cuda::row_pass_supported(d)) return false;
+    const int64_t asked = env_number("CAPSROUTE_ROW_PASS", "0 or 1");
+    return asked < 0 ? std::is_same<T, float>::value : asked != 0;
+  }
   return false;
 }
 
 // The row passes' blocks: up to 4 row tiles of 16 batch elements, 2 warps each; the chunks of
-// input capsules are planned for them (plan_chunks), in d, for 16 warps per multiprocessor
-// (two blocks of 8, or more of fewer at small B). For measuring the chunk count's effect
-// (partial sums against blocks' length), CAPSROUTE_ROW_BLOCKS_PER_SM=n plans for n blocks.
+// input capsules are planned for them (plan_chunks), in d, for two blocks per multiprocessor
+// at every B. Where a block has fewer than 8 warps (B <= 48) that leaves warps idle, but
+// fewer chunks mean fewer partial sums to add: on an H100 at B = 32 (3245b3d) two blocks of 4
+// warps took the forward's GPU time to 60.6 µs against 65.0 with four (the plan before), 61.4
+// with one and 82.2 with eight. For measuring the chunk count's effect,
+// CAPSROUTE_ROW_BLOCKS_PER_SM=n plans for n blocks.
 inline dim3 plan_row_pass(Dims& d, int& threads) {
   const int64_t tiles = ceil_div(d.B, cuda::kRowsB);
   const int per_block = static_cast<int>(std::min<int64_t>(4, tiles));
@@ -280,8 +289,7 @@ inline dim3 plan_row_pass(Dims& d, int& threads) {
   const char* name = "CAPSROUTE_ROW_BLOCKS_PER_SM";
   const int64_t asked = env_number(name, "a number of blocks, 1 or more");
   TORCH_CHECK_VALUE(asked != 0, "capsroute: ", name, " must be a number of blocks, 1 or more");
-  plan_chunks(d, asked > 0 ? asked : cuda::kPassBlocksPerSM * std::max(1, 4 / per_block),
-              b_blocks);
+  plan_chunks(d, asked > 0 ? asked : cuda::kPassBlocksPerSM, b_blocks);
   threads = 64 * per_block;
   return dim3(static_cast<unsigned>(d.n_chunks), static_cast<unsigned>(b_blocks));
 }
