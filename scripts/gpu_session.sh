@@ -8,12 +8,13 @@
 #             memory; each call also replayed from a CUDA graph
 #   bench-ma  B=128 also against torch.compile(mode="max-autotune") (several minutes)
 #   profile   the fused op's per-kernel times and host overhead, canonical and scale shapes
-#   host      the host side of a B=128 forward+backward: CPU time per operator and runtime call,
-#             float32 and bfloat16 (bf16's forward+backward took 0.603 ms against 0.303 by graph
-#             replay, float32's 0.348 against 0.333: 861bf4b)
-#   rows      the row passes (forward and gradient; the default where they apply) against
-#             routing_pass_kernel's (CAPSROUTE_ROW_PASS=0): profile_cuda.py at B=128 float32
-#             and bfloat16 and B=512
+#   host      the host side of a forward+backward: the host time of its pieces (raw ops, the
+#             forward with autograd, the whole, the engine's own), then CPU time per operator
+#             and runtime call; B=128 float32 and bfloat16, B=32 float32 (at 3245b3d the eager
+#             forward+backward took 0.476 ms at B=32 against 0.158 by graph replay)
+#   rows      the row passes (forward and gradient; float32's default where they apply,
+#             CAPSROUTE_ROW_PASS=1 in the half types) against routing_pass_kernel's (=0):
+#             profile_cuda.py at B=128 float32 and bfloat16, B=512 float32 and bfloat16
 #   capsgrad  the kept last pass on weight_grad_capsules_kernel (the default where it applies)
 #             against weight_grad_kernel (CAPSROUTE_CAPSULE_GRAD=0), and with 5 and 6 warps
 #             a block: profile_cuda.py at B=128 float32 and B=32
@@ -35,11 +36,13 @@
 # step's time limit is cut to what is left, so the logs are packed even when the last step is.
 # Build here first (scripts/prebuild_device.sh, then carry ["build/device"]: ~140 s of the
 # device's time saved). A session has 15 minutes of device time, the machine's start (a
-# minute or two) and its idle time included: with kernels never run on a GPU, one call
-# `SESSION_S=540 ... quick tests sanitize walk rows capsgrad` (correctness first,
-# then the A/B switches, in the order of what they decide; the steps past the time are
-# skipped), then on the warm machine `bench` with the time left (ratios.py prints each
-# configuration's times as it finishes them).
+# minute or two) and its idle time included, and a warm machine goes back after 30 s idle:
+# have the second call ready. At 3245b3d (eighteenth session) `quick tests sanitize` and four
+# A/B steps took 399 s, `bench host` 148 s, `check` 12 s, `profile chunks` 140 s.
+# With kernels changed since the last measurement: one call `SESSION_S=540 ... quick tests
+# sanitize profile ncu` (correctness first; the steps past the time are skipped), then on
+# the warm machine `bench host` with the time left (ratios.py prints each configuration's
+# times as it finishes them).
 set -uo pipefail
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -104,8 +107,8 @@ for step in "$@"; do
     ncu) timeout $(cap 240) bash scripts/ncu_kernels.sh 2>&1 | tail -60 ;;
     ncu-scale) timeout $(cap 240) bash scripts/ncu_kernels.sh 128 32768 64 2>&1 | tail -60 ;;
     profile) profile_shapes 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
-    host) for dt in float32 bfloat16; do timeout $(cap 60) python3 scripts/profile_cuda.py --host --dtype $dt; done 2>&1 | grep -v -i warn | tee "$OUT/host.log" ;;
-    rows) env_ab CAPSROUTE_ROW_PASS "0 1" "" "--dtype bfloat16" "--batch 512" | tee "$OUT/rows.log" ;;
+    host) for args in "--dtype float32" "--dtype bfloat16" "--batch 32"; do timeout $(cap 60) python3 scripts/profile_cuda.py --host $args; done 2>&1 | grep -v -i warn | tee "$OUT/host.log" ;;
+    rows) env_ab CAPSROUTE_ROW_PASS "0 1" "" "--dtype bfloat16" "--batch 512" "--batch 512 --dtype bfloat16" | tee "$OUT/rows.log" ;;
     capsgrad) env_ab CAPSROUTE_CAPSULE_GRAD "0 - 5 6" "" "--batch 32" | tee "$OUT/capsgrad.log" ;;
     walk) AB_S=90 env_ab CAPSROUTE_GROUP_WALK "0 1" "--n-in 32768 --n-out 64 --calls 3" | tee "$OUT/walk.log" ;;
     chunks) env_ab CAPSROUTE_ROW_BLOCKS_PER_SM "- 1 2 4 8" "--batch 32" "--batch 512" | tee "$OUT/chunks.log" ;;

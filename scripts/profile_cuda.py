@@ -25,8 +25,9 @@ p.add_argument("--n-out", type=int, default=10)
 p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
 p.add_argument("--calls", type=int, default=20)
 p.add_argument("--host", action="store_true",
-               help="only the host side of a forward+backward: CPU time per operator and "
-                    "runtime call (torch.profiler), to find where back-to-back calls wait")
+               help="only the host side of a forward+backward: the host time of its pieces, "
+                    "then CPU time per operator and runtime call (torch.profiler), to find "
+                    "where back-to-back calls wait")
 args = p.parse_args()
 
 dtype = getattr(torch, args.dtype)
@@ -53,10 +54,52 @@ def forward_backward():
     torch.autograd.grad(call(), inputs, gv)
 
 
+def host_split():
+    """The host's time per call (no profiler: it inflates every operator) of the pieces of a
+    forward+backward, each run back to back: the raw ops without autograd, the forward
+    building its graph, the whole forward+backward, and torch.autograd.grad of a one-kernel
+    CUDA graph (the engine's own cost, which hands CUDA backward work to a device thread).
+    Where the whole is longer than its pieces, the difference is waiting."""
+    ops = torch.ops.capsroute
+    x = torch.randn(1024, device="cuda", requires_grad=True)
+    with torch.no_grad():
+        if args.op == "route":
+            raw = (u_hat.detach(),)
+            _, _, s = ops.route(*raw, None, 3, False, False, 1e-8, False)
+            fwd = lambda: ops.route(*raw, None, 3, False, False, 1e-8, False)
+            bwd = lambda: ops.route_backward(gv, None, *raw, s, False, 3, False, False, 1e-8)
+        else:
+            raw = (u.detach(), W.detach())
+            _, _, s = ops.dynamic_routing(*raw, None, 3, False, False, 1e-8, False)
+            fwd = lambda: ops.dynamic_routing(*raw, None, 3, False, False, 1e-8, False)
+            bwd = lambda: ops.dynamic_routing_backward(gv, None, *raw, s, False, 3, False,
+                                                       False, 1e-8)
+    pieces = [("raw forward op (no autograd)", fwd),
+              ("raw backward op", bwd),
+              ("forward, building the autograd graph", call),
+              ("forward+backward (torch.autograd.grad)", forward_backward),
+              ("torch.autograd.grad of (x * 2).sum() on CUDA", lambda: torch.autograd.grad(
+                  (x * 2).sum(), x))]
+    print(f"\n== host time per call of {args.op}'s pieces, B={args.batch} {args.dtype} "
+          f"(median of 5 runs of {args.calls} calls back to back)")
+    for name, fn in pieces:
+        runs = []
+        for _ in range(6):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.calls):
+                fn()
+            runs.append((time.perf_counter() - t0) / args.calls * 1e6)
+        torch.cuda.synchronize()
+        runs = sorted(runs[1:])  # the first run warms up
+        print(f"  {runs[2]:8.1f} us  (min {runs[0]:.1f}, max {runs[-1]:.1f})  {name}")
+
+
 if args.host:
     for _ in range(5):
         forward_backward()
     torch.cuda.synchronize()
+    host_split()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.calls):
             forward_backward()
