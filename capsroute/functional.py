@@ -112,6 +112,21 @@ def dynamic_routing(
     return (v, c) if return_coupling else v
 
 
+def _contiguous_to_save(u_hat: Tensor) -> Tensor:
+    """u_hat as the kernels read it: contiguous. The op would copy a strided u_hat itself, in
+    the forward and again in the backward from the view that autograd saved. The README's
+    CapsNet-Keras port passes a transposed one: on a 2-core CPU at B=32 its forward+backward
+    took 27.6-33.4 ms with both copies, 16.6-21.2 ms with one (three runs each). Copied here,
+    the copy is what autograd saves, in place of the view. Not for an expanded view (a zero
+    stride), whose copy would hold more memory than the view does; and left to the compiler
+    under torch.compile."""
+    if u_hat.is_contiguous() or torch.compiler.is_compiling():
+        return u_hat
+    if any(stride == 0 and size > 1 for stride, size in zip(u_hat.stride(), u_hat.shape)):
+        return u_hat
+    return u_hat.contiguous()
+
+
 def route(
     u_hat: Tensor,
     iterations: int = 3,
@@ -137,7 +152,8 @@ def route(
         _ops.check_route(u_hat, bias, iterations, eps)
         return _ops.run_reference(reference.route, (u_hat,), bias, iterations, leaky, detach,
                                   eps, return_coupling)
-    v, c, _ = _ops.ops.route(u_hat, bias, iterations, leaky, detach, eps, return_coupling)
+    v, c, _ = _ops.ops.route(_contiguous_to_save(u_hat), bias, iterations, leaky, detach, eps,
+                             return_coupling)
     return (v, c) if return_coupling else v
 
 

@@ -767,6 +767,38 @@ def test_non_contiguous_inputs_route(dtype, device):
             assert torch.equal(w, h), f"{name}: a strided input changes the result"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_saves_strided_predictions_contiguous(device):
+    """A strided u_hat is copied once, before the op, and autograd saves the copy: the backward
+    then reads it as it is instead of copying the view again. An expanded u_hat (a zero
+    stride) is saved as the view, whose copy would hold B times the memory."""
+    shape = SMALL_SHAPES[0]
+    x = make_route_inputs(shape, torch.float32, device, bias=False,
+                          gen=make_generator("saved-strided-route"))
+    B = shape.B
+    cases = {
+        "transposed": (_strided_copy(x.u_hat, [0, 2, 1, 3]), True),  # CapsNet-Keras's layout
+        "sliced": (torch.cat([x.u_hat, x.u_hat], dim=-1)[..., ::2], True),
+        "expanded": (x.u_hat[:1].expand(B, -1, -1, -1), False),
+    }
+    for name, (u_hat, contiguous) in cases.items():
+        saved = []
+
+        def pack(t):
+            if t.shape == u_hat.shape:
+                saved.append(t)
+            return t
+
+        leaf = u_hat.detach().requires_grad_()  # (detach keeps the strides)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            capsroute.route(leaf, 2)
+        assert len(saved) == 1, name
+        if contiguous:
+            assert saved[0].is_contiguous(), f"{name}: the strided view was saved"
+        else:
+            assert saved[0].stride() == u_hat.stride(), f"{name}: the expanded view was copied"
+
+
 # --- nothing is written into the caller's tensors ------------------------------------------
 
 
