@@ -111,6 +111,7 @@ struct Machine {
   uint64_t events = 0;  // barrier releases and exits: progress, for deadlock detection
   Barrier block;
   std::vector<Barrier> warps;
+  std::array<Barrier, 16> named;  // bar.sync id, count (id 0 is __syncthreads' own)
   std::vector<std::array<unsigned char, 64>> slots;  // one exchange slot per thread
   std::vector<unsigned char> dynamic_smem;
   // Per thread: asynchronous copies (cp.async) not yet landed: the open group, and the
@@ -176,6 +177,19 @@ inline void fiber_main() {
   }
 }
 
+// bar.sync id, count: waits until `count` threads of the block (whole warps) have arrived at
+// named barrier `id`. Threads that exited do not count, as on the hardware: a barrier that a
+// thread never reaches is a deadlock, which run_grid reports.
+inline void named_barrier(int id, int count) {
+  Machine& m = machine();
+  if (id <= 0 || id >= static_cast<int>(m.named.size()) || count <= 0 || count % 32)
+    fail("bad named barrier");
+  Barrier& b = m.named[id];
+  if (b.arrived == 0) b.alive = count;
+  if (b.alive != count) fail("threads meet at a named barrier with different counts");
+  wait(b);
+}
+
 // Runs `body` as the code of every thread of every block of the grid.
 inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
   Machine& m = machine();
@@ -213,6 +227,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> b
     std::memset(m.dynamic_smem.data() + smem, kGuardByte, kGuard);
     m.copies.assign(n, {});
     m.warps.assign((n + 31) / 32, Barrier{});
+    m.named.fill(Barrier{});
     for (int t = 0; t < n; ++t) {
       ++m.warps[t / 32].alive;
       m.done[t] = 0;
@@ -224,13 +239,18 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> b
       makecontext(&m.fibers[t], fiber_main, 0);
     }
     // A round runs each live thread until it waits or exits. Under a random schedule a round
-    // runs the threads in a random order, and only those of a random half of the warps, so
+    // runs the threads in a random order, and only those of the warps whose turn it is, so
     // that warps run ahead of each other between block barriers (in plain rounds all warps
     // advance one warp-wide step at a time, hiding races between warps); a round with no
-    // progress is followed by a round of all warps.
+    // progress is followed by a round of all warps. Drawn per block: a warp's turn or pause
+    // changes with probability 1/2 or 1/16 a round, or (solo) one random warp runs alone
+    // until it waits at a barrier that the others must reach. The longer stretches let one
+    // warp run a whole phase (dozens of warp-wide steps) ahead of a warp held back, as warps
+    // that meet only at a pair's barrier (row_pass_kernel's kDirect) can on a GPU.
     const int n_warps = (n + 31) / 32;
     std::vector<char> runs(n_warps, 1);
     bool everyone = true;
+    const uint64_t flip = std::array<uint64_t, 3>{2, 16, 0}[random() % 3];  // 0: solo
     int remaining = n;
     while (remaining > 0) {
       const uint64_t before = m.events;
@@ -244,8 +264,18 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> b
       }
       const bool stuck = m.events == before;
       if (remaining > 0 && stuck && everyone) fail("deadlock: a barrier can never complete");
-      everyone = !shuffled || stuck;
-      for (char& r : runs) r = everyone || (random() & 1);
+      if (!shuffled || stuck) {
+        std::fill(runs.begin(), runs.end(), 1);
+      } else if (flip == 0) {
+        if (everyone) {
+          std::fill(runs.begin(), runs.end(), 0);
+          runs[random() % n_warps] = 1;
+        }
+      } else {
+        for (char& r : runs)
+          if (random() % flip == 0) r = !r;
+      }
+      everyone = std::all_of(runs.begin(), runs.end(), [](char r) { return r != 0; });
     }
     for (size_t e = smem; e < smem + kGuard; ++e)
       if (m.dynamic_smem[e] != kGuardByte) fail("shared memory written past the launch's size");
