@@ -15,6 +15,10 @@
 #   rows      the row passes (forward and gradient; float32's default where they apply,
 #             CAPSROUTE_ROW_PASS=1 in the half types) against routing_pass_kernel's (=0):
 #             profile_cuda.py at B=128 float32 and bfloat16, B=512 float32 and bfloat16
+#   direct    the row passes with the lanes reading W[i]'s operands themselves, no block
+#             barrier in the walk (CAPSROUTE_ROW_DIRECT=1), against the block staging them
+#             (the default, =0): profile_cuda.py at B=128 float32, B=32, B=512, and B=128
+#             bfloat16 on the row passes (CAPSROUTE_ROW_PASS=1)
 #   capsgrad  the kept last pass on weight_grad_capsules_kernel (the default where it applies)
 #             against weight_grad_kernel (CAPSROUTE_CAPSULE_GRAD=0), and with 5 and 6 warps
 #             a block: profile_cuda.py at B=128 float32 and B=32
@@ -26,6 +30,7 @@
 #             B=512 (profile_cuda.py)
 #   tests     the test suite's CUDA cases
 #   ncu       Nsight Compute on the canonical shape's kernels (scripts/ncu_kernels.sh)
+#   ncu-direct the same with CAPSROUTE_ROW_DIRECT=1 (see direct)
 #   ncu-scale the same on the 32768x64 scale shape
 #   sanitize  compute-sanitizer memcheck/racecheck/initcheck/synccheck on a tiny case
 #   ab        the profile (canonical and scale shapes) of each other carried build,
@@ -105,10 +110,13 @@ for step in "$@"; do
       done ;;
     bench) timeout $(cap 330) python3 benchmarks/ratios.py --suite gpu --graph 2>&1 | grep -v Warning | tee "$OUT/bench.log" ;;
     ncu) timeout $(cap 240) bash scripts/ncu_kernels.sh 2>&1 | tail -60 ;;
+    ncu-direct) CAPSROUTE_ROW_DIRECT=1 timeout $(cap 240) bash scripts/ncu_kernels.sh 2>&1 | tail -60 ;;
     ncu-scale) timeout $(cap 240) bash scripts/ncu_kernels.sh 128 32768 64 2>&1 | tail -60 ;;
     profile) profile_shapes 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
     host) for args in "--dtype float32" "--dtype bfloat16" "--batch 32"; do timeout $(cap 60) python3 scripts/profile_cuda.py --host $args; done 2>&1 | grep -v -i warn | tee "$OUT/host.log" ;;
     rows) env_ab CAPSROUTE_ROW_PASS "0 1" "" "--dtype bfloat16" "--batch 512" "--batch 512 --dtype bfloat16" | tee "$OUT/rows.log" ;;
+    direct) env_ab CAPSROUTE_ROW_DIRECT "0 1" "" "--batch 32" "--batch 512" | tee "$OUT/direct.log"
+      CAPSROUTE_ROW_PASS=1 env_ab CAPSROUTE_ROW_DIRECT "0 1" "--dtype bfloat16" | tee -a "$OUT/direct.log" ;;
     capsgrad) env_ab CAPSROUTE_CAPSULE_GRAD "0 - 5 6" "" "--batch 32" | tee "$OUT/capsgrad.log" ;;
     walk) AB_S=90 env_ab CAPSROUTE_GROUP_WALK "0 1" "--n-in 32768 --n-out 64 --calls 3" | tee "$OUT/walk.log" ;;
     chunks) env_ab CAPSROUTE_ROW_BLOCKS_PER_SM "- 1 2 4 8" "--batch 32" "--batch 512" | tee "$OUT/chunks.log" ;;

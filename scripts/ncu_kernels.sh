@@ -10,7 +10,7 @@ OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 cp build/device/capsroute/_C.abi3.so capsroute/ 2>/dev/null  # the prebuilt extension (scripts/prebuild_device.sh)
 B=${1:-128} N_IN=${2:-1152} N_OUT=${3:-10}
-tag=b${B}_${N_IN}x${N_OUT}
+tag=b${B}_${N_IN}x${N_OUT}${CAPSROUTE_ROW_DIRECT:+_direct$CAPSROUTE_ROW_DIRECT}  # the row passes' switch, if set
 cat > /tmp/ncu_driver.py <<PY
 import torch, capsroute
 g = torch.Generator(device="cuda").manual_seed(0)

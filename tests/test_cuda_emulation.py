@@ -209,22 +209,35 @@ def test_shapes_float32(emu, shape):
 # of 11 dims: one warp of a pair has no capsules), 5 row tiles of 3 capsules of 5 dims (two
 # blocks), the MNIST layer's capsules (5 for each warp of a pair) and layers whose second warp
 # has some of its capsules (4 of 8 with D_out = 8, 2 of 5 with D_out = 13); and the same sizes
-# on routing_pass_kernel with CAPSROUTE_ROW_PASS=0.
+# on routing_pass_kernel with CAPSROUTE_ROW_PASS=0. Each with W[i]'s operands staged by the
+# block and read by the lanes themselves (CAPSROUTE_ROW_DIRECT=1).
+ROW_PATHS = {"staged": ("1", "0"), "direct": ("1", "1"), "tiles": ("0", "0")}
+
+
+def set_row_path(monkeypatch, path):
+    row_pass, direct = ROW_PATHS[path]
+    monkeypatch.setenv("CAPSROUTE_ROW_PASS", row_pass)
+    monkeypatch.setenv("CAPSROUTE_ROW_DIRECT", direct)
+
+
+@pytest.mark.parametrize("path", ["staged", "direct"])
 @pytest.mark.parametrize("iterations,bias,leaky,coupling",
                          list(itertools.product([1, 2, 3], [False, True], [False, True],
                                                 [False, True])),
                          ids=lambda x: str(int(x)) if isinstance(x, bool) else str(x))
-def test_row_pass_every_option_float32(emu, iterations, bias, leaky, coupling):
+def test_row_pass_every_option_float32(emu, monkeypatch, iterations, bias, leaky, coupling,
+                                       path):
+    set_row_path(monkeypatch, path)
     run_emulated(emu, "dynamic_routing", SHAPES[1], torch.float32, iterations=iterations,
                  bias=bias, leaky=leaky, detach=False, return_coupling=coupling)
 
 
-@pytest.mark.parametrize("row_pass", ["1", "0"])
+@pytest.mark.parametrize("path", list(ROW_PATHS))
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[5], Shape(20, 5, 12, 8, 8),
                                    Shape(20, 5, 7, 6, 13)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
-def test_row_pass_shapes(emu, monkeypatch, shape, dtype, row_pass):
-    monkeypatch.setenv("CAPSROUTE_ROW_PASS", row_pass)
+def test_row_pass_shapes(emu, monkeypatch, shape, dtype, path):
+    set_row_path(monkeypatch, path)
     run_emulated(emu, "dynamic_routing", shape, dtype, iterations=3, bias=True, leaky=True,
                  detach=False, return_coupling=True)
 
@@ -268,6 +281,7 @@ def test_group_walk_switch(emu, monkeypatch, shape, dtype, walk):
 # 1 block per multiprocessor planned (the emulation's 2: 2 chunks of 19 capsules), 8 (16
 # chunks of 3) and 40 (37 chunks of one), against the default 2 (4 chunks of 10).
 @pytest.mark.parametrize("name,value", [("CAPSROUTE_ROW_PASS", "off"),
+                                        ("CAPSROUTE_ROW_DIRECT", "yes"),
                                         ("CAPSROUTE_CAPSULE_GRAD", "-1"),
                                         ("CAPSROUTE_CAPSULE_GRAD", "lots"),
                                         ("CAPSROUTE_CAPSULE_GRAD", "5 warps"),
@@ -351,6 +365,16 @@ def test_thread_order_does_not_change_results(emu, monkeypatch, op, shape, dtype
                                          (TINY_GROUPS, torch.float64)], ids=str)
 def test_thread_order_recomputing(emu, monkeypatch, shape, dtype):
     monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", "0")
+    check_thread_order(emu, monkeypatch, "dynamic_routing", shape, dtype)
+
+
+# The same for the row passes whose lanes read W[i] themselves (CAPSROUTE_ROW_DIRECT=1):
+# their pairs meet only each other, and their softmax statistics alternate between two sets;
+# 70 batch elements are 5 row tiles, a block of 4 and one of 1 (3 idle pairs).
+@pytest.mark.parametrize("shape,dtype", [(SHAPES[0], torch.float32), (SHAPES[5], torch.float32),
+                                         (SHAPES[0], torch.bfloat16)], ids=str)
+def test_thread_order_direct_rows(emu, monkeypatch, shape, dtype):
+    set_row_path(monkeypatch, "direct")
     check_thread_order(emu, monkeypatch, "dynamic_routing", shape, dtype)
 
 

@@ -1175,6 +1175,23 @@ __device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wai
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 #endif
 
+// --- barriers of two warps; L1 prefetches --------------------------------------------------
+
+// bar.sync id, 64: the two warps of a pair meet at named barrier `id` (1 .. 15; 0 is
+// __syncthreads'), which also orders their shared-memory accesses, as __syncthreads does.
+// prefetch_l1: asks for the line holding p in L1 without waiting for it (no-op emulated).
+#ifdef CAPSROUTE_EMULATE
+inline void pair_barrier(int id) { emu::named_barrier(id, 64); }
+inline void prefetch_l1(const void*) {}
+#else
+__device__ __forceinline__ void pair_barrier(int id) {
+  asm volatile("bar.sync %0, 64;\n" ::"r"(id) : "memory");
+}
+__device__ __forceinline__ void prefetch_l1(const void* p) {
+  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p));
+}
+#endif
+
 // Output capsules of group grp: the first, and how many (the last group may be short).
 __device__ __forceinline__ int64_t group_j0(const Dims& n, int grp) {
   return int64_t(grp) * n.caps_per_group;
@@ -1593,20 +1610,25 @@ constexpr int row_pass_tiles() {
 // each (zeros past N_out), and gs's after them in the gradient pass; none at t = 1][W[i] as
 // copied][W[i] as B operands: a uint4 (hi pair, lo pair) per lane and column tile, all
 // kRowCols of them (zeros past N_out)][the pairs' softmax statistics: 3 values per warp and
-// row].
+// row]. With `direct` (the lanes read W[i] themselves) no W[i], and the statistics twice
+// (for even and odd input capsules: see row_pass_kernel).
 struct RowLayout {
   size_t w, wf, stats, end;
 };
 constexpr int kRowStats = 3;
+__host__ __device__ constexpr int row_stats_elems(int row_tiles) {
+  return row_tiles * 2 * kRowsB * kRowStats;  // [warp][16 rows][kRowStats]
+}
 template <typename scalar_t>
-__host__ __device__ inline RowLayout row_layout(const Dims& n, int row_tiles, int tiles) {
+__host__ __device__ inline RowLayout row_layout(const Dims& n, int row_tiles, int tiles,
+                                                bool direct) {
   auto up16 = [](size_t x) { return (x + 15) / 16 * 16; };
   const size_t max_cols = row_cols_max(n);
   RowLayout p;
   p.w = size_t(tiles) * row_tiles * max_cols * kTileElems * sizeof(float);
-  p.wf = up16(p.w + size_t(n.J) * n.D_in * sizeof(scalar_t));
-  p.stats = p.wf + max_cols * 32 * sizeof(uint4);
-  p.end = p.stats + size_t(row_tiles) * 2 * kRowsB * kRowStats * sizeof(float);
+  p.wf = direct ? p.w : up16(p.w + size_t(n.J) * n.D_in * sizeof(scalar_t));
+  p.stats = direct ? p.wf : p.wf + max_cols * 32 * sizeof(uint4);
+  p.end = p.stats + (direct ? 2 : 1) * row_stats_elems(row_tiles) * sizeof(float);
   return p;
 }
 
@@ -1643,15 +1665,52 @@ __device__ __forceinline__ void build_row_operands(const scalar_t* raw, const Di
   }
 }
 
-// The product of column tile ct for the warp's 16 batch elements (A: u, split) from zero.
+// The product of a column tile for the warp's 16 batch elements (A: u, split) from zero;
+// B: the lane's W operands, as build_row_operands lays them out.
 template <bool kExact>
-__device__ __forceinline__ void row_product(const uint4* Wf, int ct, const uint32_t (&a_hi)[4],
+__device__ __forceinline__ void row_product(const uint4& w, const uint32_t (&a_hi)[4],
                                             const uint32_t (&a_lo)[4], float (&x)[4]) {
-  const uint4 w = Wf[ct * 32 + (threadIdx.x & 31)];
   const uint32_t b_hi[2] = {w.x, w.y}, b_lo[2] = {w.z, w.w};
 #pragma unroll
   for (int q = 0; q < 4; ++q) x[q] = 0.f;
   mma_split<kExact>(x, a_hi, a_lo, b_hi, b_lo);
+}
+
+// Where lane (g, t)'s W operands of a column tile are in W[i] when the lanes read them
+// themselves (row_pass_kernel's kDirect): W[i, j, d, t] and W[i, j, d, t + 4] with
+// d = 8 dt + g for the tile's block dt of 8 output dims, at `off[dt]` from capsule j's
+// weights; in0 / in1: whether those are inside D_out and D_in (zeros outside).
+template <int DT8>
+struct RowLaneWeights {
+  int off[DT8];
+  bool in0[DT8], in1[DT8];
+};
+template <int DT8>
+__device__ __forceinline__ RowLaneWeights<DT8> row_lane_weights(const Dims& n, int g, int t) {
+  RowLaneWeights<DT8> x;
+#pragma unroll
+  for (int dt = 0; dt < DT8; ++dt) {
+    const int d = 8 * dt + g;
+    x.off[dt] = d * static_cast<int>(n.D_in) + t;
+    x.in0[dt] = d < n.D_out && t < n.D_in;
+    x.in1[dt] = d < n.D_out && t + 4 < n.D_in;
+  }
+  return x;
+}
+// The lane's operands of a column tile of block dt of capsule weights `w` ([D_out, D_in] of
+// W[i, j]), split into TF32 parts as build_row_operands makes them; zeros where `has` (the
+// tile is a capsule's) is false. Read through L1, where the block's other pairs find them.
+template <int DT8, typename scalar_t>
+__device__ __forceinline__ uint4 row_operands_direct(const scalar_t* w,
+                                                     const RowLaneWeights<DT8>& x, int dt,
+                                                     bool has) {
+  constexpr bool kExact = !std::is_same<scalar_t, float>::value;
+  const float w0 = has && x.in0[dt] ? Scalar<scalar_t>::load(w + x.off[dt]) : 0.f;
+  const float w1 = has && x.in1[dt] ? Scalar<scalar_t>::load(w + x.off[dt] + 4) : 0.f;
+  uint32_t hi[2], lo[2] = {0, 0};
+  split_tf32<kExact>(w0, hi[0], lo[0]);
+  split_tf32<kExact>(w1, hi[1], lo[1]);
+  return uint4{hi[0], hi[1], lo[0], lo[1]};
 }
 
 // The inverse of scatter_stage: lanes `o` apart swap their halves, which x[0 .. N) holds, so
@@ -1675,7 +1734,17 @@ __device__ __forceinline__ void gather_stage(T (&x)[P], bool upper, int o) {
 //     c and g kept for the last pass where st.kept is given.
 // The partial sums as routing_pass_kernel writes them; c written when c_out != null.
 // grid = (n_chunks, ceil(B / (16 * row_tiles))); 2 * row_tiles warps.
-template <Pass kPass, int DT8, typename scalar_t>
+//
+// W[i]'s operands: staged (kDirect false), the block copies W[i + 1] into shared memory
+// while it works on W[i], and rewrites it as operands (build_row_operands) between two
+// barriers, so that all 8 warps go in lockstep, three block barriers per capsule with the
+// pairs' exchange. kDirect: each lane reads its operands from W[i] in global memory and
+// splits them as it reads them (row_operands_direct; the block's 4 pairs read the same lines,
+// so all but the first find them in L1, which a prefetch a capsule ahead fills). Then the
+// only barrier in the walk is the pair's own exchange (pair_barrier), and a pair's two warps
+// go at their own pace, as the others do: the question kDirect asks on a GPU is whether that
+// freedom is worth the ~4 L1 loads and splits per tile it costs (no measurement yet).
+template <Pass kPass, int DT8, typename scalar_t, bool kDirect>
 __global__ void __launch_bounds__(kThreads, kPassBlocksPerSM)
 row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, Dims n,
                 RowState st, float* __restrict__ partial, scalar_t* __restrict__ c_out) {
@@ -1695,7 +1764,7 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   const int64_t i_end = min(i_begin + n.i_per_block, n.N_in);
 
   unsigned char* smem = dynamic_smem<unsigned char>();
-  const RowLayout layout = row_layout<scalar_t>(n, row_tiles, kTiles);
+  const RowLayout layout = row_layout<scalar_t>(n, row_tiles, kTiles, kDirect);
   scalar_t* raw = reinterpret_cast<scalar_t*>(smem + layout.w);
   const uint4* Wf = reinterpret_cast<const uint4*>(smem + layout.wf);
   // The warp's row tile of V, and of gs one array on.
@@ -1703,13 +1772,20 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   const int tile_elems = row_tiles * kRowTile;
   const float* Vs = reinterpret_cast<const float*>(smem) + (warp >> 1) * kRowTile;
   // The pair's softmax statistics, [warp][16 rows][kRowStats]: each warp writes its own and
-  // reads the other's.
+  // reads the other's. kDirect: two sets, for even and odd capsules, since a warp may write
+  // the next capsule's before the other has read this one's (the pair barrier of the next
+  // capsule keeps it from the one after).
   float* stats = reinterpret_cast<float*>(smem + layout.stats);
+  const RowLaneWeights<DT8> lw = row_lane_weights<DT8>(n, g, t);
+  const int cap = static_cast<int>(n.D_out * n.D_in);  // one capsule's weights
+  // The warp's capsules' weights in W[i] (kDirect), and how many of them there are.
+  const int64_t mine_elems = max(0, min(kMine, static_cast<int>(n.N_out) - j_base)) * cap;
+  auto mine_weights = [&](int64_t i) { return W + (i * n.N_out + j_base) * cap; };
 
   // W[i_begin], and the block's row tiles of V (and gs): each tile's cols column tiles
   // (contiguous in the row layout), then zeros up to kRowCols, so that the column tiles that a
   // warp walks past N_out (in fours) read zeros of their own.
-  if (i_begin < i_end) copy_weight(n, W + i_begin * n.J * n.D_in, n.J * n.D_in, raw);
+  if (!kDirect && i_begin < i_end) copy_weight(n, W + i_begin * n.J * n.D_in, n.J * n.D_in, raw);
   {
     const int64_t block_tile = int64_t(blockIdx.y) * row_tiles;
     const int tiles =
@@ -1728,6 +1804,10 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
     }
   }
   cp_async_commit();
+  if (kDirect && kTiles > 0) {  // V (and gs) landed: the walk has no block barrier to wait at
+    cp_async_wait_all();
+    __syncthreads();
+  }
 
   // u[b, i, k] of the lane's A slots: rows g, g + 8 (slots 0, 1; 2, 3), dims t, t + 4.
   auto load_u = [&](int64_t i, float (&x)[4]) {
@@ -1746,15 +1826,31 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   const int row = g + 8 * (t >> 1);  // the batch row of the lane's values after the scatter
   const int64_t b = b0 + row;
 
+  // The lane's operands of the warp's column tile k of capsule i.
+  auto operands = [&](int64_t i, int k) {
+    if (kDirect)
+      return row_operands_direct<DT8>(mine_weights(i) + (k / DT8) * cap, lw, k % DT8,
+                                      ct_base + k < cols);
+    return Wf[(ct_base + k) * 32 + lane];
+  };
+
   for (int64_t i = i_begin; i < i_end; ++i) {
-    // W[i] (and at first V) has landed, and no warp reads the previous operands any more:
-    // rewrite W[i] as operands, then (second barrier) fetch W[i + 1] into the same buffer.
-    cp_async_wait_all();
-    __syncthreads();
-    build_row_operands<DT8>(raw, n, reinterpret_cast<uint4*>(smem + layout.wf));
-    __syncthreads();
-    if (i + 1 < i_end) copy_weight(n, W + (i + 1) * n.J * n.D_in, n.J * n.D_in, raw);
-    cp_async_commit();
+    if (kDirect) {
+      if (!has_rows) break;  // the pair has no rows: nobody waits for it
+      if (i + 1 < i_end)  // the warp's next capsules' lines, 128 bytes a lane
+        for (int64_t e = lane * (128 / int64_t(sizeof(scalar_t))); e < mine_elems;
+             e += 32 * (128 / int64_t(sizeof(scalar_t))))
+          prefetch_l1(mine_weights(i + 1) + e);
+    } else {
+      // W[i] (and at first V) has landed, and no warp reads the previous operands any more:
+      // rewrite W[i] as operands, then (second barrier) fetch W[i + 1] into the same buffer.
+      cp_async_wait_all();
+      __syncthreads();
+      build_row_operands<DT8>(raw, n, reinterpret_cast<uint4*>(smem + layout.wf));
+      __syncthreads();
+      if (i + 1 < i_end) copy_weight(n, W + (i + 1) * n.J * n.D_in, n.J * n.D_in, raw);
+      cp_async_commit();
+    }
     // c[h * kMine + v]: the coupling (the logit gradient in the gradient pass) of batch row
     // g + 8h and capsule j_base + v. After the scatter over the lanes t (and until the
     // gather), lanes t and t ^ 1 hold row `row`'s in c[v], v < kMine; so does dc, dL/dc.
@@ -1784,7 +1880,7 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
           const int ct = ct_base + k;
           if (k % 4 == 0 && ct >= cols) break;  // warp-uniform
           float x[4];
-          row_product<kExact>(Wf, ct, a_hi, a_lo, x);
+          row_product<kExact>(operands(i, k), a_hi, a_lo, x);
           // (one FFMA per value: as a sum of two products the compiler added an FMUL and FADD)
           const float4 v = reinterpret_cast<const float4*>(Vs)[ct * 32 + lane];
           c[k / DT8] = fmaf(x[1], v.y, fmaf(x[0], v.x, c[k / DT8]));
@@ -1820,7 +1916,8 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
           l += c[v];
           if (kGrad) ed += c[v] * dc[v];
         }
-        float* mine = stats + (warp * kRowsB + row) * kRowStats;
+        float* mine = stats + (kDirect ? (i & 1) * row_stats_elems(row_tiles) : 0) +
+                      (warp * kRowsB + row) * kRowStats;
         if ((t & 1) == 0) {
           mine[0] = mx;
           mine[1] = l;
@@ -1829,10 +1926,17 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
       }
     }
     // Every warp, idle ones too, meets the others here: the pairs' statistics are written.
-    if (!kFirst) __syncthreads();
+    // kDirect: only the pair meets (idle pairs left the walk).
+    if (!kFirst) {
+      if (kDirect)
+        pair_barrier(1 + (warp >> 1));
+      else
+        __syncthreads();
+    }
     if (!has_rows) continue;
     if (!kFirst) {
-      const float* other = stats + ((warp ^ 1) * kRowsB + row) * kRowStats;
+      const float* other = stats + (kDirect ? (i & 1) * row_stats_elems(row_tiles) : 0) +
+                           ((warp ^ 1) * kRowsB + row) * kRowStats;
       const float m_other = other[0], l_other = other[1], ed_other = kGrad ? other[2] : 0.f;
       const float m0 = half ? m_other : mx, m1 = half ? mx : m_other;
       const float M = fmax(fmax(m0, m1), n.leaky ? 0.f : -INFINITY);
@@ -1880,7 +1984,7 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
     for (int k = 0; k < kMineCols; ++k) {
       if (k % 4 == 0 && ct_base + k >= cols) break;  // warp-uniform; in fours as above
       float x[4];
-      row_product<kExact>(Wf, ct_base + k, a_hi, a_lo, x);
+      row_product<kExact>(operands(i, k), a_hi, a_lo, x);
       if (kFirst) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[k][q] += x[q];

@@ -294,13 +294,22 @@ inline dim3 plan_row_pass(Dims& d, int& threads) {
   return dim3(static_cast<unsigned>(d.n_chunks), static_cast<unsigned>(b_blocks));
 }
 
+// Whether the row passes' lanes read W[i]'s operands from global memory themselves
+// (row_pass_kernel's kDirect: no block barrier in the walk) instead of the block staging
+// them: CAPSROUTE_ROW_DIRECT=1. Off by default until a GPU has timed it against the staged
+// form that the H100 measured.
+inline bool row_direct() { return env_number("CAPSROUTE_ROW_DIRECT", "0 or 1") > 0; }
+
 template <cuda::Pass kPass, typename T>
 void launch_row_pass(const cuda::WeightSource<T>& src, const Dims& d, dim3 grid, int threads,
                      const cuda::RowState& st, float* partial, T* c_out, cudaStream_t stream) {
-  const size_t smem = cuda::row_layout<T>(d, threads / 64, cuda::row_pass_tiles<kPass>()).end;
+  const bool direct = row_direct();
+  const size_t smem =
+      cuda::row_layout<T>(d, threads / 64, cuda::row_pass_tiles<kPass>(), direct).end;
   auto go = [&](auto kDT8) {
-    cuda::launch(cuda::row_pass_kernel<kPass, decltype(kDT8)::value, T>, grid, threads, smem,
-                 stream, src.u, src.W, d, st, partial, c_out);
+    auto kernel = direct ? cuda::row_pass_kernel<kPass, decltype(kDT8)::value, T, true>
+                         : cuda::row_pass_kernel<kPass, decltype(kDT8)::value, T, false>;
+    cuda::launch(kernel, grid, threads, smem, stream, src.u, src.W, d, st, partial, c_out);
   };
   if (cuda::row_dt8(d) == 2)
     go(std::integral_constant<int, 2>{});
