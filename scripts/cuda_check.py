@@ -104,6 +104,24 @@ if args.tiny:
         errs = [rel(a, b) for a, b in zip(out[dtype, cache], out[torch.float64, ""])]
         print(f"{dtype}{' recomputed' if cache else ''} {(B, Ni, No, Di, Do)} v, grad u, grad W: "
               + ", ".join("%.1e" % e for e in errs) + ("" if max(errs) < tol else "  FAIL"))
+    # The row passes with the lanes reading W[i] themselves (CAPSROUTE_ROW_DIRECT=1), over 3
+    # input capsules a block (two blocks per multiprocessor planned), where the pairs' softmax
+    # statistics alternate between two sets: float32 against float64.
+    os.environ["CAPSROUTE_COUPLING_CACHE_MB"] = ""
+    Ni = 6 * torch.cuda.get_device_properties(0).multi_processor_count + 1
+    u64 = torch.randn(B, Ni, Di, dtype=torch.float64, generator=g)
+    W64 = torch.randn(Ni, No, Do, Di, dtype=torch.float64, generator=g) * 4 / (Ni * Di) ** 0.5
+    res = []
+    for dtype, direct in [(torch.float64, ""), (torch.float32, "1")]:
+        os.environ["CAPSROUTE_ROW_DIRECT"] = direct
+        u, W = (x.to(dev, dtype).requires_grad_() for x in (u64, W64))
+        fn = ref.dynamic_routing if dtype == torch.float64 else capsroute.dynamic_routing
+        v = fn(u, W, 3, leaky=True)
+        res.append([v, *torch.autograd.grad(v, [u, W], gv64.to(dev, dtype))])
+    os.environ["CAPSROUTE_ROW_DIRECT"] = ""
+    errs = [rel(a, b) for a, b in zip(res[1], res[0])]
+    print(f"float32 direct rows {(B, Ni, No, Di, Do)} v, grad u, grad W: "
+          + ", ".join("%.1e" % e for e in errs) + ("" if max(errs) < 1e-4 else "  FAIL"))
     sys.exit(0)
 
 # dtypes at the canonical shape

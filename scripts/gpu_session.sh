@@ -45,9 +45,10 @@
 # have the second call ready. At 3245b3d (eighteenth session) `quick tests sanitize` and four
 # A/B steps took 399 s, `bench host` 148 s, `check` 12 s, `profile chunks` 140 s.
 # With kernels changed since the last measurement: one call `SESSION_S=540 ... quick tests
-# sanitize profile ncu` (correctness first; the steps past the time are skipped), then on
-# the warm machine `bench host` with the time left (ratios.py prints each configuration's
-# times as it finishes them).
+# sanitize profile direct` (correctness first; the steps past the time are skipped), then on
+# the warm machine `ncu` (and `ncu-direct`) or `bench host` with the time left (ratios.py
+# prints each configuration's times as it finishes them); benchmarks/RESULTS.md's latest
+# "To measure next" says which.
 set -uo pipefail
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}

@@ -422,18 +422,24 @@ def test_unaligned_weight(emu, monkeypatch):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("path", ["default", "direct"])
+@pytest.mark.parametrize("shape,where", [(SHAPES[0], (3, 2, 5, 1)), (SHAPES[5], (1, 2, 4, 7))],
+                         ids=["mnist", "last-capsule"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("bad", ["nan", "nan_all_bits", "inf"])
-def test_non_finite_weight_propagates(emu, dtype, bad):
+def test_non_finite_weight_propagates(emu, monkeypatch, dtype, bad, shape, where, path):
     """A NaN or Inf in the weights survives the TF32 split of the matrix units (a NaN whose
     mantissa bits are all set rounds to a finite hi part; its lo part stays NaN): v, c and
-    the gradients are non-finite exactly where the reference's are."""
-    shape = SHAPES[0]
+    the gradients are non-finite exactly where the reference's are. Also in the last output
+    capsule of a layer whose row passes walk a column tile past N_out (3 capsules, in fours),
+    which CAPSROUTE_ROW_DIRECT=1 fills with that capsule's weights, to go into no result."""
+    if path != "default":
+        set_row_path(monkeypatch, path)
     ins = make_routing_inputs(shape, dtype, "cpu", bias=False, gen=make_generator("emu-nonfinite"))
     w = ins.weight.clone()
     value = {"nan": torch.tensor(float("nan")), "inf": torch.tensor(float("inf")),
              "nan_all_bits": torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)}[bad]
-    w[3, 2, 5, 1] = value.to(dtype)
+    w[where] = value.to(dtype)
     v, c, s = emu.dynamic_routing(ins.u, w, None, 3, False, False, 1e-8, True)
     grad_u, grad_w, _ = emu.dynamic_routing_backward(torch.ones_like(v), None, ins.u, w, s, False,
                                                      3, False, False, 1e-8)

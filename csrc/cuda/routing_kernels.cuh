@@ -1610,8 +1610,10 @@ constexpr int row_pass_tiles() {
 // each (zeros past N_out), and gs's after them in the gradient pass; none at t = 1][W[i] as
 // copied][W[i] as B operands: a uint4 (hi pair, lo pair) per lane and column tile, all
 // kRowCols of them (zeros past N_out)][the pairs' softmax statistics: 3 values per warp and
-// row]. With `direct` (the lanes read W[i] themselves) no W[i], and the statistics twice
-// (for even and odd input capsules: see row_pass_kernel).
+// row]. With `direct` (the lanes read W[i] themselves) no W[i] but in the forward pass at
+// t >= 2 each warp's own operands, [warp][kRowCols / 2][32 lanes] uint4 (the gradient pass
+// has no room for them beside V and gs at two blocks per multiprocessor), and the
+// statistics twice (for even and odd input capsules: see row_pass_kernel).
 struct RowLayout {
   size_t w, wf, stats, end;
 };
@@ -1619,15 +1621,20 @@ constexpr int kRowStats = 3;
 __host__ __device__ constexpr int row_stats_elems(int row_tiles) {
   return row_tiles * 2 * kRowsB * kRowStats;  // [warp][16 rows][kRowStats]
 }
-template <typename scalar_t>
-__host__ __device__ inline RowLayout row_layout(const Dims& n, int row_tiles, int tiles,
-                                                bool direct) {
+template <Pass kPass>
+constexpr bool row_pass_parks(bool direct) {
+  return direct && kPass == Pass::kForward;
+}
+template <Pass kPass, typename scalar_t>
+__host__ __device__ inline RowLayout row_layout(const Dims& n, int row_tiles, bool direct) {
   auto up16 = [](size_t x) { return (x + 15) / 16 * 16; };
   const size_t max_cols = row_cols_max(n);
   RowLayout p;
-  p.w = size_t(tiles) * row_tiles * max_cols * kTileElems * sizeof(float);
+  p.w = size_t(row_pass_tiles<kPass>()) * row_tiles * max_cols * kTileElems * sizeof(float);
   p.wf = direct ? p.w : up16(p.w + size_t(n.J) * n.D_in * sizeof(scalar_t));
-  p.stats = direct ? p.wf : p.wf + max_cols * 32 * sizeof(uint4);
+  p.stats = !direct ? p.wf + max_cols * 32 * sizeof(uint4)
+            : row_pass_parks<kPass>(direct) ? p.wf + row_tiles * max_cols * 32 * sizeof(uint4)
+                                            : p.wf;
   p.end = p.stats + (direct ? 2 : 1) * row_stats_elems(row_tiles) * sizeof(float);
   return p;
 }
@@ -1678,11 +1685,13 @@ __device__ __forceinline__ void row_product(const uint4& w, const uint32_t (&a_h
 
 // Where lane (g, t)'s W operands of a column tile are in W[i] when the lanes read them
 // themselves (row_pass_kernel's kDirect): W[i, j, d, t] and W[i, j, d, t + 4] with
-// d = 8 dt + g for the tile's block dt of 8 output dims, at `off[dt]` from capsule j's
-// weights; in0 / in1: whether those are inside D_out and D_in (zeros outside).
+// d = 8 dt + g for the tile's block dt of 8 output dims, at off0[dt] and off1[dt] from
+// capsule j's weights; in0 / in1: whether those are inside D_out and D_in. Outside, the
+// offsets are 0 (a real element, read and then replaced by zero): every lane loads, with no
+// branch, so that the compiler may issue a capsule's loads ahead of its products.
 template <int DT8>
 struct RowLaneWeights {
-  int off[DT8];
+  int off0[DT8], off1[DT8];
   bool in0[DT8], in1[DT8];
 };
 template <int DT8>
@@ -1691,25 +1700,25 @@ __device__ __forceinline__ RowLaneWeights<DT8> row_lane_weights(const Dims& n, i
 #pragma unroll
   for (int dt = 0; dt < DT8; ++dt) {
     const int d = 8 * dt + g;
-    x.off[dt] = d * static_cast<int>(n.D_in) + t;
     x.in0[dt] = d < n.D_out && t < n.D_in;
     x.in1[dt] = d < n.D_out && t + 4 < n.D_in;
+    x.off0[dt] = x.in0[dt] ? d * static_cast<int>(n.D_in) + t : 0;
+    x.off1[dt] = x.in1[dt] ? d * static_cast<int>(n.D_in) + t + 4 : 0;
   }
   return x;
 }
 // The lane's operands of a column tile of block dt of capsule weights `w` ([D_out, D_in] of
-// W[i, j]), split into TF32 parts as build_row_operands makes them; zeros where `has` (the
-// tile is a capsule's) is false. Read through L1, where the block's other pairs find them.
+// one W[i, j]), split into TF32 parts as build_row_operands makes them. Read through L1,
+// where the block's other pairs find them.
 template <int DT8, typename scalar_t>
 __device__ __forceinline__ uint4 row_operands_direct(const scalar_t* w,
-                                                     const RowLaneWeights<DT8>& x, int dt,
-                                                     bool has) {
+                                                     const RowLaneWeights<DT8>& x, int dt) {
   constexpr bool kExact = !std::is_same<scalar_t, float>::value;
-  const float w0 = has && x.in0[dt] ? Scalar<scalar_t>::load(w + x.off[dt]) : 0.f;
-  const float w1 = has && x.in1[dt] ? Scalar<scalar_t>::load(w + x.off[dt] + 4) : 0.f;
+  const float r0 = Scalar<scalar_t>::load(w + x.off0[dt]);
+  const float r1 = Scalar<scalar_t>::load(w + x.off1[dt]);
   uint32_t hi[2], lo[2] = {0, 0};
-  split_tf32<kExact>(w0, hi[0], lo[0]);
-  split_tf32<kExact>(w1, hi[1], lo[1]);
+  split_tf32<kExact>(x.in0[dt] ? r0 : 0.f, hi[0], lo[0]);
+  split_tf32<kExact>(x.in1[dt] ? r1 : 0.f, hi[1], lo[1]);
   return uint4{hi[0], hi[1], lo[0], lo[1]};
 }
 
@@ -1764,7 +1773,7 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   const int64_t i_end = min(i_begin + n.i_per_block, n.N_in);
 
   unsigned char* smem = dynamic_smem<unsigned char>();
-  const RowLayout layout = row_layout<scalar_t>(n, row_tiles, kTiles, kDirect);
+  const RowLayout layout = row_layout<kPass, scalar_t>(n, row_tiles, kDirect);
   scalar_t* raw = reinterpret_cast<scalar_t*>(smem + layout.w);
   const uint4* Wf = reinterpret_cast<const uint4*>(smem + layout.wf);
   // The warp's row tile of V, and of gs one array on.
@@ -1778,8 +1787,12 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   float* stats = reinterpret_cast<float*>(smem + layout.stats);
   const RowLaneWeights<DT8> lw = row_lane_weights<DT8>(n, g, t);
   const int cap = static_cast<int>(n.D_out * n.D_in);  // one capsule's weights
-  // The warp's capsules' weights in W[i] (kDirect), and how many of them there are.
-  const int64_t mine_elems = max(0, min(kMine, static_cast<int>(n.N_out) - j_base)) * cap;
+  // kDirect: the warp's capsules' weights in W[i], how many of them there are, and the last
+  // one's index (the column tiles a warp walks past N_out, in fours, read the last capsule's
+  // weights: their values go into no result).
+  const int mine = max(0, min(kMine, static_cast<int>(n.N_out) - j_base));
+  const int64_t mine_elems = int64_t(mine) * cap;
+  const int last_mine = max(mine - 1, 0);
   auto mine_weights = [&](int64_t i) { return W + (i * n.N_out + j_base) * cap; };
 
   // W[i_begin], and the block's row tiles of V (and gs): each tile's cols column tiles
@@ -1826,21 +1839,35 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   const int row = g + 8 * (t >> 1);  // the batch row of the lane's values after the scatter
   const int64_t b = b0 + row;
 
-  // The lane's operands of the warp's column tile k of capsule i.
+  // The lane's operands of the warp's column tile k of capsule i: staged by the block, or
+  // (kDirect) read by the lane, once a capsule into the warp's own slots where the pass has
+  // room for them (kPark: the forward at t >= 2 uses each twice), else at each use.
+  constexpr bool kPark = row_pass_parks<kPass>(kDirect);
+  uint4* parked = reinterpret_cast<uint4*>(smem + layout.wf) + warp * kMineCols * 32;
+  auto direct_operands = [&](int64_t i, int k) {
+    return row_operands_direct<DT8>(mine_weights(i) + min(k / DT8, last_mine) * cap, lw,
+                                    k % DT8);
+  };
   auto operands = [&](int64_t i, int k) {
-    if (kDirect)
-      return row_operands_direct<DT8>(mine_weights(i) + (k / DT8) * cap, lw, k % DT8,
-                                      ct_base + k < cols);
+    if (kPark) return parked[k * 32 + lane];
+    if (kDirect) return direct_operands(i, k);
     return Wf[(ct_base + k) * 32 + lane];
   };
 
   for (int64_t i = i_begin; i < i_end; ++i) {
     if (kDirect) {
       if (!has_rows) break;  // the pair has no rows: nobody waits for it
-      if (i + 1 < i_end)  // the warp's next capsules' lines, 128 bytes a lane
-        for (int64_t e = lane * (128 / int64_t(sizeof(scalar_t))); e < mine_elems;
-             e += 32 * (128 / int64_t(sizeof(scalar_t))))
-          prefetch_l1(mine_weights(i + 1) + e);
+      // The warp's next capsules' lines, 128 bytes a lane: at most 8 capsules of 16 x 8
+      // (row_pass_supported) in float32 are 32 lines.
+      constexpr int kLine = 128 / sizeof(scalar_t);
+      if (i + 1 < i_end && lane * kLine < mine_elems) prefetch_l1(mine_weights(i + 1) + lane * kLine);
+      if (kPark) {  // each lane reads back only what it wrote: no synchronisation needed
+#pragma unroll
+        for (int k = 0; k < kMineCols; ++k) {
+          if (k % 4 == 0 && ct_base + k >= cols) break;  // warp-uniform; in fours as below
+          parked[k * 32 + lane] = direct_operands(i, k);
+        }
+      }
     } else {
       // W[i] (and at first V) has landed, and no warp reads the previous operands any more:
       // rewrite W[i] as operands, then (second barrier) fetch W[i + 1] into the same buffer.

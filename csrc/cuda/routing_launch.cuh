@@ -304,8 +304,7 @@ template <cuda::Pass kPass, typename T>
 void launch_row_pass(const cuda::WeightSource<T>& src, const Dims& d, dim3 grid, int threads,
                      const cuda::RowState& st, float* partial, T* c_out, cudaStream_t stream) {
   const bool direct = row_direct();
-  const size_t smem =
-      cuda::row_layout<T>(d, threads / 64, cuda::row_pass_tiles<kPass>(), direct).end;
+  const size_t smem = cuda::row_layout<kPass, T>(d, threads / 64, direct).end;
   auto go = [&](auto kDT8) {
     auto kernel = direct ? cuda::row_pass_kernel<kPass, decltype(kDT8)::value, T, true>
                          : cuda::row_pass_kernel<kPass, decltype(kDT8)::value, T, false>;
