@@ -1707,18 +1707,28 @@ __device__ __forceinline__ RowLaneWeights<DT8> row_lane_weights(const Dims& n, i
   }
   return x;
 }
-// The lane's operands of a column tile of block dt of capsule weights `w` ([D_out, D_in] of
-// one W[i, j]), split into TF32 parts as build_row_operands makes them. Read through L1,
-// where the block's other pairs find them.
+// The lane's two weights of a column tile of block dt of the capsule whose weights ([D_out,
+// D_in] of one W[i, j]) start `cap0` elements after w, read through L1 (where the block's
+// other pairs find them) by the read-only path; the offsets are 32-bit from a pointer made
+// once a capsule (one IMAD.WIDE an address). row_operands_direct: them as the operands that
+// build_row_operands makes, split into TF32 parts (zeros outside D_out and D_in).
+template <typename scalar_t>
+struct RowWeights {
+  scalar_t w0, w1;
+};
 template <int DT8, typename scalar_t>
-__device__ __forceinline__ uint4 row_operands_direct(const scalar_t* w,
+__device__ __forceinline__ RowWeights<scalar_t> row_weights_direct(const scalar_t* w, int cap0,
+                                                                   const RowLaneWeights<DT8>& x,
+                                                                   int dt) {
+  return {__ldg(w + (cap0 + x.off0[dt])), __ldg(w + (cap0 + x.off1[dt]))};
+}
+template <int DT8, typename scalar_t>
+__device__ __forceinline__ uint4 row_operands_direct(const RowWeights<scalar_t>& r,
                                                      const RowLaneWeights<DT8>& x, int dt) {
   constexpr bool kExact = !std::is_same<scalar_t, float>::value;
-  const float r0 = Scalar<scalar_t>::load(w + x.off0[dt]);
-  const float r1 = Scalar<scalar_t>::load(w + x.off1[dt]);
   uint32_t hi[2], lo[2] = {0, 0};
-  split_tf32<kExact>(x.in0[dt] ? r0 : 0.f, hi[0], lo[0]);
-  split_tf32<kExact>(x.in1[dt] ? r1 : 0.f, hi[1], lo[1]);
+  split_tf32<kExact>(x.in0[dt] ? Scalar<scalar_t>::load(&r.w0) : 0.f, hi[0], lo[0]);
+  split_tf32<kExact>(x.in1[dt] ? Scalar<scalar_t>::load(&r.w1) : 0.f, hi[1], lo[1]);
   return uint4{hi[0], hi[1], lo[0], lo[1]};
 }
 
@@ -1748,11 +1758,13 @@ __device__ __forceinline__ void gather_stage(T (&x)[P], bool upper, int o) {
 // while it works on W[i], and rewrites it as operands (build_row_operands) between two
 // barriers, so that all 8 warps go in lockstep, three block barriers per capsule with the
 // pairs' exchange. kDirect: each lane reads its operands from W[i] in global memory and
-// splits them as it reads them (row_operands_direct; the block's 4 pairs read the same lines,
-// so all but the first find them in L1, which a prefetch a capsule ahead fills). Then the
-// only barrier in the walk is the pair's own exchange (pair_barrier), and a pair's two warps
-// go at their own pace, as the others do: the question kDirect asks on a GPU is whether that
-// freedom is worth the ~4 L1 loads and splits per tile it costs (no measurement yet).
+// splits them itself (row_operands_direct; the block's 4 pairs read the same lines, so all
+// but the first find them in L1, which a prefetch a capsule ahead fills); in the forward at
+// t >= 2 once a capsule, parked in the warp's own shared memory for the logits and the sums.
+// Then the only barrier in the walk is the pair's own exchange (pair_barrier), and a pair's
+// two warps go at their own pace, as the others do. The question kDirect asks on a GPU is
+// whether that freedom is worth the instructions it adds: ~10% at t >= 2 and in the
+// gradient pass, ~17% fewer at t = 1 (benchmarks/RESULTS.md; not yet measured).
 template <Pass kPass, int DT8, typename scalar_t, bool kDirect>
 __global__ void __launch_bounds__(kThreads, kPassBlocksPerSM)
 row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, Dims n,
@@ -1790,9 +1802,9 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   // kDirect: the warp's capsules' weights in W[i], how many of them there are, and the last
   // one's index (the column tiles a warp walks past N_out, in fours, read the last capsule's
   // weights: their values go into no result).
-  const int mine = max(0, min(kMine, static_cast<int>(n.N_out) - j_base));
-  const int64_t mine_elems = int64_t(mine) * cap;
-  const int last_mine = max(mine - 1, 0);
+  const int mine_caps = max(0, min(kMine, static_cast<int>(n.N_out) - j_base));
+  const int64_t mine_elems = int64_t(mine_caps) * cap;
+  const int last_mine = max(mine_caps - 1, 0);
   auto mine_weights = [&](int64_t i) { return W + (i * n.N_out + j_base) * cap; };
 
   // W[i_begin], and the block's row tiles of V (and gs): each tile's cols column tiles
@@ -1844,28 +1856,41 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   // room for them (kPark: the forward at t >= 2 uses each twice), else at each use.
   constexpr bool kPark = row_pass_parks<kPass>(kDirect);
   uint4* parked = reinterpret_cast<uint4*>(smem + layout.wf) + warp * kMineCols * 32;
-  auto direct_operands = [&](int64_t i, int k) {
-    return row_operands_direct<DT8>(mine_weights(i) + min(k / DT8, last_mine) * cap, lw,
-                                    k % DT8);
+  const scalar_t* w_i = W;  // kDirect: mine_weights(i) of the capsule at hand
+  auto direct_weights = [&](int k) {
+    return row_weights_direct<DT8>(w_i, min(k / DT8, last_mine) * cap, lw, k % DT8);
   };
-  auto operands = [&](int64_t i, int k) {
+  auto direct_operands = [&](int k) {
+    return row_operands_direct<DT8>(direct_weights(k), lw, k % DT8);
+  };
+  auto operands = [&](int k) {
     if (kPark) return parked[k * 32 + lane];
-    if (kDirect) return direct_operands(i, k);
+    if (kDirect) return direct_operands(k);
     return Wf[(ct_base + k) * 32 + lane];
   };
 
   for (int64_t i = i_begin; i < i_end; ++i) {
     if (kDirect) {
       if (!has_rows) break;  // the pair has no rows: nobody waits for it
-      // The warp's next capsules' lines, 128 bytes a lane: at most 8 capsules of 16 x 8
-      // (row_pass_supported) in float32 are 32 lines.
+      w_i = opaque(mine_weights(i));  // a pointer in registers, the offsets 32-bit
+      // The warp's next capsules' lines, 128 bytes a lane: they are at most 20 lines (5
+      // capsules of 16 x 8 floats, or 8 of 8 x 8: row_pass_supported).
       constexpr int kLine = 128 / sizeof(scalar_t);
-      if (i + 1 < i_end && lane * kLine < mine_elems) prefetch_l1(mine_weights(i + 1) + lane * kLine);
-      if (kPark) {  // each lane reads back only what it wrote: no synchronisation needed
+      if (i + 1 < i_end && lane * kLine < mine_elems)
+        prefetch_l1(mine_weights(i + 1) + lane * kLine);
+      if (kPark) {
+        // All loads first, so that they are in flight together; then the operands, which
+        // each lane reads back itself (no synchronisation needed).
+        RowWeights<scalar_t> r[kMineCols];
 #pragma unroll
         for (int k = 0; k < kMineCols; ++k) {
           if (k % 4 == 0 && ct_base + k >= cols) break;  // warp-uniform; in fours as below
-          parked[k * 32 + lane] = direct_operands(i, k);
+          r[k] = direct_weights(k);
+        }
+#pragma unroll
+        for (int k = 0; k < kMineCols; ++k) {
+          if (k % 4 == 0 && ct_base + k >= cols) break;
+          parked[k * 32 + lane] = row_operands_direct<DT8>(r[k], lw, k % DT8);
         }
       }
     } else {
@@ -1907,7 +1932,7 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
           const int ct = ct_base + k;
           if (k % 4 == 0 && ct >= cols) break;  // warp-uniform
           float x[4];
-          row_product<kExact>(operands(i, k), a_hi, a_lo, x);
+          row_product<kExact>(operands(k), a_hi, a_lo, x);
           // (one FFMA per value: as a sum of two products the compiler added an FMUL and FADD)
           const float4 v = reinterpret_cast<const float4*>(Vs)[ct * 32 + lane];
           c[k / DT8] = fmaf(x[1], v.y, fmaf(x[0], v.x, c[k / DT8]));
@@ -2011,7 +2036,7 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
     for (int k = 0; k < kMineCols; ++k) {
       if (k % 4 == 0 && ct_base + k >= cols) break;  // warp-uniform; in fours as above
       float x[4];
-      row_product<kExact>(operands(i, k), a_hi, a_lo, x);
+      row_product<kExact>(operands(k), a_hi, a_lo, x);
       if (kFirst) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[k][q] += x[q];
