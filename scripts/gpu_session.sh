@@ -45,7 +45,7 @@
 # have the second call ready. At 3245b3d (eighteenth session) `quick tests sanitize` and four
 # A/B steps took 399 s, `bench host` 148 s, `check` 12 s, `profile chunks` 140 s.
 # With kernels changed since the last measurement: one call `SESSION_S=540 ... quick tests
-# sanitize profile direct` (correctness first; the steps past the time are skipped), then on
+# sanitize direct profile` (correctness first; the steps past the time are skipped), then on
 # the warm machine `ncu` (and `ncu-direct`) or `bench host` with the time left (ratios.py
 # prints each configuration's times as it finishes them); benchmarks/RESULTS.md's latest
 # "To measure next" says which.
