@@ -89,39 +89,40 @@ if args.tiny:
     os.environ["CAPSROUTE_CAPSULE_GRAD"] = "4"
     B, Ni, No, Di, Do = 20, 13, 10, 8, 16
     g = torch.Generator(device="cpu").manual_seed(7)
-    u64 = torch.randn(B, Ni, Di, dtype=torch.float64, generator=g)
-    W64 = torch.randn(Ni, No, Do, Di, dtype=torch.float64, generator=g) * 4 / (Ni * Di) ** 0.5
-    gv64 = torch.randn(B, No, Do, dtype=torch.float64, generator=g)
-    out = {}
-    runs = [(torch.float64, ""), (torch.float32, ""), (torch.bfloat16, ""), (torch.float32, "0")]
-    for dtype, cache in runs:
-        os.environ["CAPSROUTE_COUPLING_CACHE_MB"] = cache
+
+    def weights(Ni):
+        return (torch.randn(B, Ni, Di, dtype=torch.float64, generator=g),
+                torch.randn(Ni, No, Do, Di, dtype=torch.float64, generator=g) * 4 / (Ni * Di) ** 0.5)
+
+    def routed(u64, W64, dtype, **switches):
+        """[v, grad u, grad W] in dtype (float64: the reference) under the switches given."""
+        os.environ.update(switches)
         u, W = (x.to(dev, dtype).requires_grad_() for x in (u64, W64))
         fn = ref.dynamic_routing if dtype == torch.float64 else capsroute.dynamic_routing
         v = fn(u, W, 3, leaky=True)
-        out[dtype, cache] = [v, *torch.autograd.grad(v, [u, W], gv64.to(dev, dtype))]
-    for (dtype, cache), tol in zip(runs[1:], (1e-4, 5e-2, 1e-4)):
-        errs = [rel(a, b) for a, b in zip(out[dtype, cache], out[torch.float64, ""])]
-        print(f"{dtype}{' recomputed' if cache else ''} {(B, Ni, No, Di, Do)} v, grad u, grad W: "
+        return [v, *torch.autograd.grad(v, [u, W], gv64.to(dev, dtype))]
+
+    def report(what, got, want, tol):
+        errs = [rel(a, b) for a, b in zip(got, want)]
+        print(f"{what} {(B, Ni, No, Di, Do)} v, grad u, grad W: "
               + ", ".join("%.1e" % e for e in errs) + ("" if max(errs) < tol else "  FAIL"))
+
+    u64, W64 = weights(Ni)
+    gv64 = torch.randn(B, No, Do, dtype=torch.float64, generator=g)
+    want = routed(u64, W64, torch.float64)
+    for dtype, cache, tol in [(torch.float32, "", 1e-4), (torch.bfloat16, "", 5e-2),
+                              (torch.float32, "0", 1e-4)]:
+        got = routed(u64, W64, dtype, CAPSROUTE_COUPLING_CACHE_MB=cache)
+        report(f"{dtype}{' recomputed' if cache else ''}", got, want, tol)
     # The row passes with the lanes reading W[i] themselves (CAPSROUTE_ROW_DIRECT=1), over 3
     # input capsules a block (two blocks per multiprocessor planned), where the pairs' softmax
     # statistics alternate between two sets: float32 against float64.
-    os.environ["CAPSROUTE_COUPLING_CACHE_MB"] = ""
     Ni = 6 * torch.cuda.get_device_properties(0).multi_processor_count + 1
-    u64 = torch.randn(B, Ni, Di, dtype=torch.float64, generator=g)
-    W64 = torch.randn(Ni, No, Do, Di, dtype=torch.float64, generator=g) * 4 / (Ni * Di) ** 0.5
-    res = []
-    for dtype, direct in [(torch.float64, ""), (torch.float32, "1")]:
-        os.environ["CAPSROUTE_ROW_DIRECT"] = direct
-        u, W = (x.to(dev, dtype).requires_grad_() for x in (u64, W64))
-        fn = ref.dynamic_routing if dtype == torch.float64 else capsroute.dynamic_routing
-        v = fn(u, W, 3, leaky=True)
-        res.append([v, *torch.autograd.grad(v, [u, W], gv64.to(dev, dtype))])
+    u64, W64 = weights(Ni)
+    want = routed(u64, W64, torch.float64, CAPSROUTE_COUPLING_CACHE_MB="")
+    got = routed(u64, W64, torch.float32, CAPSROUTE_ROW_DIRECT="1")
     os.environ["CAPSROUTE_ROW_DIRECT"] = ""
-    errs = [rel(a, b) for a, b in zip(res[1], res[0])]
-    print(f"float32 direct rows {(B, Ni, No, Di, Do)} v, grad u, grad W: "
-          + ", ".join("%.1e" % e for e in errs) + ("" if max(errs) < 1e-4 else "  FAIL"))
+    report("float32 direct rows", got, want, 1e-4)
     sys.exit(0)
 
 # dtypes at the canonical shape
