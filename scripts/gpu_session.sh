@@ -12,22 +12,23 @@
 #             forward with autograd, the whole, the engine's own), then CPU time per operator
 #             and runtime call; B=128 float32 and bfloat16, B=32 float32 (at 3245b3d the eager
 #             forward+backward took 0.476 ms at B=32 against 0.158 by graph replay)
-#   rows      the row passes (forward and gradient; float32's default where they apply,
-#             CAPSROUTE_ROW_PASS=1 in the half types) against routing_pass_kernel's (=0):
-#             profile_cuda.py at B=128 float32 and bfloat16, B=512 float32 and bfloat16
+#   The A/B steps below time each value of an environment switch side by side in one process
+#   (benchmarks/switches.py: the same results checked first, then GPU time by CUDA graph
+#   replay, the eager forward+backward, and each kernel's time), a few seconds a setting
+#   where a process per setting (profile_cuda.py, up to 40 s each) took 160-320 s a step:
+#   rows      the row passes (forward and gradient; float32's default where they apply) against
+#             routing_pass_kernel's (CAPSROUTE_ROW_PASS=0): B=128 and 512, float32, bfloat16
 #   direct    the row passes with the lanes reading W[i]'s operands themselves, no block
 #             barrier in the walk (CAPSROUTE_ROW_DIRECT=1), against the block staging them
-#             (the default, =0): profile_cuda.py at B=128 float32, B=32, B=512, and B=128
-#             bfloat16 on the row passes (CAPSROUTE_ROW_PASS=1)
+#             (the default, =0): B=128, 32, 512 float32, and B=128 bfloat16 on the row passes
 #   capsgrad  the kept last pass on weight_grad_capsules_kernel (the default where it applies)
 #             against weight_grad_kernel (CAPSROUTE_CAPSULE_GRAD=0), and with 5 and 6 warps
-#             a block: profile_cuda.py at B=128 float32 and B=32
+#             a block: B=128 and 32
 #   walk      a group's forward and gradient passes walking the predictions once (the default
 #             where W[i] is staged as operands) against twice (CAPSROUTE_GROUP_WALK=0): the
-#             scale shape (profile_cuda.py)
+#             scale shape
 #   chunks    the row passes' chunks of input capsules: CAPSROUTE_ROW_BLOCKS_PER_SM unset
-#             (2 blocks of 8 warps per SM planned, 4 of 4 at B=32), 1, 2, 4 and 8, at B=32 and
-#             B=512 (profile_cuda.py)
+#             (2 blocks per SM), 1, 2, 4 and 8, at B=32 and B=512
 #   tests     the test suite's CUDA cases
 #   ncu       Nsight Compute on the canonical shape's kernels (scripts/ncu_kernels.sh)
 #   ncu-direct the same with CAPSROUTE_ROW_DIRECT=1 (see direct)
@@ -81,21 +82,10 @@ profile_shapes() {
   timeout $(cap 45) python3 scripts/profile_cuda.py --op route
   timeout $(cap 90) python3 scripts/profile_cuda.py --n-in 32768 --n-out 64 --calls 3
 }
-# env_ab VAR "VALUES" ARGS...: profile_cuda.py with each argument set (a string each) under each
-# value of the environment switch VAR ("-" leaves it unset: the default), AB_S seconds each
-# (default 40).
-env_ab() {
-  local var=$1 values=$2; shift 2
-  for args in "$@"; do
-    for v in $values; do
-      echo "--- $var=$v $args"
-      if [ "$v" = - ]; then
-        env -u "$var" timeout $(cap ${AB_S:-40}) python3 scripts/profile_cuda.py $args
-      else
-        env "$var=$v" timeout $(cap ${AB_S:-40}) python3 scripts/profile_cuda.py $args
-      fi
-    done
-  done 2>&1 | grep -v -i warn
+# switches SECONDS ARGS...: benchmarks/switches.py ARGS with the kernels' times, within SECONDS.
+switches() {
+  local limit=$1; shift
+  timeout $(cap "$limit") python3 benchmarks/switches.py --kernels "$@"
 }
 for step in "$@"; do
   if [ $(( deadline - $(date +%s) )) -lt 20 ]; then echo "=== $step: skipped, the session's time is spent"; continue; fi
@@ -115,12 +105,12 @@ for step in "$@"; do
     ncu-scale) timeout $(cap 240) bash scripts/ncu_kernels.sh 128 32768 64 2>&1 | tail -60 ;;
     profile) profile_shapes 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
     host) for args in "--dtype float32" "--dtype bfloat16" "--batch 32"; do timeout $(cap 60) python3 scripts/profile_cuda.py --host $args; done 2>&1 | grep -v -i warn | tee "$OUT/host.log" ;;
-    rows) env_ab CAPSROUTE_ROW_PASS "0 1" "" "--dtype bfloat16" "--batch 512" "--batch 512 --dtype bfloat16" | tee "$OUT/rows.log" ;;
-    direct) env_ab CAPSROUTE_ROW_DIRECT "0 1" "" "--batch 32" "--batch 512" | tee "$OUT/direct.log"
-      CAPSROUTE_ROW_PASS=1 env_ab CAPSROUTE_ROW_DIRECT "0 1" "--dtype bfloat16" | tee -a "$OUT/direct.log" ;;
-    capsgrad) env_ab CAPSROUTE_CAPSULE_GRAD "0 - 5 6" "" "--batch 32" | tee "$OUT/capsgrad.log" ;;
-    walk) AB_S=90 env_ab CAPSROUTE_GROUP_WALK "0 1" "--n-in 32768 --n-out 64 --calls 3" | tee "$OUT/walk.log" ;;
-    chunks) env_ab CAPSROUTE_ROW_BLOCKS_PER_SM "- 1 2 4 8" "--batch 32" "--batch 512" | tee "$OUT/chunks.log" ;;
+    rows) switches 150 CAPSROUTE_ROW_PASS=0,1 --batch 128 512 --dtype float32 bfloat16 2>&1 | grep -v -i warn | tee "$OUT/rows.log" ;;
+    direct) { switches 100 CAPSROUTE_ROW_DIRECT=0,1 --batch 128 32 512
+      CAPSROUTE_ROW_PASS=1 switches 50 CAPSROUTE_ROW_DIRECT=0,1 --dtype bfloat16; } 2>&1 | grep -v -i warn | tee "$OUT/direct.log" ;;
+    capsgrad) switches 100 CAPSROUTE_CAPSULE_GRAD=0,-,5,6 --batch 128 32 2>&1 | grep -v -i warn | tee "$OUT/capsgrad.log" ;;
+    walk) switches 150 CAPSROUTE_GROUP_WALK=0,1 --in-caps 32768 --out-caps 64 --rounds 2 --kernel-calls 3 2>&1 | grep -v -i warn | tee "$OUT/walk.log" ;;
+    chunks) switches 150 CAPSROUTE_ROW_BLOCKS_PER_SM=-,1,2,4,8 --batch 32 512 2>&1 | grep -v -i warn | tee "$OUT/chunks.log" ;;
     ab)
       cp capsroute/_C.abi3.so "$OUT/.current.so"
       for b in build/device_*/ current; do

@@ -1,0 +1,47 @@
+"""The measuring tools stay usable: benchmarks/switches.py (the in-process A/B of the CUDA
+kernels' switches) on a small shape, on every device of the suite. On CUDA this also checks
+that the row passes with and without CAPSROUTE_ROW_DIRECT (unset: the staged form) give the
+same results; the CPU kernels read no switch, so there the two settings agree exactly."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import pytest
+
+from conftest import DEVICES
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+import switches  # noqa: E402
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_switches_times_each_setting_after_checking_it(device, capsys, monkeypatch):
+    monkeypatch.setenv("CAPSROUTE_ROW_DIRECT", "0")  # the tool must leave it as it found it
+    argv = ["CAPSROUTE_ROW_DIRECT=1,-", "--device", device, "--batch", "20", "--in-caps", "24",
+            "--rounds", "2", "--repeats", "2", "--warmup", "1"]
+    if device == "cuda":
+        argv += ["--kernels", "--kernel-calls", "2"]
+    assert switches.main(argv) == 0
+    out = capsys.readouterr().out
+    assert os.environ["CAPSROUTE_ROW_DIRECT"] == "0"
+
+    checks = re.findall(r"check: CAPSROUTE_ROW_DIRECT=- against CAPSROUTE_ROW_DIRECT=1: "
+                        r"relative error v (\S+), grad_u (\S+), grad_W (\S+)", out)
+    assert len(checks) == 1
+    errors = [float(x) for x in checks[0]]
+    assert max(errors) < (1e-5 if device == "cuda" else 1e-300), out
+    rows = [line for line in out.splitlines() if line.startswith("CAPSROUTE_ROW_DIRECT=")]
+    assert len(rows) == 2 and rows[1].rstrip().endswith("x"), out
+    if device == "cuda":
+        assert "row_pass_kernel" in out and "total" in out, out
+
+
+def test_switches_refuses_what_is_not_a_switch():
+    with pytest.raises(SystemExit):
+        switches.parse_args(["ROW_DIRECT=0,1"])
+    with pytest.raises(SystemExit):
+        switches.parse_args(["CAPSROUTE_ROW_DIRECT"])
+    assert switches.main(["CAPSROUTE_ROW_DIRECT=0", "CAPSROUTE_ROW_DIRECT=1",
+                          "--device", "cpu"]) == 2
