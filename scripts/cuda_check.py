@@ -121,8 +121,14 @@ if args.tiny:
     u64, W64 = weights(Ni)
     want = routed(u64, W64, torch.float64, CAPSROUTE_COUPLING_CACHE_MB="")
     got = routed(u64, W64, torch.float32, CAPSROUTE_ROW_DIRECT="1")
-    os.environ["CAPSROUTE_ROW_DIRECT"] = ""
     report("float32 direct rows", got, want, 1e-4)
+    # The same in thread-block clusters (CAPSROUTE_ROW_CLUSTER), whose blocks read each other's
+    # sums from shared memory: direct rows in clusters of 4, staged ones in clusters of 8.
+    for direct, cluster in [("1", "4"), ("", "8")]:
+        got = routed(u64, W64, torch.float32, CAPSROUTE_ROW_DIRECT=direct,
+                     CAPSROUTE_ROW_CLUSTER=cluster)
+        report(f"float32 {'direct' if direct else 'staged'} rows, clusters of {cluster}", got,
+               want, 1e-4)
     sys.exit(0)
 
 # dtypes at the canonical shape

@@ -21,6 +21,9 @@
 #   direct    the row passes with the lanes reading W[i]'s operands themselves, no block
 #             barrier in the walk (CAPSROUTE_ROW_DIRECT=1), against the block staging them
 #             (the default, =0): B=128, 32, 512 float32, and B=128 bfloat16 on the row passes
+#   cluster   the same crossed with the row passes in thread-block clusters of 2, 4 and 8 blocks
+#             that add up their partial sums on chip (CAPSROUTE_ROW_CLUSTER; unset: none), at
+#             B=128, 32 and 512 float32: 8 settings a shape, `direct`'s float32 part included
 #   capsgrad  the kept last pass on weight_grad_capsules_kernel (the default where it applies)
 #             against weight_grad_kernel (CAPSROUTE_CAPSULE_GRAD=0), and with 5 and 6 warps
 #             a block: B=128 and 32
@@ -46,7 +49,7 @@
 # have the second call ready. At 3245b3d (eighteenth session) `quick tests sanitize` and four
 # A/B steps took 399 s, `bench host` 148 s, `check` 12 s, `profile chunks` 140 s.
 # With kernels changed since the last measurement: one call `SESSION_S=540 ... quick tests
-# sanitize direct profile` (correctness first; the steps past the time are skipped), then on
+# sanitize cluster profile` (correctness first; the steps past the time are skipped), then on
 # the warm machine `ncu` (and `ncu-direct`) or `bench host` with the time left (ratios.py
 # prints each configuration's times as it finishes them); benchmarks/RESULTS.md's latest
 # "To measure next" says which.
@@ -108,6 +111,7 @@ for step in "$@"; do
     rows) switches 150 CAPSROUTE_ROW_PASS=0,1 --batch 128 512 --dtype float32 bfloat16 2>&1 | grep -v -i warn | tee "$OUT/rows.log" ;;
     direct) { switches 100 CAPSROUTE_ROW_DIRECT=0,1 --batch 128 32 512
       CAPSROUTE_ROW_PASS=1 switches 50 CAPSROUTE_ROW_DIRECT=0,1 --dtype bfloat16; } 2>&1 | grep -v -i warn | tee "$OUT/direct.log" ;;
+    cluster) switches 200 CAPSROUTE_ROW_DIRECT=0,1 CAPSROUTE_ROW_CLUSTER=-,2,4,8 --batch 128 32 512 2>&1 | grep -v -i warn | tee "$OUT/cluster.log" ;;
     capsgrad) switches 100 CAPSROUTE_CAPSULE_GRAD=0,-,5,6 --batch 128 32 2>&1 | grep -v -i warn | tee "$OUT/capsgrad.log" ;;
     walk) switches 150 CAPSROUTE_GROUP_WALK=0,1 --in-caps 32768 --out-caps 64 --rounds 2 --kernel-calls 3 2>&1 | grep -v -i warn | tee "$OUT/walk.log" ;;
     chunks) switches 150 CAPSROUTE_ROW_BLOCKS_PER_SM=-,1,2,4,8 --batch 32 512 2>&1 | grep -v -i warn | tee "$OUT/chunks.log" ;;

@@ -210,17 +210,24 @@ def test_shapes_float32(emu, shape):
 # blocks), the MNIST layer's capsules (5 for each warp of a pair) and layers whose second warp
 # has some of its capsules (4 of 8 with D_out = 8, 2 of 5 with D_out = 13); and the same sizes
 # on routing_pass_kernel with CAPSROUTE_ROW_PASS=0. Each with W[i]'s operands staged by the
-# block and read by the lanes themselves (CAPSROUTE_ROW_DIRECT=1).
-ROW_PATHS = {"staged": ("1", "0"), "direct": ("1", "1"), "tiles": ("0", "0")}
+# block and read by the lanes themselves (CAPSROUTE_ROW_DIRECT=1), and in float32 in
+# thread-block clusters (CAPSROUTE_ROW_CLUSTER) whose blocks add up their sums on chip (the
+# half types ignore it and run without): the MNIST layer's
+# 4 chunks of 10 capsules make one cluster of 4 blocks, or 2 of 2, or one of 8 with 4 blocks
+# past N_in; 70 batch elements' 2 chunks one cluster of 2, or of 4 with 2 blocks past N_in.
+ROW_PATHS = {"staged": ("1", "0", "1"), "direct": ("1", "1", "1"), "tiles": ("0", "0", "1"),
+             "staged-cluster4": ("1", "0", "4"), "direct-cluster2": ("1", "1", "2"),
+             "direct-cluster8": ("1", "1", "8")}
 
 
 def set_row_path(monkeypatch, path):
-    row_pass, direct = ROW_PATHS[path]
+    row_pass, direct, cluster = ROW_PATHS[path]
     monkeypatch.setenv("CAPSROUTE_ROW_PASS", row_pass)
     monkeypatch.setenv("CAPSROUTE_ROW_DIRECT", direct)
+    monkeypatch.setenv("CAPSROUTE_ROW_CLUSTER", cluster)
 
 
-@pytest.mark.parametrize("path", ["staged", "direct"])
+@pytest.mark.parametrize("path", ["staged", "direct", "staged-cluster4"])
 @pytest.mark.parametrize("iterations,bias,leaky,coupling",
                          list(itertools.product([1, 2, 3], [False, True], [False, True],
                                                 [False, True])),
@@ -282,6 +289,9 @@ def test_group_walk_switch(emu, monkeypatch, shape, dtype, walk):
 # chunks of 3) and 40 (37 chunks of one), against the default 2 (4 chunks of 10).
 @pytest.mark.parametrize("name,value", [("CAPSROUTE_ROW_PASS", "off"),
                                         ("CAPSROUTE_ROW_DIRECT", "yes"),
+                                        ("CAPSROUTE_ROW_CLUSTER", "3"),
+                                        ("CAPSROUTE_ROW_CLUSTER", "16"),
+                                        ("CAPSROUTE_ROW_CLUSTER", "all"),
                                         ("CAPSROUTE_CAPSULE_GRAD", "-1"),
                                         ("CAPSROUTE_CAPSULE_GRAD", "lots"),
                                         ("CAPSROUTE_CAPSULE_GRAD", "5 warps"),
@@ -376,6 +386,15 @@ def test_thread_order_recomputing(emu, monkeypatch, shape, dtype):
 def test_thread_order_direct_rows(emu, monkeypatch, shape, dtype):
     set_row_path(monkeypatch, "direct")
     check_thread_order(emu, monkeypatch, "dynamic_routing", shape, dtype)
+
+
+# The same for the row passes in clusters: each block reads the others' sums from their shared
+# memory between two cluster barriers; the clusters' blocks run together, in random orders.
+@pytest.mark.parametrize("path", ["staged-cluster4", "direct-cluster2", "direct-cluster8"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[5]], ids=str)
+def test_thread_order_cluster_rows(emu, monkeypatch, shape, path):
+    set_row_path(monkeypatch, path)
+    check_thread_order(emu, monkeypatch, "dynamic_routing", shape, torch.float32)
 
 
 def check_thread_order(emu, monkeypatch, op, shape, dtype):

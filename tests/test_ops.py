@@ -87,22 +87,33 @@ def test_groups_over_many_capsules_cuda(op, dtype, cache_mb, monkeypatch):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
-@pytest.mark.parametrize("row_pass,direct", [("1", "0"), ("1", "1"), ("0", "0")],
-                         ids=["row-passes", "row-passes-direct", "tile-passes"])
+@pytest.mark.parametrize("row_pass,direct,cluster",
+                         [("1", "0", "1"), ("1", "1", "1"), ("1", "0", "4"), ("1", "1", "8"),
+                          ("0", "0", "1")],
+                         ids=["row-passes", "row-passes-direct", "row-passes-clusters-of-4",
+                              "row-passes-direct-clusters-of-8", "tile-passes"])
 @pytest.mark.parametrize("shape", [CANONICAL, Shape(37, 2403, 7, 6, 13),
                                    Shape(40, 300, 12, 8, 8)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
-def test_row_passes_cuda(dtype, shape, row_pass, direct, monkeypatch):
+def test_row_passes_cuda(dtype, shape, row_pass, direct, cluster, monkeypatch):
     """The forward's and the gradient passes of dynamic_routing on row_pass_kernel (16
     batch elements per product; float32's default where a layer is at most 20 column tiles of
     8 dims, asked for in the half types with CAPSROUTE_ROW_PASS=1), the same with the lanes
-    reading W[i]'s operands themselves (CAPSROUTE_ROW_DIRECT=1), and on routing_pass_kernel
+    reading W[i]'s operands themselves (CAPSROUTE_ROW_DIRECT=1), in float32 also in
+    thread-block clusters that add up their partial sums on chip (CAPSROUTE_ROW_CLUSTER; the
+    half types run without), and on routing_pass_kernel
     with CAPSROUTE_ROW_PASS=0: all against the reference, on the MNIST
     layer, a layer whose second warp of a pair has 2 of its 5 capsules (13 dims; a batch of
     37 leaves a short row tile; each block walks several input capsules) and 12 capsules of
     8 dims."""
     monkeypatch.setenv("CAPSROUTE_ROW_PASS", row_pass)
     monkeypatch.setenv("CAPSROUTE_ROW_DIRECT", direct)
+    monkeypatch.setenv("CAPSROUTE_ROW_CLUSTER", cluster)
+    if cluster != "1" and dtype == torch.float32 and torch.cuda.get_device_capability()[0] < 9:
+        with pytest.raises(ValueError, match="thread-block clusters"):  # a clear error
+            run_case("dynamic_routing", shape, dtype, "cuda", iterations=3, bias=False,
+                     leaky=False, detach=False, return_coupling=False)
+        return
     run_case("dynamic_routing", shape, dtype, "cuda", iterations=3, bias=True, leaky=True,
              detach=False, return_coupling=True)
 

@@ -119,7 +119,7 @@ __device__ __forceinline__ float exp_(float x) {
 template <typename T>
 __device__ __forceinline__ T* dynamic_smem() {
 #ifdef CAPSROUTE_EMULATE
-  return reinterpret_cast<T*>(emu::machine().dynamic_smem.data());
+  return reinterpret_cast<T*>(emu::shared_memory());
 #else
   extern __shared__ __align__(16) unsigned char smem_raw[];
   return reinterpret_cast<T*>(smem_raw);
@@ -136,6 +136,10 @@ struct Dims {
   // A pass: a block of `warps` warps (one batch tile each) walks `i_per_block` input
   // capsules; `n_chunks` blocks along N_in.
   int warps, i_per_block, n_chunks;
+  // The partial sums [partials, B, N_out * D_out] that a pass writes: one per block along
+  // N_in, or with the row passes in thread-block clusters of `cluster` blocks (0 or 1: none),
+  // which add up their sums on chip, one per cluster.
+  int partials, cluster;
   int k_chunks;        // ceil(D_in / 8): chunks of 8 input dims, one matrix product each
   bool leaky;
   bool rows8;          // D_in % 8 == 0 and W 16-byte aligned: W[i] copies in 16-byte pieces
@@ -1192,6 +1196,48 @@ __device__ __forceinline__ void prefetch_l1(const void* p) {
 }
 #endif
 
+// --- thread-block clusters (sm_90) -------------------------------------------------------
+
+// cluster_sync: every thread of the cluster meets (barrier.cluster, whose arrive releases and
+// wait acquires: what a block wrote to its shared memory before is visible to the others
+// after; not .aligned, which would need the warp converged there); cluster_rank: the block's rank in its cluster; cluster_shared: the address in
+// block `rank`'s shared memory of what p addresses in the caller's (mapa), for loads.
+// Launched with clusters only on a GPU that has them (launch_row_pass).
+#ifdef CAPSROUTE_EMULATE
+using emu::cluster_rank;
+using emu::cluster_shared;
+using emu::cluster_sync;
+#else
+__device__ __forceinline__ void cluster_sync() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive;\nbarrier.cluster.wait;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ int cluster_rank() {
+  unsigned r = 0;
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#else
+  __trap();
+#endif
+  return static_cast<int>(r);
+}
+template <typename T>
+__device__ __forceinline__ const T* cluster_shared(const T* p, int rank) {
+  uint64_t out = 0;
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mapa.u64 %0, %1, %2;\n"
+               : "=l"(out)
+               : "l"(reinterpret_cast<uint64_t>(p)), "r"(rank));
+#else
+  __trap();
+#endif
+  return reinterpret_cast<const T*>(out);
+}
+#endif
+
 // Output capsules of group grp: the first, and how many (the last group may be short).
 __device__ __forceinline__ int64_t group_j0(const Dims& n, int grp) {
   return int64_t(grp) * n.caps_per_group;
@@ -1613,7 +1659,9 @@ constexpr int row_pass_tiles() {
 // row]. With `direct` (the lanes read W[i] themselves) no W[i] but in the forward pass at
 // t >= 2 each warp's own operands, [warp][kRowCols / 2][32 lanes] uint4 (the gradient pass
 // has no room for them beside V and gs at two blocks per multiprocessor), and the
-// statistics twice (for even and odd input capsules: see row_pass_kernel).
+// statistics twice (for even and odd input capsules: see row_pass_kernel). With clusters, at
+// least room for the block's sums at the end, [warp][kRowCols / 2][32 lanes] float4, over
+// everything else (which the walk no longer needs by then).
 struct RowLayout {
   size_t w, wf, stats, end;
 };
@@ -1636,6 +1684,8 @@ __host__ __device__ inline RowLayout row_layout(const Dims& n, int row_tiles, bo
             : row_pass_parks<kPass>(direct) ? p.wf + row_tiles * max_cols * 32 * sizeof(uint4)
                                             : p.wf;
   p.end = p.stats + (direct ? 2 : 1) * row_stats_elems(row_tiles) * sizeof(float);
+  const size_t sums = size_t(row_tiles) * max_cols * 32 * sizeof(float4);
+  if (n.cluster > 1 && p.end < sums) p.end = sums;
   return p;
 }
 
@@ -1751,7 +1801,9 @@ __device__ __forceinline__ void gather_stage(T (&x)[P], bool upper, int o) {
 //   kGradient: the backward's t >= 2, also dL/dc = <u_hat, gs> (+ grad_c) and through the
 //     softmax the logit gradient g, partial[chunk] = sum_i g_ij u_hat_ij (the term G);
 //     c and g kept for the last pass where st.kept is given.
-// The partial sums as routing_pass_kernel writes them; c written when c_out != null.
+// The partial sums as routing_pass_kernel writes them (kCluster: one per cluster of n.cluster
+// blocks along N_in, added up on chip; a template parameter so that the kernels without
+// clusters keep their code); c written when c_out != null.
 // grid = (n_chunks, ceil(B / (16 * row_tiles))); 2 * row_tiles warps.
 //
 // W[i]'s operands: staged (kDirect false), the block copies W[i + 1] into shared memory
@@ -1765,7 +1817,7 @@ __device__ __forceinline__ void gather_stage(T (&x)[P], bool upper, int o) {
 // two warps go at their own pace, as the others do. The question kDirect asks on a GPU is
 // whether that freedom is worth the instructions it adds: ~10% at t >= 2 and in the
 // gradient pass, ~17% fewer at t = 1 (benchmarks/RESULTS.md; not yet measured).
-template <Pass kPass, int DT8, typename scalar_t, bool kDirect>
+template <Pass kPass, int DT8, typename scalar_t, bool kDirect, bool kCluster>
 __global__ void __launch_bounds__(kThreads, kPassBlocksPerSM)
 row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, Dims n,
                 RowState st, float* __restrict__ partial, scalar_t* __restrict__ c_out) {
@@ -2050,21 +2102,62 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
     }
   }
 
-  // The block's partial sum over its capsules, the warp's rows and column tiles.
-  if (!has_rows) return;
+  // The block's partial sum over its capsules: lane (g, t)'s values x of column tile ct for
+  // the row tile from batch element row0 (fragment slots as V's, see row_layout_offset) into
+  // partial sum `sum`. Without clusters each warp writes its own; with clusters the blocks
+  // put theirs in shared memory (idle warps zeros), and each block adds up a slice of them
+  // over the cluster's blocks in rank order (deterministic) and writes it, one partial sum
+  // per cluster: a cluster of 8 writes an eighth of the bytes that finish_iteration (or
+  // sweep_step) reads back.
   const float scale = kFirst ? uniform : 1.f;
-#pragma unroll
-  for (int k = 0; k < kMineCols; ++k) {
-    const int ct = ct_base + k;
-    if (ct >= cols) break;
+  auto store = [&](int64_t sum, int64_t row0, int ct, int lane_, const float (&x)[4]) {
     const int64_t j = ct / DT8;
+    const int g_ = lane_ >> 2, t_ = lane_ & 3;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const int64_t bq = b0 + g + 8 * (q >> 1);
-      const int d = (ct % DT8) * 8 + 2 * t + (q & 1);
-      if (bq < n.B && d < n.D_out)
-        partial[(int64_t(blockIdx.x) * n.B + bq) * n.J + j * n.D_out + d] = scale * acc[k][q];
+      const int64_t bq = row0 + g_ + 8 * (q >> 1);
+      const int d = (ct % DT8) * 8 + 2 * t_ + (q & 1);
+      if (bq < n.B && d < n.D_out) partial[(sum * n.B + bq) * n.J + j * n.D_out + d] = x[q];
     }
+  };
+  if constexpr (kCluster) {
+    float4* sums = dynamic_smem<float4>();  // [warp][kMineCols][32 lanes]
+    __syncthreads();  // the walk's shared memory is free
+#pragma unroll
+    for (int k = 0; k < kMineCols; ++k) {
+      const bool mine = has_rows && ct_base + k < cols;
+      sums[(warp * kMineCols + k) * 32 + lane] =
+          mine ? float4{scale * acc[k][0], scale * acc[k][1], scale * acc[k][2], scale * acc[k][3]}
+               : float4{0.f, 0.f, 0.f, 0.f};
+    }
+    cluster_sync();
+    const int total = (blockDim.x >> 5) * kMineCols * 32, per = (total + n.cluster - 1) / n.cluster;
+    const int rank = cluster_rank(), end = min(total, (rank + 1) * per);
+    for (int e = rank * per + threadIdx.x; e < end; e += blockDim.x) {
+      const int w = e / (kMineCols * 32), k = (e >> 5) % kMineCols;
+      const int ct = (w & 1) * kMineCols + k;
+      if (ct >= cols) continue;
+      float4 x = cluster_shared<float4>(sums, 0)[e];
+      for (int r = 1; r < n.cluster; ++r) {
+        const float4 y = cluster_shared<float4>(sums, r)[e];
+        x.x += y.x;
+        x.y += y.y;
+        x.z += y.z;
+        x.w += y.w;
+      }
+      const float v[4] = {x.x, x.y, x.z, x.w};
+      store(blockIdx.x / n.cluster, (int64_t(blockIdx.y) * row_tiles + (w >> 1)) * kRowsB, ct,
+            e & 31, v);
+    }
+    cluster_sync();  // the cluster's sums are read: the blocks may leave
+    return;
+  }
+  if (!has_rows) return;
+#pragma unroll
+  for (int k = 0; k < kMineCols; ++k) {
+    if (ct_base + k >= cols) break;
+    const float v[4] = {scale * acc[k][0], scale * acc[k][1], scale * acc[k][2], scale * acc[k][3]};
+    store(blockIdx.x, b0, ct_base + k, lane, v);
   }
 }
 
@@ -2177,7 +2270,7 @@ __global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>:
   const CapsuleLane<VW> c(n);
   if (!c.active) return;  // whole warps only
   acc_t s[VW];
-  sum_partials(c, partial + c.e, n.n_chunks, n.B * n.J, s);
+  sum_partials(c, partial + c.e, n.partials, n.B * n.J, s);
   acc_t sq = 0;
 #pragma unroll
   for (int v = 0; v < VW; ++v) {

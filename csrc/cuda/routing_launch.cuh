@@ -88,6 +88,7 @@ inline void plan_chunks(Dims& d, int64_t per_sm, int64_t others) {
   const int64_t chunks = std::clamp<int64_t>(want, 1, d.N_in);
   d.i_per_block = static_cast<int>(ceil_div(d.N_in, chunks));
   d.n_chunks = static_cast<int>(ceil_div(d.N_in, d.i_per_block));
+  d.partials = d.n_chunks;
 }
 
 inline Dims make_dims(const char* op, const RoutingSizes& n, bool leaky) {
@@ -273,6 +274,22 @@ bool use_row_pass(const Dims& d) {
   return false;
 }
 
+// CAPSROUTE_ROW_CLUSTER=n (2, 4 or 8): the row passes' blocks along N_in in thread-block
+// clusters of n, which add up their sums on chip (row_pass_kernel) and write one partial sum
+// per cluster, n times fewer bytes for the passes to write and finish_iteration or
+// sweep_step to read (at B = 128, 10.5 MB a pass without). Unset or 1: no clusters. Off by
+// default until a GPU has timed it; float32 only (the row passes' default dtype); clusters
+// need compute capability 9.0. The chunks are rounded up to whole clusters (the blocks past
+// N_in add zeros).
+inline int row_cluster() {
+  const int64_t n = env_number("CAPSROUTE_ROW_CLUSTER", "1, 2, 4 or 8");
+  TORCH_CHECK_VALUE(n < 0 || n == 1 || n == 2 || n == 4 || n == 8,
+                    "capsroute: CAPSROUTE_ROW_CLUSTER must be 1, 2, 4 or 8, but is ", n);
+  TORCH_CHECK_VALUE(n <= 1 || cuda::has_clusters(), "capsroute: CAPSROUTE_ROW_CLUSTER=", n,
+                    " needs a GPU with thread-block clusters (compute capability 9.0 or newer)");
+  return n <= 1 ? 1 : static_cast<int>(n);
+}
+
 // The row passes' blocks: up to 4 row tiles of 16 batch elements, 2 warps each; the chunks of
 // input capsules are planned for them (plan_chunks), in d, for two blocks per multiprocessor
 // at every B. Where a block has fewer than 8 warps (B <= 48) that leaves warps idle, but
@@ -280,7 +297,7 @@ bool use_row_pass(const Dims& d) {
 // warps took the forward's GPU time to 60.6 µs against 65.0 with four (the plan before), 61.4
 // with one and 82.2 with eight. For measuring the chunk count's effect,
 // CAPSROUTE_ROW_BLOCKS_PER_SM=n plans for n blocks.
-inline dim3 plan_row_pass(Dims& d, int& threads) {
+inline dim3 plan_row_pass(Dims& d, int& threads, bool float32) {
   const int64_t tiles = ceil_div(d.B, cuda::kRowsB);
   const int per_block = static_cast<int>(std::min<int64_t>(4, tiles));
   const int64_t b_blocks = ceil_div(tiles, per_block);
@@ -290,6 +307,11 @@ inline dim3 plan_row_pass(Dims& d, int& threads) {
   const int64_t asked = env_number(name, "a number of blocks, 1 or more");
   TORCH_CHECK_VALUE(asked != 0, "capsroute: ", name, " must be a number of blocks, 1 or more");
   plan_chunks(d, asked > 0 ? asked : cuda::kPassBlocksPerSM, b_blocks);
+  d.cluster = float32 ? row_cluster() : 1;
+  if (d.cluster > 1) {
+    d.partials = static_cast<int>(ceil_div(d.n_chunks, d.cluster));
+    d.n_chunks = d.partials * d.cluster;
+  }
   threads = 64 * per_block;
   return dim3(static_cast<unsigned>(d.n_chunks), static_cast<unsigned>(b_blocks));
 }
@@ -306,9 +328,16 @@ void launch_row_pass(const cuda::WeightSource<T>& src, const Dims& d, dim3 grid,
   const bool direct = row_direct();
   const size_t smem = cuda::row_layout<kPass, T>(d, threads / 64, direct).end;
   auto go = [&](auto kDT8) {
-    auto kernel = direct ? cuda::row_pass_kernel<kPass, decltype(kDT8)::value, T, true>
-                         : cuda::row_pass_kernel<kPass, decltype(kDT8)::value, T, false>;
-    cuda::launch(kernel, grid, threads, smem, stream, src.u, src.W, d, st, partial, c_out);
+    constexpr int DT8 = decltype(kDT8)::value;
+    auto kernel = direct ? cuda::row_pass_kernel<kPass, DT8, T, true, false>
+                         : cuda::row_pass_kernel<kPass, DT8, T, false, false>;
+    if constexpr (std::is_same<T, float>::value) {  // clusters: float32 only (plan_row_pass)
+      if (d.cluster > 1)
+        kernel = direct ? cuda::row_pass_kernel<kPass, DT8, T, true, true>
+                        : cuda::row_pass_kernel<kPass, DT8, T, false, true>;
+    }
+    cuda::launch_clusters(kernel, grid, threads, smem, stream, d.cluster, src.u, src.W, d, st,
+                          partial, c_out);
   };
   if (cuda::row_dt8(d) == 2)
     go(std::integral_constant<int, 2>{});
@@ -324,10 +353,11 @@ void forward(const Src& src, const Dims& dims, int64_t iterations, double eps, c
   Dims d = dims;
   const bool rows = use_row_pass<Src, T>(d);
   int row_threads = 0;
-  const dim3 row_grid = rows ? plan_row_pass(d, row_threads) : dim3();
+  const dim3 row_grid =
+      rows ? plan_row_pass(d, row_threads, std::is_same<T, float>::value) : dim3();
   // Written first by iteration 1's finish.
   auto V = rows ? row_scratch(d, 1, acc_opts) : tiled_scratch(d, 1, acc_opts);
-  auto partial = cuda::scratch({d.n_chunks, d.B, d.J}, acc_opts);
+  auto partial = cuda::scratch({d.partials, d.B, d.J}, acc_opts);
   const bool groups = d.n_groups > 1;
   auto stats = cuda::scratch({groups ? d.B * d.N_in * 2 : 0}, acc_opts);
   for (int64_t t = 1; t <= iterations; ++t) {
@@ -405,7 +435,8 @@ SweepResult sweep(const Src& src, const Dims& dims, int64_t iterations, int64_t 
   // layout, written beside the tiled arrays that the last pass reads.
   const bool rows = t_min < iterations && use_row_pass<Src, T>(d);
   int row_threads = 0;
-  const dim3 row_grid = rows ? plan_row_pass(d, row_threads) : dim3();
+  const dim3 row_grid =
+      rows ? plan_row_pass(d, row_threads, std::is_same<T, float>::value) : dim3();
   const int64_t row_elems = rows ? cuda::row_layout_elems(d) : 0;
   const at::Tensor V_rows = rows ? row_scratch(d, iterations, s.options()) : at::Tensor();
   const at::Tensor gs_rows = rows ? row_scratch(d, iterations, s.options()) : at::Tensor();
@@ -428,7 +459,8 @@ SweepResult sweep(const Src& src, const Dims& dims, int64_t iterations, int64_t 
                     kept_elems * int64_t(sizeof(acc_t)) <= coupling_cache_bytes();
   out.kept = cuda::scratch({keep ? kept_elems : 0}, s.options());
   auto G = cuda::scratch({d.B, d.J}, s.options());  // written first by the first sweep step
-  auto partial = cuda::scratch({t_min < iterations ? d.n_chunks : 0, d.B, d.J}, s.options());
+  auto partial =
+      cuda::scratch({t_min < iterations ? d.partials : 0, d.B, d.J}, s.options());
   const acc_t* s_ = aptr<acc_t>(s);
   acc_t* gs_ = aptr<acc_t>(out.gs);
   // Iteration t's step, with the partials of the pass for t + 1 (none for t = r).
@@ -472,7 +504,7 @@ SweepResult sweep(const Src& src, const Dims& dims, int64_t iterations, int64_t 
       launch_pass<cuda::Pass::kGradient, DT>(src, d, st, aptr<acc_t>(partial),
                                              static_cast<T*>(nullptr), stream);
     }
-    sweep_step(aptr<acc_t>(partial), d.n_chunks, t - 1, nullptr);
+    sweep_step(aptr<acc_t>(partial), d.partials, t - 1, nullptr);
   }
   if (t_min > 1) state(t_min);  // detach: the last pass needs c^(r) only
   return out;

@@ -55,6 +55,36 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaS
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The same in thread-block clusters of `cluster` blocks along x (grid.x a multiple of it;
+// 1: a plain launch). Clusters need a GPU of compute capability 9.0 (has_clusters).
+template <typename... Params, typename... Args>
+void launch_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                     cudaStream_t stream, int cluster, Args&&... args) {
+  if (cluster <= 1) return launch(kernel, grid, block, smem, stream, std::forward<Args>(args)...);
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+inline bool has_clusters() {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                        c10::cuda::current_device()));
+  return major >= 9;
+}
+
 using DeviceGuard = c10::cuda::CUDAGuard;
 
 // Memory that the kernels write in full before they read it (no fill: at::empty). The

@@ -5,13 +5,16 @@
 // CI; it says nothing about speed. Built only with -DCAPSROUTE_EMULATE
 // (tests/test_cuda_emulation.py).
 //
-// Model: the blocks of a grid run one after another; the threads of a block run as fibers
-// (ucontext) on the calling thread, each until it reaches a barrier, so that __syncthreads,
-// __syncwarp, shuffles and warp-wide matrix instructions behave as on a GPU whose warps and
-// threads interleave at those points. __shared__ variables become function statics (one
-// block at a time uses them). Shuffles demand a full warp: a shuffle after some lanes of the
-// warp have exited, or a barrier that can never complete, aborts with a message instead of
-// returning garbage.
+// Model: the blocks of a grid run one after another (a launch with thread-block clusters:
+// one cluster after another, its blocks together); the threads of a block (cluster) run as
+// fibers (ucontext) on the calling thread, each until it reaches a barrier, so that
+// __syncthreads, __syncwarp, the cluster's barrier, shuffles and warp-wide matrix
+// instructions behave as on a GPU whose warps and threads interleave at those points. Each
+// block has its own dynamic shared memory, which the blocks of its cluster can address
+// (cluster_shared); __shared__ variables would become function statics, shared by a
+// cluster's blocks, and the kernels have none. Shuffles demand a full warp: a shuffle after
+// some lanes of the warp have exited, or a barrier that can never complete, aborts with a
+// message instead of returning garbage.
 //
 // Schedules: by default blocks run in index order and, between barriers, threads in index
 // order. CAPSROUTE_EMULATION_SCHEDULE=<seed> (a nonzero integer, read at every launch) runs
@@ -98,22 +101,31 @@ struct Barrier {  // counts arrivals of the live members of a group (block or wa
   uint64_t generation = 0;
 };
 
+// The fibers of the running block, or of the running cluster's blocks: fiber f is thread
+// f % per_block of the cluster's block f / per_block (its rank).
 struct Machine {
   ucontext_t scheduler;
   std::vector<ucontext_t> fibers;
   std::vector<std::vector<char>> stacks;
   std::vector<char> done;
-  std::vector<uint3> index;
+  std::vector<uint3> index;  // per fiber: threadIdx
   int current = 0;
+  int per_block = 0;
   bool shuffled = false;  // CAPSROUTE_EMULATION_SCHEDULE: random orders (see the top)
   std::mt19937_64 random;
   uint64_t launches = 0;  // varies the random schedule from launch to launch
   uint64_t events = 0;  // barrier releases and exits: progress, for deadlock detection
-  Barrier block;
-  std::vector<Barrier> warps;
-  std::array<Barrier, 16> named;  // bar.sync id, count (id 0 is __syncthreads' own)
+  // Per block of the cluster (one of each without clusters): its index, __syncthreads'
+  // barrier, the named barriers (bar.sync id, count; id 0 is __syncthreads' own), and its
+  // dynamic shared memory.
+  std::vector<uint3> blocks;
+  std::vector<Barrier> block;
+  std::vector<std::array<Barrier, 16>> named;
+  std::vector<std::vector<unsigned char>> dynamic_smem;  // the launch's size, then a guard zone
+  size_t smem_bytes = 0;  // the launch's size
+  Barrier cluster;  // barrier.cluster: every thread of the cluster
+  std::vector<Barrier> warps;  // per warp of the cluster (fiber / 32)
   std::vector<std::array<unsigned char, 64>> slots;  // one exchange slot per thread
-  std::vector<unsigned char> dynamic_smem;
   // Per thread: asynchronous copies (cp.async) not yet landed: the open group, and the
   // committed groups oldest first.
   struct Copy {
@@ -132,6 +144,12 @@ struct Machine {
 inline Machine& machine() {
   static Machine m;
   return m;
+}
+
+// The running thread's block within its cluster (0 without clusters).
+inline int rank() {
+  Machine& m = machine();
+  return m.current / m.per_block;
 }
 
 [[noreturn]] inline void fail(const char* what) {
@@ -171,7 +189,8 @@ inline void fiber_main() {
   // This thread exits: the barriers it belonged to now wait for one fewer.
   m.done[m.current] = 1;
   ++m.events;
-  for (Barrier* b : {&m.block, &my_warp()}) {
+  Barrier& block = m.block[rank()];
+  for (Barrier* b : {&block, &my_warp(), &m.cluster}) {
     --b->alive;
     if (b->arrived > 0 && b->arrived == b->alive) release(*b);
   }
@@ -182,22 +201,29 @@ inline void fiber_main() {
 // thread never reaches is a deadlock, which run_grid reports.
 inline void named_barrier(int id, int count) {
   Machine& m = machine();
-  if (id <= 0 || id >= static_cast<int>(m.named.size()) || count <= 0 || count % 32)
+  if (id <= 0 || id >= static_cast<int>(m.named[rank()].size()) || count <= 0 || count % 32)
     fail("bad named barrier");
-  Barrier& b = m.named[id];
+  Barrier& b = m.named[rank()][id];
   if (b.arrived == 0) b.alive = count;
   if (b.alive != count) fail("threads meet at a named barrier with different counts");
   wait(b);
 }
 
-// Runs `body` as the code of every thread of every block of the grid.
-inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
+// Runs `body` as the code of every thread of every block of the grid, in clusters of
+// `cluster` blocks along x (1: none; grid.x a multiple of it, whole warps per block).
+inline void run_grid(dim3 grid, dim3 block, size_t smem, int cluster,
+                     std::function<void()> body) {
   Machine& m = machine();
-  const int n = static_cast<int>(block.x * block.y * block.z);
-  if (n <= 0 || n > 1024) fail("bad block size");
+  const int per_block = static_cast<int>(block.x * block.y * block.z);
+  if (per_block <= 0 || per_block > 1024) fail("bad block size");
+  if (cluster < 1 || cluster > 8 || grid.x % cluster != 0 ||
+      (cluster > 1 && per_block % 32 != 0))
+    fail("bad cluster size");
+  const int n = per_block * cluster;  // the fibers of a cluster
   constexpr size_t kStack = 256 * 1024;
   constexpr size_t kGuard = 64 * 1024;
   constexpr unsigned char kGuardByte = 0x5A;
+  m.per_block = per_block;
   m.fibers.resize(n);
   m.done.assign(n, 0);
   m.index.resize(n);
@@ -212,42 +238,49 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> b
   m.random.seed(seed_value + m.launches++);
   const bool shuffled = m.shuffled;
   auto& random = m.random;
-  std::vector<uint3> blocks;
+  std::vector<uint3> firsts;  // each cluster's first block
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) blocks.push_back(uint3{bx, by, bz});
-  if (shuffled) std::shuffle(blocks.begin(), blocks.end(), random);
+      for (unsigned bx = 0; bx < grid.x; bx += cluster) firsts.push_back(uint3{bx, by, bz});
+  if (shuffled) std::shuffle(firsts.begin(), firsts.end(), random);
   std::vector<int> order(n);
   for (int t = 0; t < n; ++t) order[t] = t;
-  for (const uint3& b : blocks) {
-    blockIdx = b;
-    m.block = Barrier{n, 0, 0};
+  for (const uint3& first : firsts) {
+    m.blocks.assign(cluster, first);
+    for (int r = 0; r < cluster; ++r) m.blocks[r].x += r;
+    m.block.assign(cluster, Barrier{per_block, 0, 0});
+    m.cluster = Barrier{n, 0, 0};
     // Not zero: kernels must not rely on it. A guard zone follows, checked after the block.
-    m.dynamic_smem.assign(smem + kGuard, 0xCD);
-    std::memset(m.dynamic_smem.data() + smem, kGuardByte, kGuard);
+    m.dynamic_smem.resize(cluster);
+    m.smem_bytes = smem;
+    for (auto& mem : m.dynamic_smem) {
+      mem.assign(smem + kGuard, 0xCD);
+      std::memset(mem.data() + smem, kGuardByte, kGuard);
+    }
     m.copies.assign(n, {});
-    m.warps.assign((n + 31) / 32, Barrier{});
-    m.named.fill(Barrier{});
-    for (int t = 0; t < n; ++t) {
-      ++m.warps[t / 32].alive;
-      m.done[t] = 0;
-      m.index[t] = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-      getcontext(&m.fibers[t]);
-      m.fibers[t].uc_stack.ss_sp = m.stacks[t].data();
-      m.fibers[t].uc_stack.ss_size = kStack;
-      m.fibers[t].uc_link = &m.scheduler;
-      makecontext(&m.fibers[t], fiber_main, 0);
+    m.warps.assign(cluster * ((per_block + 31) / 32), Barrier{});
+    m.named.assign(cluster, {});
+    for (int f = 0; f < n; ++f) {
+      const int t = f % per_block;
+      ++m.warps[f / per_block * ((per_block + 31) / 32) + t / 32].alive;
+      m.done[f] = 0;
+      m.index[f] = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+      getcontext(&m.fibers[f]);
+      m.fibers[f].uc_stack.ss_sp = m.stacks[f].data();
+      m.fibers[f].uc_stack.ss_size = kStack;
+      m.fibers[f].uc_link = &m.scheduler;
+      makecontext(&m.fibers[f], fiber_main, 0);
     }
     // A round runs each live thread until it waits or exits. Under a random schedule a round
     // runs the threads in a random order, and only those of the warps whose turn it is, so
     // that warps run ahead of each other between block barriers (in plain rounds all warps
     // advance one warp-wide step at a time, hiding races between warps); a round with no
-    // progress is followed by a round of all warps. Drawn per block: a warp's turn or pause
-    // changes with probability 1/2 or 1/16 a round, or (solo) one random warp runs alone
-    // until it waits at a barrier that the others must reach. The longer stretches let one
-    // warp run a whole phase (dozens of warp-wide steps) ahead of a warp held back, as warps
-    // that meet only at a pair's barrier (row_pass_kernel's kDirect) can on a GPU.
-    const int n_warps = (n + 31) / 32;
+    // progress is followed by a round of all warps. Drawn per block (cluster): a warp's turn
+    // or pause changes with probability 1/2 or 1/16 a round, or (solo) one random warp runs
+    // alone until it waits at a barrier that the others must reach. The longer stretches let
+    // one warp run a whole phase (dozens of warp-wide steps) ahead of a warp held back, as
+    // warps that meet only at a pair's barrier (row_pass_kernel's kDirect) can on a GPU.
+    const int n_warps = static_cast<int>(m.warps.size());
     std::vector<char> runs(n_warps, 1);
     bool everyone = true;
     const uint64_t flip = std::array<uint64_t, 3>{2, 16, 0}[random() % 3];  // 0: solo
@@ -255,12 +288,13 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> b
     while (remaining > 0) {
       const uint64_t before = m.events;
       if (shuffled) std::shuffle(order.begin(), order.end(), random);
-      for (const int t : order) {
-        if (m.done[t] || !runs[t / 32]) continue;
-        m.current = t;
-        threadIdx = m.index[t];
-        swapcontext(&m.scheduler, &m.fibers[t]);
-        if (m.done[t]) --remaining;
+      for (const int f : order) {
+        if (m.done[f] || !runs[f / 32]) continue;
+        m.current = f;
+        threadIdx = m.index[f];
+        blockIdx = m.blocks[f / per_block];
+        swapcontext(&m.scheduler, &m.fibers[f]);
+        if (m.done[f]) --remaining;
       }
       const bool stuck = m.events == before;
       if (remaining > 0 && stuck && everyone) fail("deadlock: a barrier can never complete");
@@ -277,9 +311,31 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> b
       }
       everyone = std::all_of(runs.begin(), runs.end(), [](char r) { return r != 0; });
     }
-    for (size_t e = smem; e < smem + kGuard; ++e)
-      if (m.dynamic_smem[e] != kGuardByte) fail("shared memory written past the launch's size");
+    for (const auto& mem : m.dynamic_smem)
+      for (size_t e = smem; e < smem + kGuard; ++e)
+        if (mem[e] != kGuardByte) fail("shared memory written past the launch's size");
   }
+}
+
+// The running thread's block's dynamic shared memory.
+inline unsigned char* shared_memory() { return machine().dynamic_smem[rank()].data(); }
+
+// Thread-block clusters: barrier.cluster.arrive + wait (all threads of the cluster, which
+// also orders their shared-memory accesses), the block's rank in its cluster, and the
+// address in block `r`'s shared memory of what `p` addresses in the caller's
+// (mapa.shared::cluster).
+inline void cluster_sync() { wait(machine().cluster); }
+inline int cluster_rank() { return rank(); }
+template <typename T>
+T* cluster_shared(T* p, int r) {
+  Machine& m = machine();
+  const auto offset = reinterpret_cast<unsigned char*>(p) - shared_memory();
+  if (r < 0 || r >= static_cast<int>(m.dynamic_smem.size()) || offset < 0 ||
+      static_cast<size_t>(offset) >= m.smem_bytes)
+    fail("cluster_shared: not a shared-memory address of the cluster");
+  // A block's shared memory goes with its last thread (a GPU may give it to the next block).
+  if (m.block[r].alive == 0) fail("cluster_shared: the block has exited");
+  return reinterpret_cast<T*>(m.dynamic_smem[r].data() + offset);
 }
 
 // Every lane of the caller's warp publishes `x`; returns lane `src`'s value.
@@ -404,7 +460,9 @@ inline float ex2_approx_ftz(float x) {
 
 // --- device intrinsics -------------------------------------------------------------------
 
-inline void __syncthreads() { capsroute::emu::wait(capsroute::emu::machine().block); }
+inline void __syncthreads() {
+  capsroute::emu::wait(capsroute::emu::machine().block[capsroute::emu::rank()]);
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { capsroute::emu::wait(capsroute::emu::my_warp()); }
 
 template <typename T>
@@ -431,12 +489,20 @@ inline cudaStream_t current_stream() { return nullptr; }
 // several blocks and exercise the cross-block sums.
 inline int multiprocessor_count() { return 2; }
 
+// kernel<<<grid, block, smem>>>(args...) in clusters of `cluster` blocks along x.
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t,
-            Args&&... args) {
+void launch_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                     cudaStream_t, int cluster, Args&&... args) {
   std::tuple<Params...> params(std::forward<Args>(args)...);  // converted once, as a launch does
-  emu::run_grid(grid, block, smem, [&] { std::apply(kernel, params); });
+  emu::run_grid(grid, block, smem, cluster, [&] { std::apply(kernel, params); });
 }
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+            Args&&... args) {
+  launch_clusters(kernel, grid, block, smem, stream, 1, std::forward<Args>(args)...);
+}
+
+inline bool has_clusters() { return true; }
 
 struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}
