@@ -1200,8 +1200,9 @@ __device__ __forceinline__ void prefetch_l1(const void* p) {
 
 // cluster_sync: every thread of the cluster meets (barrier.cluster, whose arrive releases and
 // wait acquires: what a block wrote to its shared memory before is visible to the others
-// after; not .aligned, which would need the warp converged there); cluster_rank: the block's rank in its cluster; cluster_shared: the address in
-// block `rank`'s shared memory of what p addresses in the caller's (mapa), for loads.
+// after; not .aligned, which would need the warp converged there); cluster_rank: the block's
+// rank in its cluster; cluster_shared: the address in block `rank`'s shared memory of what p
+// addresses in the caller's (mapa), for loads.
 // Launched with clusters only on a GPU that has them (launch_row_pass).
 #ifdef CAPSROUTE_EMULATE
 using emu::cluster_rank;
