@@ -7,8 +7,9 @@ steps ran it until now, ~40 s each) spent most of its time starting. For each sh
 checks that every setting gives the results of the first one (the forward's v and the
 gradients of u and W), then times, per setting, the forward and the forward+backward
 replayed from a CUDA graph (the GPU's work alone) and the eager forward+backward (with the
-host's launches); with --kernels also the GPU time of each kernel (torch.profiler). On CPU the switches change nothing (the CPU kernels read
-none): there it times eager calls, which tests the tool.
+host's launches); with --kernels also the GPU time of each kernel (torch.profiler). On CPU
+the switches change nothing (the CPU kernels read none): there it times eager calls, which
+tests the tool.
 
     python benchmarks/switches.py CAPSROUTE_ROW_DIRECT=0,1
     python benchmarks/switches.py CAPSROUTE_ROW_DIRECT=0,1 --batch 128 32 512 --kernels
