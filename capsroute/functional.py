@@ -11,7 +11,6 @@ import numbers
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import _ops, reference
@@ -55,24 +54,20 @@ def _prepare(*tensors: Optional[Tensor]):
     return tensors
 
 
-def _transformed(*tensors: Optional[Tensor]) -> bool:
-    """Whether a transform that the ops have no rule for applies to these inputs: forward-mode
-    AD (torch.autograd.forward_ad; torch.func.jvp, jacfwd, hessian) or torch.func's reverse
-    mode (grad, vjp, jacrev). The functions then run the reference, which the transforms
-    differentiate as they do any PyTorch code. Through the ops, forward-mode AD would drop the
-    tangents (zeros from jvp) and torch.func.grad would fail inside torch. torch.func.vmap
-    needs no rule: torch runs the op once per example."""
+def _under_func_grad() -> bool:
+    """Whether torch.func's reverse mode (grad, vjp, jacrev; hessian) is on.
+    The ops have no functorch rule there (torch.func.grad would fail inside torch), so the
+    functions run the reference, which the transforms differentiate as they do any PyTorch
+    code. Forward-mode AD (torch.autograd.forward_ad; torch.func.jvp, jacfwd) needs nothing
+    here: the ops themselves run the reference for it (capsroute/_ops.py, _register_autograd).
+    torch.func.vmap needs no rule either: torch runs the op once per example."""
     if torch.compiler.is_compiling():
         return False
-    if fwAD._current_level >= 0 and any(
-        isinstance(t, Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors
-    ):
-        return True
     functorch = torch._C._functorch
     if functorch.maybe_current_level() is None:
         return False
-    differentiating = (functorch.TransformType.Grad, functorch.TransformType.Jvp)
-    return any(level.key() in differentiating for level in functorch.get_interpreter_stack())
+    grad = functorch.TransformType.Grad
+    return any(level.key() == grad for level in functorch.get_interpreter_stack())
 
 
 def dynamic_routing(
@@ -103,7 +98,7 @@ def dynamic_routing(
     """
     iterations, eps = _options(iterations, eps)
     u, weight, bias = _prepare(u, weight, bias)
-    if _transformed(u, weight, bias):
+    if _under_func_grad():
         _ops.check_dynamic_routing(u, weight, bias, iterations, eps)
         return _ops.run_reference(reference.dynamic_routing, (u, weight), bias, iterations,
                                   leaky, detach, eps, return_coupling)
@@ -148,7 +143,7 @@ def route(
     """
     iterations, eps = _options(iterations, eps)
     u_hat, bias = _prepare(u_hat, bias)
-    if _transformed(u_hat, bias):
+    if _under_func_grad():
         _ops.check_route(u_hat, bias, iterations, eps)
         return _ops.run_reference(reference.route, (u_hat,), bias, iterations, leaky, detach,
                                   eps, return_coupling)

@@ -309,9 +309,11 @@ def test_detach_gradient_is_that_of_the_last_iteration(op, iterations, leaky, bi
 
 
 # --- gradients of gradients, forward-mode AD and torch.func --------------------------------
-# The backward ops are not differentiable and the ops have no forward-mode or functorch rules:
-# there capsroute runs the reference (capsroute/_ops.py, _gradient_graph; functional.py,
-# _transformed). Before, double backward and jvp gave zeros and torch.func.grad failed.
+# The backward ops are not differentiable and the kernels have no forward-mode or functorch
+# rules: there capsroute runs the reference (capsroute/_ops.py, _gradient_graph and
+# _register_autograd; functional.py, _under_func_grad). Before, double backward and jvp gave
+# zeros, forward-mode AD through torch.ops.capsroute dropped the tangents, and
+# torch.func.grad failed.
 
 
 def _inputs_and_fns(op, device, *, bias, leaky=False, detach=False, return_coupling=False,
@@ -371,15 +373,30 @@ def test_gradient_penalty_matches_reference(op, bias, detach, device):
         assert_close_rel(g, g_ref, 1e-12, "gradient of the penalty")
 
 
+def _raw_op(op, *, return_coupling):
+    """torch.ops.capsroute.<op> as a function of _inputs_and_fns's leaves (with bias), giving
+    what the function gives: v, or (v, c)."""
+    n = 2 if op == "dynamic_routing" else 1
+
+    def fn(*xs):
+        v, c, _ = getattr(torch.ops.capsroute, op)(*xs[:n], xs[n], 2, False, False, 1e-8,
+                                                  return_coupling)
+        return (v, c) if return_coupling else v
+    return fn
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("api", ["function", "raw_op"])
 @pytest.mark.parametrize("return_coupling", [False, True], ids=["v", "v_and_c"])
 @pytest.mark.parametrize("op", OPS)
-def test_forward_mode_matches_reference(op, return_coupling, device):
-    """torch.autograd.forward_ad and torch.func.jvp: the tangents of v (and c) are the
-    reference's (float64)."""
+def test_forward_mode_matches_reference(op, return_coupling, api, device):
+    """torch.autograd.forward_ad and torch.func.jvp, through capsroute's functions and through
+    torch.ops.capsroute: the tangents of v (and c) are the reference's (float64)."""
     import torch.autograd.forward_ad as fwAD
 
     inputs, fn, ref = _inputs_and_fns(op, device, bias=True, return_coupling=return_coupling)
+    if api == "raw_op":
+        fn = _raw_op(op, return_coupling=return_coupling)
     primals = tuple(t.detach() for t in inputs)
     gen = make_generator("tangents", op, return_coupling)
     tangents = tuple(randn(t.shape, gen, device=device) for t in primals)
