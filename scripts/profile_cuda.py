@@ -56,10 +56,11 @@ def forward_backward():
 
 def host_split():
     """The host's time per call (no profiler: it inflates every operator) of the pieces of a
-    forward+backward, each run back to back: the raw ops without autograd, the forward
-    building its graph, the whole forward+backward, and torch.autograd.grad of a one-kernel
-    CUDA graph (the engine's own cost, which hands CUDA backward work to a device thread).
-    Where the whole is longer than its pieces, the difference is waiting."""
+    forward+backward, each run back to back: the machine's unit costs (a launch, an
+    allocation, the op with nothing to launch), the raw ops without autograd, the forward
+    without and with its graph, the whole forward+backward, and torch.autograd.grad of a
+    one-kernel CUDA graph (the engine's own cost, which hands CUDA backward work to a device
+    thread). Where the whole is longer than its pieces, the difference is waiting."""
     ops = torch.ops.capsroute
     x = torch.randn(1024, device="cuda", requires_grad=True)
     with torch.no_grad():
@@ -68,14 +69,27 @@ def host_split():
             _, _, s = ops.route(*raw, None, 3, False, False, 1e-8, False)
             fwd = lambda: ops.route(*raw, None, 3, False, False, 1e-8, False)
             bwd = lambda: ops.route_backward(gv, None, *raw, s, False, 3, False, False, 1e-8)
+            no_batch = raw[0][:0]
+            fixed = lambda: ops.route(no_batch, None, 3, False, False, 1e-8, False)
         else:
             raw = (u.detach(), W.detach())
             _, _, s = ops.dynamic_routing(*raw, None, 3, False, False, 1e-8, False)
             fwd = lambda: ops.dynamic_routing(*raw, None, 3, False, False, 1e-8, False)
             bwd = lambda: ops.dynamic_routing_backward(gv, None, *raw, s, False, 3, False,
                                                        False, 1e-8)
-    pieces = [("raw forward op (no autograd)", fwd),
+            no_batch = raw[0][:0]
+            fixed = lambda: ops.dynamic_routing(no_batch, raw[1], None, 3, False, False, 1e-8,
+                                                False)
+    y = torch.zeros(16, device="cuda")
+    # The machine's unit costs first: one small launch through the dispatcher, one allocation,
+    # and the op with B = 0 (its checks, device guard and output allocations, no launch).
+    pieces = [("y.add_(1): one launch", lambda: y.add_(1)),
+              ("torch.empty(1 MiB) on CUDA: one allocation",
+               lambda: torch.empty(1 << 18, device="cuda")),
+              ("raw forward op with B = 0 (no launch)", fixed),
+              ("raw forward op (no autograd)", fwd),
               ("raw backward op", bwd),
+              ("forward under torch.no_grad", forward),
               ("forward, building the autograd graph", call),
               ("forward+backward (torch.autograd.grad)", forward_backward),
               ("torch.autograd.grad of (x * 2).sum() on CUDA", lambda: torch.autograd.grad(
