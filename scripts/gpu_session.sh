@@ -11,7 +11,9 @@
 #   host      the host side of a forward+backward: the host time of its pieces (raw ops, the
 #             forward with autograd, the whole, the engine's own), then CPU time per operator
 #             and runtime call; B=128 float32 and bfloat16, B=32 float32 (at 3245b3d the eager
-#             forward+backward took 0.476 ms at B=32 against 0.158 by graph replay)
+#             forward+backward took 0.476 ms at B=32 against 0.158 by graph replay); then the
+#             host time of the functions against a C++ autograd prototype of the same ops
+#             (scripts/host_autograd_cxx.py: what Python autograd costs on this host)
 #   The A/B steps below time each value of an environment switch side by side in one process
 #   (benchmarks/switches.py: the same results checked first, then GPU time by CUDA graph
 #   replay, the eager forward+backward, and each kernel's time), a few seconds a setting
@@ -107,7 +109,8 @@ for step in "$@"; do
     ncu-direct) CAPSROUTE_ROW_DIRECT=1 timeout $(cap 240) bash scripts/ncu_kernels.sh 2>&1 | tail -60 ;;
     ncu-scale) timeout $(cap 240) bash scripts/ncu_kernels.sh 128 32768 64 2>&1 | tail -60 ;;
     profile) profile_shapes 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
-    host) for args in "--dtype float32" "--dtype bfloat16" "--batch 32"; do timeout $(cap 60) python3 scripts/profile_cuda.py --host $args; done 2>&1 | grep -v -i warn | tee "$OUT/host.log" ;;
+    host) { for args in "--dtype float32" "--dtype bfloat16" "--batch 32"; do timeout $(cap 60) python3 scripts/profile_cuda.py --host $args; done
+      timeout $(cap 90) python3 scripts/host_autograd_cxx.py --batch 32 128; } 2>&1 | grep -v -i warn | tee "$OUT/host.log" ;;
     rows) switches 150 CAPSROUTE_ROW_PASS=0,1 --batch 128 512 --dtype float32 bfloat16 2>&1 | grep -v -i warn | tee "$OUT/rows.log" ;;
     direct) { switches 100 CAPSROUTE_ROW_DIRECT=0,1 --batch 128 32 512
       CAPSROUTE_ROW_PASS=1 switches 50 CAPSROUTE_ROW_DIRECT=0,1 --dtype bfloat16; } 2>&1 | grep -v -i warn | tee "$OUT/direct.log" ;;

@@ -1,7 +1,9 @@
 """The measuring tools stay usable: benchmarks/switches.py (the in-process A/B of the CUDA
 kernels' switches) on a small shape, on every device of the suite. On CUDA this also checks
 that the row passes with and without CAPSROUTE_ROW_DIRECT (unset: the staged form) give the
-same results; the CPU kernels read no switch, so there the two settings agree exactly."""
+same results; the CPU kernels read no switch, so there the two settings agree exactly. And
+scripts/host_autograd_cxx.py builds its C++ autograd prototype and gets the functions'
+gradients from it, bit for bit, before it times anything."""
 from __future__ import annotations
 
 import os
@@ -12,7 +14,9 @@ import pytest
 
 from conftest import DEVICES
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+for folder in ("benchmarks", "scripts"):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, folder))
+import host_autograd_cxx  # noqa: E402
 import switches  # noqa: E402
 
 
@@ -45,3 +49,11 @@ def test_switches_refuses_what_is_not_a_switch():
         switches.parse_args(["CAPSROUTE_ROW_DIRECT"])
     assert switches.main(["CAPSROUTE_ROW_DIRECT=0", "CAPSROUTE_ROW_DIRECT=1",
                           "--device", "cpu"]) == 2
+
+
+def test_host_autograd_prototype_matches_the_functions(capsys):
+    """The prototype's gradients equal the functions' (asserted inside, bit for bit), and both
+    forms are timed. On the CPU only: the GPU session runs it on the GPU."""
+    host_autograd_cxx.main(["--device", "cpu", "--batch", "1", "--calls", "1"])
+    out = capsys.readouterr().out
+    assert len(re.findall(r"forward\+backward +\d+\.\d us", out)) == 2, out
