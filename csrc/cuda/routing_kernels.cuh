@@ -2292,62 +2292,76 @@ __global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>:
 
 // Backward sweep step for iteration t: G += sum of the partials of the pass for t + 1 (if
 // any), then gs^(t) = J_squash(s^(t))^T (G + [t == r] grad_v) (gs tiled; and in the row
-// layout into gs_rows_t where the gradient passes are row passes, else null).
+// layout into gs_rows_t where the gradient passes are row passes, else null). s holds every
+// iteration's sums, [r, B, N_out * D_out].
+//
+// With V_prev given (the first step, t = r) it also writes the running sums V_prev[t'] =
+// v^(1) + ... + v^(t') for t' = 0 .. r-1 (V_prev[0] = 0; v = squash(s), made as
+// finish_iteration_kernel made them: the same lanes, the same order of operations), tiled
+// (tiled_elems apart), and in the row layout into V_rows (row_layout_elems apart) where the
+// gradient passes are row passes, else null. A kernel of its own until 2026-11-27: one launch
+// fewer per backward.
 template <int VW, typename acc_t>
-__global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials,
-                                  const acc_t* s_t, const acc_t* grad_v, double eps, acc_t* G,
-                                  acc_t* gs_t, acc_t* gs_rows_t) {
+__global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials, const acc_t* s,
+                                  int t, int iterations, const acc_t* grad_v, double eps,
+                                  acc_t* G, acc_t* gs_t, acc_t* gs_rows_t, acc_t* V_prev,
+                                  acc_t* V_rows) {
   const CapsuleLane<VW> c(n);
   if (!c.active) return;
+  const int64_t plane = n.B * n.J;  // one iteration of s
+  if (V_prev != nullptr) {
+    acc_t V[VW];
+#pragma unroll
+    for (int v = 0; v < VW; ++v) V[v] = acc_t(0);
+    for (int tt = 0; tt < iterations; ++tt) {
+      if (tt > 0) {
+        acc_t st[VW], sq = 0;
+#pragma unroll
+        for (int v = 0; v < VW; ++v) {
+          st[v] = c.valid ? s[(tt - 1) * plane + c.e + v] : acc_t(0);
+          sq += st[v] * st[v];
+        }
+        const acc_t f = squash_scale(warp_sum(sq), acc_t(eps));
+#pragma unroll
+        for (int v = 0; v < VW; ++v) V[v] += f * st[v];
+      }
+      if (!c.valid) continue;
+#pragma unroll
+      for (int v = 0; v < VW; ++v) {
+        V_prev[tt * tiled_elems(n) + c.tiled(n, v)] = V[v];
+        if (V_rows != nullptr) V_rows[tt * row_layout_elems(n) + c.rows(n, v)] = V[v];
+      }
+    }
+  }
   acc_t sum[VW];
   if (n_partials > 0) {
-    sum_partials(c, partial + c.e, n_partials, n.B * n.J, sum);
+    sum_partials(c, partial + c.e, n_partials, plane, sum);
   } else {
 #pragma unroll
     for (int v = 0; v < VW; ++v) sum[v] = acc_t(0);
   }
-  acc_t s[VW], gv[VW], ss = 0, sg = 0;
+  const acc_t* s_t = s + (t - 1) * plane;
+  acc_t st[VW], gv[VW], ss = 0, sg = 0;
 #pragma unroll
   for (int v = 0; v < VW; ++v) {
-    s[v] = gv[v] = acc_t(0);
+    st[v] = gv[v] = acc_t(0);
     if (c.valid) {
       // G starts at zero: the first step (t = r) has no partials and does not read it.
       const acc_t g = n_partials > 0 ? G[c.e + v] + sum[v] : acc_t(0);
       G[c.e + v] = g;
-      s[v] = s_t[c.e + v];
+      st[v] = s_t[c.e + v];
       gv[v] = g + (grad_v != nullptr ? grad_v[c.e + v] : acc_t(0));
     }
-    ss += s[v] * s[v];
-    sg += s[v] * gv[v];
+    ss += st[v] * st[v];
+    sg += st[v] * gv[v];
   }
   acc_t a, bb;
   squash_vjp_coeffs(warp_sum(ss), warp_sum(sg), acc_t(eps), &a, &bb);
   if (!c.valid) return;
 #pragma unroll
   for (int v = 0; v < VW; ++v) {
-    gs_t[c.tiled(n, v)] = a * gv[v] + bb * s[v];
-    if (gs_rows_t != nullptr) gs_rows_t[c.rows(n, v)] = a * gv[v] + bb * s[v];
-  }
-}
-
-// V_prev[t] = v^(1) + ... + v^(t) for t = 0 .. r-1 (V_prev[0] = 0), v = squash(s); V_prev
-// tiled (tiled_elems apart), s not; and in the row layout into V_rows (row_layout_elems
-// apart) where the gradient passes are row passes, else null.
-template <typename acc_t>
-__global__ void running_sums_kernel(Dims n, int iterations, const acc_t* s, double eps,
-                                    acc_t* V_prev, acc_t* V_rows) {
-  const CapsuleLane<1> c(n);
-  if (!c.active) return;
-  const int64_t te = c.tiled(n, 0), re = c.rows(n, 0);
-  acc_t V = 0;
-  for (int t = 0; t < iterations; ++t) {
-    if (t > 0) {
-      const acc_t st = c.valid ? s[(t - 1) * n.B * n.J + c.e] : acc_t(0);
-      V += squash_scale(warp_sum(st * st), acc_t(eps)) * st;
-    }
-    if (!c.valid) continue;
-    V_prev[t * tiled_elems(n) + te] = V;
-    if (V_rows != nullptr) V_rows[t * row_layout_elems(n) + re] = V;
+    gs_t[c.tiled(n, v)] = a * gv[v] + bb * st[v];
+    if (gs_rows_t != nullptr) gs_rows_t[c.rows(n, v)] = a * gv[v] + bb * st[v];
   }
 }
 

@@ -359,7 +359,8 @@ void forward(const Src& src, const Dims& dims, int64_t iterations, double eps, c
   auto V = rows ? row_scratch(d, 1, acc_opts) : tiled_scratch(d, 1, acc_opts);
   auto partial = cuda::scratch({d.partials, d.B, d.J}, acc_opts);
   const bool groups = d.n_groups > 1;
-  auto stats = cuda::scratch({groups ? d.B * d.N_in * 2 : 0}, acc_opts);
+  const at::Tensor stats =
+      groups ? cuda::scratch({d.B * d.N_in * 2}, acc_opts) : at::Tensor();
   for (int64_t t = 1; t <= iterations; ++t) {
     const bool last = t == iterations;
     cuda::State<acc_t> st{aptr<acc_t>(V), nullptr, nullptr, t == 1, 0, d.N_out};
@@ -405,20 +406,21 @@ inline int64_t coupling_cache_bytes() {
 }
 
 // What the backward sweep leaves for the last pass, per iteration t at t - 1: V_prev
-// (V^(t-1)) and gs (dL/ds^(t)), [r, tiled_elems]; with several groups of output capsules
-// also the softmax statistics and sums of launch_group_stats, [r, B * N_in * 2] and
-// [r, B * N_in] (else empty); the kept couplings of t >= 2, [r - 1, 2, kept_plane], where
-// the gradient passes keep them (else empty).
+// (V^(t-1)) and gs (dL/ds^(t)), tiled, in one allocation `tiled` [2 r, tiled_elems]: V_prev's
+// r rows, then gs's; with several groups of output capsules also the softmax statistics and
+// sums of launch_group_stats, [r, B * N_in * 2] and [r, B * N_in]; the kept couplings of
+// t >= 2, [r - 1, 2, kept_plane], where the gradient passes keep them. Undefined where not
+// made: an allocation, even of nothing, costs host time on every call.
 struct SweepResult {
-  at::Tensor V_prev, gs, stats, cg, kept;
+  at::Tensor tiled, stats, cg, kept;
+  int64_t iterations = 0;
+  at::Tensor gs() const { return tiled.narrow(0, iterations, iterations); }
   template <typename acc_t>
-  cuda::Sweep<acc_t> view(const at::Tensor& grad_c, int64_t t_min, int64_t iterations,
-                          bool detach) const {
-    return {aptr<acc_t>(V_prev), aptr<acc_t>(gs), aptr<acc_t>(grad_c),
+  cuda::Sweep<acc_t> view(const at::Tensor& grad_c, int64_t t_min, bool detach) const {
+    acc_t* const V_prev = aptr<acc_t>(tiled);
+    return {V_prev, V_prev + iterations * tiled.size(1), aptr<acc_t>(grad_c),
             static_cast<int>(t_min), static_cast<int>(iterations), detach,
-            stats.numel() > 0 ? aptr<acc_t>(stats) : nullptr,
-            cg.numel() > 0 ? aptr<acc_t>(cg) : nullptr,
-            kept.numel() > 0 ? aptr<acc_t>(kept) : nullptr};
+            aptr<acc_t>(stats), aptr<acc_t>(cg), aptr<acc_t>(kept)};
   }
 };
 
@@ -430,7 +432,7 @@ SweepResult sweep(const Src& src, const Dims& dims, int64_t iterations, int64_t 
   cudaStream_t stream = cuda::current_stream();
   // s is [r, B, N_out * D_out]; V_prev and gs are tiled, tiled_elems per iteration.
   Dims d = dims;
-  const int64_t stride = d.B * d.J, tiled = cuda::tiled_elems(d), per_t = d.B * d.N_in;
+  const int64_t tiled = cuda::tiled_elems(d), per_t = d.B * d.N_in;
   // The gradient passes as row passes (see forward): they read V_prev and gs in the row
   // layout, written beside the tiled arrays that the last pass reads.
   const bool rows = t_min < iterations && use_row_pass<Src, T>(d);
@@ -438,44 +440,48 @@ SweepResult sweep(const Src& src, const Dims& dims, int64_t iterations, int64_t 
   const dim3 row_grid =
       rows ? plan_row_pass(d, row_threads, std::is_same<T, float>::value) : dim3();
   const int64_t row_elems = rows ? cuda::row_layout_elems(d) : 0;
-  const at::Tensor V_rows = rows ? row_scratch(d, iterations, s.options()) : at::Tensor();
-  const at::Tensor gs_rows = rows ? row_scratch(d, iterations, s.options()) : at::Tensor();
-  acc_t* const V_rows_ = aptr<acc_t>(V_rows);
-  acc_t* const gs_rows_ = aptr<acc_t>(gs_rows);
+  // V and gs in the row layout, one allocation [2 r, row_elems]: V's r rows, then gs's.
+  const at::Tensor rows_pair = rows ? row_scratch(d, 2 * iterations, s.options()) : at::Tensor();
+  acc_t* const V_rows_ = aptr<acc_t>(rows_pair);
+  acc_t* const gs_rows_ = rows ? V_rows_ + iterations * row_elems : nullptr;
   SweepResult out;
-  out.V_prev = tiled_scratch(d, iterations, s.options());
-  cuda::launch(cuda::running_sums_kernel<acc_t>, capsule_grid(d), 256, 0, stream,
-               d, static_cast<int>(iterations), aptr<acc_t>(s), eps, aptr<acc_t>(out.V_prev),
-               V_rows_);
-  // Written for the iterations t_min .. r that the last pass and grad_bias read.
-  out.gs = tiled_scratch(d, iterations, s.options());
+  out.iterations = iterations;
+  // gs is written for the iterations t_min .. r that the last pass and grad_bias read.
+  out.tiled = tiled_scratch(d, 2 * iterations, s.options());
+  acc_t* const V_prev_ = aptr<acc_t>(out.tiled);
+  acc_t* const gs_ = V_prev_ + iterations * tiled;
   const bool groups = d.n_groups > 1;
-  out.stats = cuda::scratch({groups ? iterations * per_t * 2 : 0}, s.options());
-  out.cg = cuda::scratch({groups ? iterations * per_t : 0}, s.options());
+  if (groups) {
+    out.stats = cuda::scratch({iterations * per_t * 2}, s.options());
+    out.cg = cuda::scratch({iterations * per_t}, s.options());
+  }
   // The gradient passes (t = r .. 2, all of them only without detach) keep c and the logit
   // gradient where that fits the budget.
   const int64_t kept_elems = 2 * (iterations - 1) * cuda::kept_plane(d);
   const bool keep = t_min == 1 && iterations > 1 &&
                     kept_elems * int64_t(sizeof(acc_t)) <= coupling_cache_bytes();
-  out.kept = cuda::scratch({keep ? kept_elems : 0}, s.options());
+  if (keep) out.kept = cuda::scratch({kept_elems}, s.options());
   auto G = cuda::scratch({d.B, d.J}, s.options());  // written first by the first sweep step
-  auto partial =
-      cuda::scratch({t_min < iterations ? d.partials : 0, d.B, d.J}, s.options());
+  const at::Tensor partial =
+      t_min < iterations ? cuda::scratch({d.partials, d.B, d.J}, s.options()) : at::Tensor();
   const acc_t* s_ = aptr<acc_t>(s);
-  acc_t* gs_ = aptr<acc_t>(out.gs);
   // Iteration t's step, with the partials of the pass for t + 1 (none for t = r).
+  // (The first, t = r, also writes the running sums V_prev and V_rows.)
   auto sweep_step = [&](const acc_t* parts, int n_parts, int64_t t, const acc_t* gv) {
+    const bool first = t == iterations;
     with_capsule_vec<acc_t>(d, [&](auto vw) {
       cuda::launch(cuda::sweep_step_kernel<decltype(vw)::value, acc_t>, capsule_grid(d), 256, 0,
-                   stream, d, parts, n_parts, s_ + (t - 1) * stride, gv, eps, aptr<acc_t>(G),
-                   gs_ + (t - 1) * tiled, rows ? gs_rows_ + (t - 1) * row_elems : nullptr);
+                   stream, d, parts, n_parts, s_, static_cast<int>(t),
+                   static_cast<int>(iterations), gv, eps, aptr<acc_t>(G), gs_ + (t - 1) * tiled,
+                   rows ? gs_rows_ + (t - 1) * row_elems : nullptr, first ? V_prev_ : nullptr,
+                   first ? V_rows_ : nullptr);
     });
   };
   sweep_step(nullptr, 0, iterations, aptr<acc_t>(grad_v));
   // Iteration t's state, with its group statistics made first (t >= 2; with cg when its
   // softmax is differentiated, i.e. without detach).
   auto state = [&](int64_t t) {
-    cuda::State<acc_t> st{aptr<acc_t>(out.V_prev) + (t - 1) * tiled, gs_ + (t - 1) * tiled,
+    cuda::State<acc_t> st{V_prev_ + (t - 1) * tiled, gs_ + (t - 1) * tiled,
                           t == iterations ? aptr<acc_t>(grad_c) : nullptr, false, 0, d.N_out};
     if (groups) {
       acc_t* stats = aptr<acc_t>(out.stats) + (t - 1) * per_t * 2;
@@ -630,14 +636,14 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     constexpr int DT = decltype(dt)::value;
     const SweepResult sr = sweep<DT, decltype(src), T>(src, d, iterations, t_min, eps, in.grad_v,
                                                        in.grad_c, in.s);
-    if (has_bias) grad_bias = grad_bias_of(sr.gs, t_min, iterations, d, u.scalar_type());
+    if (has_bias) grad_bias = grad_bias_of(sr.gs(), t_min, iterations, d, u.scalar_type());
     // grad_u's part of each group (added up below), or with one group of output capsules
     // and grad_u in the accumulation type, grad_u itself.
     const bool direct = std::is_same<T, acc_t>::value && d.n_groups == 1;
     auto grad_u_part = direct ? grad_u.view({1, n.B, n.N_in, n.D_in})
                               : cuda::scratch({d.n_groups, n.B, n.N_in, n.D_in}, in.s.options());
     const dim3 grid(static_cast<unsigned>(n.N_in), d.n_groups, static_cast<unsigned>(ceil_div(n.D_in, 8)));
-    const cuda::Sweep<acc_t> sw = sr.view<acc_t>(in.grad_c, t_min, iterations, detach);
+    const cuda::Sweep<acc_t> sw = sr.view<acc_t>(in.grad_c, t_min, detach);
     // With the couplings kept, the last pass makes no predictions (see weight_grad_kernel):
     // it reads W[i] as it is. W[i]'s rows are staged in shared memory where they fit beside
     // the tiles (always with operands).
@@ -702,10 +708,10 @@ void route_backward(const BackwardInputs& in, const at::Tensor& u_hat, const Rou
     constexpr int DT = decltype(dt)::value;
     const SweepResult sr = sweep<DT, decltype(src), T>(src, d, iterations, t_min, eps, in.grad_v,
                                                        in.grad_c, in.s);
-    if (has_bias) grad_bias = grad_bias_of(sr.gs, t_min, iterations, d, u_hat.scalar_type());
+    if (has_bias) grad_bias = grad_bias_of(sr.gs(), t_min, iterations, d, u_hat.scalar_type());
     constexpr int kW = cuda::final_warps<acc_t>();
     const dim3 grid(static_cast<unsigned>(ceil_div(n.N_in, kW)), d.n_groups);
-    const cuda::Sweep<acc_t> sw = sr.view<acc_t>(in.grad_c, t_min, iterations, detach);
+    const cuda::Sweep<acc_t> sw = sr.view<acc_t>(in.grad_c, t_min, detach);
     auto last_pass = [&](auto kept) {
       cuda::launch(cuda::route_grad_kernel<DT, T, decltype(kept)::value>, grid, kW * 32, 0,
                    cuda::current_stream(), src, d, sw, dptr<scalar_t>(grad_u_hat));
