@@ -46,6 +46,15 @@ struct BackwardInputs {
   at::Tensor grad_v, grad_c, s;
 };
 
+// t with `options`' dtype and device, contiguous: t itself where it already is so
+// (at::Tensor::to goes through the dispatcher even when it changes nothing, host time on
+// every call).
+inline at::Tensor contiguous_as(const at::Tensor& t, const at::TensorOptions& options) {
+  const bool as_is = t.scalar_type() == c10::typeMetaToScalarType(options.dtype()) &&
+                     t.device() == options.device();
+  return (as_is ? t : t.to(options)).contiguous();
+}
+
 inline BackwardInputs backward_inputs(const char* op, const RoutingSizes& n,
                                       const at::Tensor& grad_v,
                                       const c10::optional<at::Tensor>& grad_c,
@@ -54,9 +63,9 @@ inline BackwardInputs backward_inputs(const char* op, const RoutingSizes& n,
   check_backward(op, n, grad_v, grad_c, s, iterations);
   const auto opts = like.options().dtype(acc_type_of(like.scalar_type()));
   BackwardInputs in;
-  in.grad_v = grad_v.to(opts).contiguous();
-  if (grad_c.has_value()) in.grad_c = grad_c->to(opts).contiguous();
-  in.s = s.to(opts).contiguous();
+  in.grad_v = contiguous_as(grad_v, opts);
+  if (grad_c.has_value()) in.grad_c = contiguous_as(*grad_c, opts);
+  in.s = contiguous_as(s, opts);
   return in;
 }
 

@@ -640,8 +640,10 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     // grad_u's part of each group (added up below), or with one group of output capsules
     // and grad_u in the accumulation type, grad_u itself.
     const bool direct = std::is_same<T, acc_t>::value && d.n_groups == 1;
-    auto grad_u_part = direct ? grad_u.view({1, n.B, n.N_in, n.D_in})
-                              : cuda::scratch({d.n_groups, n.B, n.N_in, n.D_in}, in.s.options());
+    const at::Tensor grad_u_part =
+        direct ? at::Tensor() : cuda::scratch({d.n_groups, n.B, n.N_in, n.D_in}, in.s.options());
+    acc_t* const grad_u_acc = direct ? static_cast<acc_t*>(grad_u.data_ptr())
+                                     : aptr<acc_t>(grad_u_part);
     const dim3 grid(static_cast<unsigned>(n.N_in), d.n_groups, static_cast<unsigned>(ceil_div(n.D_in, 8)));
     const cuda::Sweep<acc_t> sw = sr.view<acc_t>(in.grad_c, t_min, detach);
     // With the couplings kept, the last pass makes no predictions (see weight_grad_kernel):
@@ -656,7 +658,7 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
       d.w_shared = staged_fits(d, S::kFragments, layout);
       cuda::launch(cuda::weight_grad_kernel<DT, S, T, decltype(kept_t)::value>, grid,
                    cuda::kFinalWarps * 32, layout(d, S::kFragments).end, cuda::current_stream(),
-                   source, d, sw, aptr<acc_t>(grad_u_part), dptr<scalar_t>(grad_weight));
+                   source, d, sw, grad_u_acc, dptr<scalar_t>(grad_weight));
     };
     const int capsule_warps = kept ? capsule_grad_warps<T, acc_t>(d, iterations) : 0;
     if (capsule_warps > 0) {
@@ -668,7 +670,7 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
                        capsule_warps * 32,
                        cuda::capsule_grad_layout<T>(d, static_cast<int>(iterations),
                                                     capsule_warps).end,
-                       cuda::current_stream(), src, d, sw, aptr<acc_t>(grad_u_part),
+                       cuda::current_stream(), src, d, sw, grad_u_acc,
                        dptr<scalar_t>(grad_weight));
         };
         if (iterations == 3)  // the usual count, compiled in
