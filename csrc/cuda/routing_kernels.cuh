@@ -2299,8 +2299,8 @@ __global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>:
 // v^(1) + ... + v^(t') for t' = 0 .. r-1 (V_prev[0] = 0; v = squash(s), made as
 // finish_iteration_kernel made them: the same lanes, the same order of operations), tiled
 // (tiled_elems apart), and in the row layout into V_rows (row_layout_elems apart) where the
-// gradient passes are row passes, else null. A kernel of its own until 2026-11-27: one launch
-// fewer per backward.
+// gradient passes are row passes, else null. (They had a kernel of their own, one launch more
+// per backward.)
 template <int VW, typename acc_t>
 __global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials, const acc_t* s,
                                   int t, int iterations, const acc_t* grad_v, double eps,

@@ -413,13 +413,13 @@ inline int64_t coupling_cache_bytes() {
 // made: an allocation, even of nothing, costs host time on every call.
 struct SweepResult {
   at::Tensor tiled, stats, cg, kept;
-  int64_t iterations = 0;
-  at::Tensor gs() const { return tiled.narrow(0, iterations, iterations); }
+  int64_t iterations() const { return tiled.size(0) / 2; }
+  at::Tensor gs() const { return tiled.narrow(0, iterations(), iterations()); }
   template <typename acc_t>
   cuda::Sweep<acc_t> view(const at::Tensor& grad_c, int64_t t_min, bool detach) const {
     acc_t* const V_prev = aptr<acc_t>(tiled);
-    return {V_prev, V_prev + iterations * tiled.size(1), aptr<acc_t>(grad_c),
-            static_cast<int>(t_min), static_cast<int>(iterations), detach,
+    return {V_prev, V_prev + iterations() * tiled.size(1), aptr<acc_t>(grad_c),
+            static_cast<int>(t_min), static_cast<int>(iterations()), detach,
             aptr<acc_t>(stats), aptr<acc_t>(cg), aptr<acc_t>(kept)};
   }
 };
@@ -445,7 +445,6 @@ SweepResult sweep(const Src& src, const Dims& dims, int64_t iterations, int64_t 
   acc_t* const V_rows_ = aptr<acc_t>(rows_pair);
   acc_t* const gs_rows_ = rows ? V_rows_ + iterations * row_elems : nullptr;
   SweepResult out;
-  out.iterations = iterations;
   // gs is written for the iterations t_min .. r that the last pass and grad_bias read.
   out.tiled = tiled_scratch(d, 2 * iterations, s.options());
   acc_t* const V_prev_ = aptr<acc_t>(out.tiled);
