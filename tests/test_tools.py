@@ -54,6 +54,7 @@ def test_switches_refuses_what_is_not_a_switch():
 def test_host_autograd_prototype_matches_the_functions(capsys):
     """The prototype's gradients equal the functions' (asserted inside, bit for bit), and both
     forms are timed. On the CPU only: the GPU session runs it on the GPU."""
-    host_autograd_cxx.main(["--device", "cpu", "--batch", "1", "--calls", "1"])
+    host_autograd_cxx.main(["--device", "cpu", "--batch", "1", "2", "--in-caps", "24",
+                            "--out-caps", "5", "--calls", "1"])
     out = capsys.readouterr().out
-    assert len(re.findall(r"forward\+backward +\d+\.\d us", out)) == 2, out
+    assert len(re.findall(r"forward\+backward +\d+\.\d us", out)) == 4, out
