@@ -84,10 +84,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device)
 
-    build = tempfile.mkdtemp(prefix="capsroute_host_cxx_")
-    ext = load_inline("capsroute_host_cxx", cpp_sources=[SOURCE], functions=["routing"],
-                      build_directory=build, extra_cflags=["-O2"], verbose=False)
-
+    # The build is removed afterwards (the loaded library stays usable until exit).
+    with tempfile.TemporaryDirectory(prefix="capsroute_host_cxx_") as build:
+        ext = load_inline("capsroute_host_cxx", cpp_sources=[SOURCE], functions=["routing"],
+                          build_directory=build, extra_cflags=["-O2"], verbose=False)
     for batch in args.batch:
         compare(ext, device, batch, args.in_caps, args.out_caps, args.calls)
 
@@ -134,6 +134,7 @@ def compare(ext, device, batch, n_in, n_out, calls_per_run):
         fwd_bwd = per_call(lambda: torch.autograd.grad(call(), (u, W), gv))
         print(f"  forward with its graph {fwd:8.1f} us, forward+backward {fwd_bwd:8.1f} us  "
               f"{name}")
+
 
 if __name__ == "__main__":
     main()
