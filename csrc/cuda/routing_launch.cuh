@@ -416,9 +416,12 @@ struct SweepResult {
   int64_t iterations() const { return tiled.size(0) / 2; }
   at::Tensor gs() const { return tiled.narrow(0, iterations(), iterations()); }
   template <typename acc_t>
+  acc_t* V_prev_data() const { return aptr<acc_t>(tiled); }
+  template <typename acc_t>
+  acc_t* gs_data() const { return V_prev_data<acc_t>() + iterations() * tiled.size(1); }
+  template <typename acc_t>
   cuda::Sweep<acc_t> view(const at::Tensor& grad_c, int64_t t_min, bool detach) const {
-    acc_t* const V_prev = aptr<acc_t>(tiled);
-    return {V_prev, V_prev + iterations() * tiled.size(1), aptr<acc_t>(grad_c),
+    return {V_prev_data<acc_t>(), gs_data<acc_t>(), aptr<acc_t>(grad_c),
             static_cast<int>(t_min), static_cast<int>(iterations()), detach,
             aptr<acc_t>(stats), aptr<acc_t>(cg), aptr<acc_t>(kept)};
   }
@@ -447,8 +450,8 @@ SweepResult sweep(const Src& src, const Dims& dims, int64_t iterations, int64_t 
   SweepResult out;
   // gs is written for the iterations t_min .. r that the last pass and grad_bias read.
   out.tiled = tiled_scratch(d, 2 * iterations, s.options());
-  acc_t* const V_prev_ = aptr<acc_t>(out.tiled);
-  acc_t* const gs_ = V_prev_ + iterations * tiled;
+  acc_t* const V_prev_ = out.V_prev_data<acc_t>();
+  acc_t* const gs_ = out.gs_data<acc_t>();
   const bool groups = d.n_groups > 1;
   if (groups) {
     out.stats = cuda::scratch({iterations * per_t * 2}, s.options());
