@@ -337,6 +337,54 @@ def test_coupling_cache_budget_is_checked(emu, monkeypatch, value):
                      leaky=False, detach=False, return_coupling=False)
 
 
+# GPUs other than the H100 give a block less shared memory: 163 KB at compute capability 8.0
+# (A100), 99 KB at 8.6, 8.9 and 12.0 (RTX 30xx-50xx, A10, L4, L40). The emulated GPU refuses a
+# launch over its limit, as a GPU does, so each plan must stage less where less fits. At its
+# default (an H100's 227 KB) these shapes ask up to 184 KB of a block. 90 KB is less than any
+# GPU the kernels run on allows; there the row passes' gradient pass (97 KB for the MNIST
+# layer) gives way to routing_pass_kernel's too, and the last pass recomputes the couplings.
+# Shape(64, 24, ...): the MNIST layer's blocks (4 row tiles; a kept last pass of 12 warps
+# on the emulation's 2 "multiprocessors", 140 KB).
+@pytest.mark.parametrize("smem_kb", [163, 99, 90])
+@pytest.mark.parametrize("op,shape,dtype", [
+    ("dynamic_routing", Shape(64, 24, 10, 8, 16), torch.float32),
+    ("dynamic_routing", Shape(64, 24, 10, 8, 16), torch.float64),
+    ("dynamic_routing", Shape(64, 24, 10, 8, 16), torch.bfloat16),
+    ("dynamic_routing", SHAPES[6], torch.float64),
+    ("dynamic_routing", WIDE_IN, torch.float32),
+    ("dynamic_routing", GROUPS_WIDE_IN, torch.float32),
+    ("route", SHAPES[6], torch.float32),
+], ids=str)
+def test_less_shared_memory(emu, monkeypatch, smem_kb, op, shape, dtype):
+    monkeypatch.setenv("CAPSROUTE_EMULATION_SMEM_KB", str(smem_kb))
+    run_emulated(emu, op, shape, dtype, iterations=3, bias=True, leaky=False, detach=False,
+                 return_coupling=True)
+
+
+def test_older_gpus_are_refused(emu, monkeypatch):
+    """Below compute capability 8.0 (no TF32 matrix products, no cp.async) every op says so
+    before it launches anything; the input checks come first."""
+    monkeypatch.setenv("CAPSROUTE_EMULATION_CC", "7.5")
+    u, w = torch.randn(2, 4, 8), torch.randn(4, 3, 16, 8)
+    u_hat, s, g = torch.randn(2, 4, 3, 16), torch.randn(3, 2, 3, 16), torch.randn(2, 3, 16)
+    calls = {
+        "dynamic_routing": lambda: emu.dynamic_routing(u, w, None, 3, False, False, 1e-8, False),
+        "route": lambda: emu.route(u_hat, None, 3, False, False, 1e-8, False),
+        "dynamic_routing_backward": lambda: emu.dynamic_routing_backward(
+            g, None, u, w, s, False, 3, False, False, 1e-8),
+        "route_backward": lambda: emu.route_backward(g, None, u_hat, s, False, 3, False, False,
+                                                     1e-8),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"capsroute\.{name}: the CUDA kernels need a GPU "
+                           r"of compute capability 8\.0 or newer .* is 7\.5; run it on CPU"):
+            call()
+    with pytest.raises(ValueError, match="iterations >= 1"):
+        emu.dynamic_routing(u, w, None, 0, False, False, 1e-8, False)
+    monkeypatch.setenv("CAPSROUTE_EMULATION_CC", "8.0")
+    assert emu.dynamic_routing(u, w, None, 3, False, False, 1e-8, False)[0].shape == (2, 3, 16)
+
+
 @pytest.mark.parametrize("op", ["dynamic_routing", "route"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
 def test_dtypes(emu, op, dtype):

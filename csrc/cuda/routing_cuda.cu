@@ -21,6 +21,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_routing_cuda(
   const RoutingSizes n = check_dynamic_routing(u_in, weight_in, bias_in, iterations, eps);
   (void)detach;  // the forward values do not depend on it
   const cuda::DeviceGuard guard(u_in.device());
+  cuda::check_device("capsroute.dynamic_routing", cuda::device_info());
   const auto u = u_in.contiguous();
   const auto weight = weight_in.contiguous();
   const auto bias = contiguous(bias_in);
@@ -40,6 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& u_ha
   const RoutingSizes n = check_route(u_hat_in, bias_in, iterations, eps);
   (void)detach;
   const cuda::DeviceGuard guard(u_hat_in.device());
+  cuda::check_device("capsroute.route", cuda::device_info());
   const auto u_hat = u_hat_in.contiguous();
   const auto bias = contiguous(bias_in);
   auto [v, c, s] = forward_outputs(u_hat, n, iterations, return_coupling);
@@ -56,6 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_routing_backward_cuda(
     bool leaky, bool detach, double eps) {
   const RoutingSizes n = check_dynamic_routing(u_in, weight_in, c10::nullopt, iterations, eps);
   const cuda::DeviceGuard guard(u_in.device());
+  cuda::check_device("capsroute.dynamic_routing_backward", cuda::device_info());
   const auto in = backward_inputs("capsroute.dynamic_routing_backward", n, grad_v, grad_c, s_in,
                                   iterations, u_in);
   const auto u = u_in.contiguous();
@@ -81,6 +84,7 @@ std::tuple<at::Tensor, at::Tensor> route_backward_cuda(const at::Tensor& grad_v,
                                                        bool detach, double eps) {
   const RoutingSizes n = check_route(u_hat_in, c10::nullopt, iterations, eps);
   const cuda::DeviceGuard guard(u_hat_in.device());
+  cuda::check_device("capsroute.route_backward", cuda::device_info());
   const auto in = backward_inputs("capsroute.route_backward", n, grad_v, grad_c, s_in,
                                   iterations, u_hat_in);
   const auto u_hat = u_hat_in.contiguous();

@@ -359,14 +359,20 @@ struct GivenSource {
 using emu::mma_tf32;
 #else
 // d += A B for one 16 x 8 x 8 tile (layout above). Not volatile: the product has no side
-// effects, and the compiler may move it among other work.
+// effects, and the compiler may move it among other work. TF32 products need compute
+// capability 8.0, as cp.async below does: a build that includes older architectures compiles
+// a trap for them, and the op refuses their GPUs before it launches anything (check_device).
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
                                          const uint32_t (&b)[2]) {
+#if __CUDA_ARCH__ >= 800
   asm(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();
+#endif
 }
 #endif
 
@@ -1168,6 +1174,8 @@ using emu::cp_async_commit;
 using emu::cp_async_wait_all;
 using emu::cp_async_wait_one;
 #else
+// (Compute capability 8.0 and newer; older architectures compile traps, see mma_tf32.)
+#if __CUDA_ARCH__ >= 800
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
@@ -1177,6 +1185,12 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
 // Waits until all of this thread's copies have landed.
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+#else
+__device__ __forceinline__ void cp_async16(void*, const void*) { __trap(); }
+__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_wait_one() {}
+__device__ __forceinline__ void cp_async_wait_all() {}
+#endif
 #endif
 
 // --- barriers of two warps; L1 prefetches --------------------------------------------------
@@ -2589,7 +2603,7 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
 // and grad_W[i, j, d, k] = sum_b g_uh[b,i,j,d] u[b,i,k] for the group's (j, d).
 // A block owns one input capsule, one group and one chunk of 8 input dims: its warps share
 // W[i] (staged once in shared memory when it fits) and take the batch tiles in turn (warp w:
-// tiles w, w + kFinalWarps, ...). Each warp sums its share of grad_W[i] (float32: in shared
+// tiles w, w + weight_grad_warps, ...). Each warp sums its share of grad_W[i] (float32: in shared
 // memory, float64: in registers); at the end the warps' partial sums are added in warp order
 // (deterministic, no atomics).
 // grid = (N_in, n_groups, ceil(D_in / 8)); dynamic shared memory: weight_grad_layout().
@@ -2609,7 +2623,14 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
 // (0, 2, 4, 6, 1, 3, 5, 7) — A's column t is batch 2t, column t + 4 is batch 2t + 1 — and B's
 // rows (u) follow the same order. float64 stages the tile in shared memory and uses FMAs,
 // each lane owning 8 whole rows.
-constexpr int kFinalWarps = 8;
+// Warps per block: 8, or 4 in float64, whose g_uh and u tiles (16.6 KB a warp) would take
+// 133 KB of shared memory at 8, more than a block may have on GPUs of compute capability 8.6,
+// 8.9 and 12.0 (99 KB). With its 255 registers a thread, a multiprocessor runs as many float64
+// warps either way (two blocks of 4 or one of 8).
+template <typename acc_t>
+constexpr int weight_grad_warps() {
+  return sizeof(acc_t) == 8 ? 4 : 8;
+}
 constexpr int kFinalRows = kGroupRows * kTileD;  // (j, d) rows of a group: 256
 constexpr int kFinalTileStride = kFinalRows + 1;  // a g_uh tile row, padded against bank conflicts
 
@@ -2629,19 +2650,21 @@ __host__ __device__ inline void weight_grad_slot(int e, int lane, int& row, int&
 // The kernel's shared memory: head = the warps' grad_W accumulators (kFinalAccBytes), then
 // their rings (float32, kept), or the g_uh and u tiles (float64); W[i] = the group's rows
 // (w_shared), then the operands with fragments.
-constexpr size_t kFinalAccBytes = size_t(kFinalWarps) * 64 * 32 * sizeof(float);
+constexpr size_t kFinalAccBytes = size_t(weight_grad_warps<float>()) * 64 * 32 * sizeof(float);
 // The rings of the kept pass in float32 (see stage_ring_row).
 constexpr int kRingIterations = 3;
 constexpr int kRingTiles = 2 * kRingIterations - 1;  // gs^(1), gs^(2), gs^(3), V^(1), V^(2)
-constexpr size_t kRingBytes = size_t(kFinalWarps) * 2 * kRingTiles * kTileElems * sizeof(float);
+constexpr size_t kRingBytes =
+    size_t(weight_grad_warps<float>()) * 2 * kRingTiles * kTileElems * sizeof(float);
 template <typename scalar_t, typename acc_t>
 __host__ __device__ inline SmemLayout weight_grad_layout(const Dims& n, bool fragments,
                                                          bool kept) {
   const size_t tiles = std::is_same<acc_t, float>::value
                            ? kFinalAccBytes + (kept ? kRingBytes : 0)
-                           : size_t(kFinalWarps) * kTileB * (kFinalTileStride + 8) * sizeof(acc_t);
+                           : size_t(weight_grad_warps<acc_t>()) * kTileB *
+                                 (kFinalTileStride + 8) * sizeof(acc_t);
   const size_t w_bytes = n.w_shared ? widest_group_cols(n) * n.D_in * sizeof(scalar_t) : 0;
-  return smem_layout<scalar_t>(n, tiles, w_bytes, fragments, 1, kFinalWarps);
+  return smem_layout<scalar_t>(n, tiles, w_bytes, fragments, 1, weight_grad_warps<acc_t>());
 }
 
 // grad_u's share of row tile r of g_uh (capsule j, the lane's dims d; j < N_out):
@@ -2912,11 +2935,13 @@ __device__ __forceinline__ void store_weight_grad(const Dims& n, scalar_t* grad_
 // Two blocks per SM with the couplings kept (float32 accumulation: ~109 KB of shared memory
 // each for the MNIST layer, the ring included); recomputing needs all the registers.
 template <int DT, typename Src, typename scalar_t, bool kKept>
-__global__ void __launch_bounds__(kFinalWarps * 32, blocks_per_sm<scalar_t>(kKept ? 2 : 1))
+__global__ void __launch_bounds__(weight_grad_warps<typename Scalar<scalar_t>::acc>() * 32,
+                                  blocks_per_sm<scalar_t>(kKept ? 2 : 1))
 weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
                    typename Scalar<scalar_t>::acc* __restrict__ grad_u_part,
                    scalar_t* __restrict__ grad_W) {
   using acc_t = typename Scalar<scalar_t>::acc;
+  constexpr int kGradWarps = weight_grad_warps<acc_t>();
   constexpr int GJ = kGroupRows / DT;
   constexpr bool kMatrixUnits = std::is_same<acc_t, float>::value;
   static_assert(!(kKept && Src::kFragments), "kept couplings need no prediction operands");
@@ -2965,7 +2990,7 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   }
   // float64: the warp's g_uh and u tiles.
   acc_t* tile_g = reinterpret_cast<acc_t*>(smem) + warp * kTileB * kFinalTileStride;
-  acc_t* tile_u = reinterpret_cast<acc_t*>(smem) + kFinalWarps * kTileB * kFinalTileStride +
+  acc_t* tile_u = reinterpret_cast<acc_t*>(smem) + kGradWarps * kTileB * kFinalTileStride +
                   warp * kTileB * 8;
 
   // float32, kept: the warp's ring (see stage_ring_row), its first row staged ahead; `step`
@@ -2996,7 +3021,7 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
       add_grad_u<DT>(w_rows, w_j0, n, L, grp, r, k0, a, gu);
   };
 
-  for (int64_t b0 = int64_t(warp) * kTileB; b0 < n.B; b0 += kFinalWarps * kTileB) {
+  for (int64_t b0 = int64_t(warp) * kTileB; b0 < n.B; b0 += kGradWarps * kTileB) {
     acc_t gu[2][8];
 #pragma unroll
     for (int h = 0; h < 2; ++h)
@@ -3019,7 +3044,7 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
           // The next row (this tile's, or the warp's next tile's first) into the other slot,
           // then this row from its slot once its copies (all but the newest group) have landed.
           const RingPairs pairs = ring_pairs;
-          const int64_t next_b0 = r + 1 < rows ? b0 : b0 + kFinalWarps * kTileB;
+          const int64_t next_b0 = r + 1 < rows ? b0 : b0 + kGradWarps * kTileB;
           if (next_b0 < n.B) {
             if (r + 1 < rows)
               next_row<DT>(next, strides, r);
@@ -3081,27 +3106,27 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
     // 8 accumulator slots (e, lane) over the warps, then (second barrier) writes them over the
     // first warp's area at their (row, k).
     __syncthreads();
-    constexpr int kPer = 64 * 32 / (kFinalWarps * 32);
+    constexpr int kPer = 64 * 32 / (kGradWarps * 32);
     acc_t mine[kPer];
 #pragma unroll
     for (int m = 0; m < kPer; ++m) {
-      const int e = (threadIdx.x >> 5) + m * kFinalWarps;
+      const int e = (threadIdx.x >> 5) + m * kGradWarps;
       acc_t x = 0;
-      for (int w = 0; w < kFinalWarps; ++w) x += sum[(w * 64 + e) * 32 + lane];
+      for (int w = 0; w < kGradWarps; ++w) x += sum[(w * 64 + e) * 32 + lane];
       mine[m] = x;
     }
     __syncthreads();
 #pragma unroll
     for (int m = 0; m < kPer; ++m) {
       int row, k;
-      weight_grad_slot<acc_t>((threadIdx.x >> 5) + m * kFinalWarps, lane, row, k);
+      weight_grad_slot<acc_t>((threadIdx.x >> 5) + m * kGradWarps, lane, row, k);
       sum[row * 8 + k] = mine[m];
     }
     __syncthreads();
   } else {
     // In the first g_uh tile's space (8 x 257 >= 256 x 8 elements), which its owner, warp 0,
     // writes only after its own loop.
-    for (int w = 0; w < kFinalWarps; ++w) {
+    for (int w = 0; w < kGradWarps; ++w) {
       if (warp == w) {
 #pragma unroll
         for (int e = 0; e < 64; ++e) {

@@ -134,17 +134,23 @@ inline at::Tensor row_scratch(const Dims& d, int64_t count, const at::TensorOpti
                 : cuda::scratch({count, cuda::row_layout_elems(d)}, options);
 }
 
-// Shared memory of a pass (bytes), deciding what is staged there (at most kPassSmem bytes):
-// W[i] (with fragments, which the launch chooses only where they fit, always), then V (and gs)
-// tiles if they fit beside it.
-constexpr size_t kPassSmem = 200 * 1024;
+// The shared memory a kernel's plan may take per block (bytes): 200 KB, which the H100
+// (227 KB) measured these plans with, or what the device allows where that is less (163 KB
+// on an A100, 99 KB at compute capability 8.6, 8.9 and 12.0). Every plan below stages less
+// where less fits.
+inline size_t pass_smem() { return std::min<size_t>(200 * 1024, cuda::device_info().max_block_smem); }
+
+// Shared memory of a pass (bytes), deciding what is staged there (at most pass_smem()
+// bytes): W[i] (with fragments, which the launch chooses only where they fit, always), then
+// V (and gs) tiles if they fit beside it.
 template <typename T, typename acc_t>
 size_t plan_pass_smem(Dims& d, bool computed, bool fragments, int tiles) {
+  const size_t limit = pass_smem();
   // Without fragments: two buffers of one group's rows of W[i], in at most half the space.
   d.w_shared = computed && (fragments || 2 * size_t(cuda::widest_group_cols(d) * d.D_in) *
-                                                 sizeof(T) <= kPassSmem / 2);
+                                                 sizeof(T) <= limit / 2);
   d.tiles_shared = true;
-  if (cuda::pass_layout<T, acc_t>(d, tiles, fragments).end > kPassSmem) d.tiles_shared = false;
+  if (cuda::pass_layout<T, acc_t>(d, tiles, fragments).end > limit) d.tiles_shared = false;
   return cuda::pass_layout<T, acc_t>(d, tiles, fragments).end;
 }
 
@@ -155,7 +161,7 @@ template <typename Layout>
 bool staged_fits(Dims d, bool fragments, Layout&& layout) {
   d.w_shared = true;
   d.tiles_shared = false;
-  return layout(d, fragments).end <= kPassSmem;
+  return layout(d, fragments).end <= pass_smem();
 }
 
 // One warp per (b, j) output capsule.
@@ -264,10 +270,27 @@ void launch_group_stats(const Src& src, const Dims& d, cuda::State<acc_t> st, ac
 template <typename Src, typename T>
 constexpr bool kRowSource = std::is_same<std::remove_cv_t<Src>, cuda::WeightSource<T>>::value &&
                             !std::is_same<T, double>::value;
-template <typename Src, typename T>
+// Whether the row passes' lanes read W[i]'s operands from global memory themselves
+// (row_pass_kernel's kDirect: no block barrier in the walk) instead of the block staging
+// them: CAPSROUTE_ROW_DIRECT=1. Off by default until a GPU has timed it against the staged
+// form that the H100 measured.
+inline bool row_direct() { return env_number("CAPSROUTE_ROW_DIRECT", "0 or 1") > 0; }
+
+// Row tiles of 16 batch elements in a row pass's block (2 warps each): up to 4.
+inline int row_block_tiles(const Dims& d) {
+  return static_cast<int>(std::min<int64_t>(4, ceil_div(d.B, cuda::kRowsB)));
+}
+
+// kPass: the largest of the passes to run, kForward for the forward's (kFirst stages no V),
+// kGradient for the backward's; where its shared memory does not fit the device (the MNIST
+// layer's gradient pass takes 97 KB), routing_pass_kernel runs them instead. (Clusters only
+// raise a row layout to its sums, which are no more than kForward's V.)
+template <cuda::Pass kPass, typename Src, typename T>
 bool use_row_pass(const Dims& d) {
   if constexpr (kRowSource<Src, T>) {
     if (!cuda::row_pass_supported(d)) return false;
+    if (cuda::row_layout<kPass, T>(d, row_block_tiles(d), row_direct()).end > pass_smem())
+      return false;
     const int64_t asked = env_number("CAPSROUTE_ROW_PASS", "0 or 1");
     return asked < 0 ? std::is_same<T, float>::value : asked != 0;
   }
@@ -298,9 +321,8 @@ inline int row_cluster() {
 // with one and 82.2 with eight. For measuring the chunk count's effect,
 // CAPSROUTE_ROW_BLOCKS_PER_SM=n plans for n blocks.
 inline dim3 plan_row_pass(Dims& d, int& threads, bool float32) {
-  const int64_t tiles = ceil_div(d.B, cuda::kRowsB);
-  const int per_block = static_cast<int>(std::min<int64_t>(4, tiles));
-  const int64_t b_blocks = ceil_div(tiles, per_block);
+  const int per_block = row_block_tiles(d);
+  const int64_t b_blocks = ceil_div(ceil_div(d.B, cuda::kRowsB), per_block);
   TORCH_CHECK_VALUE(b_blocks <= 65535,
                     "dynamic_routing: too large for the CUDA kernels' grid: B = ", d.B);
   const char* name = "CAPSROUTE_ROW_BLOCKS_PER_SM";
@@ -315,12 +337,6 @@ inline dim3 plan_row_pass(Dims& d, int& threads, bool float32) {
   threads = 64 * per_block;
   return dim3(static_cast<unsigned>(d.n_chunks), static_cast<unsigned>(b_blocks));
 }
-
-// Whether the row passes' lanes read W[i]'s operands from global memory themselves
-// (row_pass_kernel's kDirect: no block barrier in the walk) instead of the block staging
-// them: CAPSROUTE_ROW_DIRECT=1. Off by default until a GPU has timed it against the staged
-// form that the H100 measured.
-inline bool row_direct() { return env_number("CAPSROUTE_ROW_DIRECT", "0 or 1") > 0; }
 
 template <cuda::Pass kPass, typename T>
 void launch_row_pass(const cuda::WeightSource<T>& src, const Dims& d, dim3 grid, int threads,
@@ -351,7 +367,7 @@ void forward(const Src& src, const Dims& dims, int64_t iterations, double eps, c
   using acc_t = typename cuda::Scalar<T>::acc;
   cudaStream_t stream = cuda::current_stream();
   Dims d = dims;
-  const bool rows = use_row_pass<Src, T>(d);
+  const bool rows = use_row_pass<cuda::Pass::kForward, Src, T>(d);
   int row_threads = 0;
   const dim3 row_grid =
       rows ? plan_row_pass(d, row_threads, std::is_same<T, float>::value) : dim3();
@@ -405,6 +421,51 @@ inline int64_t coupling_cache_bytes() {
   return mb < 0 ? int64_t(1024) << 20 : std::min<int64_t>(mb, int64_t(1) << 40) << 20;
 }
 
+// CAPSROUTE_CAPSULE_GRAD, the switch of the kept last pass with an input capsule per warp (for
+// measuring it against weight_grad_kernel's capsule per block): 0 turns it off, n >= 1 asks
+// for it with n warps a block, unset (-1) leaves the choice to capsule_grad_warps.
+inline int64_t capsule_grad_asked() {
+  return env_number("CAPSROUTE_CAPSULE_GRAD", "0 or a number of warps");
+}
+
+// Input capsules (warps) per block of weight_grad_capsules_kernel, the last pass with kept
+// couplings that shares the batch tiles' rows across capsules, or 0 where weight_grad_kernel
+// runs instead: float32 accumulation with W's rows in 16-byte pieces (rows8), and enough input
+// capsules that one block per multiprocessor has at least kCapsuleWarpsMin of them, with its
+// shared memory within pass_smem(). For measuring, CAPSROUTE_CAPSULE_GRAD=0 keeps
+// weight_grad_kernel, and CAPSROUTE_CAPSULE_GRAD=n asks for n warps per block (any n from 1,
+// fewer where shared memory needs it).
+template <typename T, typename acc_t>
+int capsule_grad_warps(const Dims& d, int64_t iterations) {
+  if (!std::is_same<acc_t, float>::value || !d.rows8) return 0;
+  const int64_t asked = capsule_grad_asked();
+  if (asked == 0) return 0;
+  int warps = static_cast<int>(std::clamp<int64_t>(
+      asked > 0 ? asked : ceil_div(d.N_in, cuda::multiprocessor_count()), 1,
+      cuda::kCapsuleWarpsMax));
+  const int least = asked > 0 ? 1 : cuda::kCapsuleWarpsMin;
+  while (warps >= least &&
+         cuda::capsule_grad_layout<T>(d, static_cast<int>(iterations), warps).end > pass_smem())
+    --warps;
+  return warps >= least ? warps : 0;
+}
+
+// Whether the last pass can read couplings that the gradient passes keep, on this device:
+// route's always (no shared memory); dynamic_routing's where weight_grad_capsules_kernel runs
+// or weight_grad_kernel's kept form fits with W[i] unstaged (104 KB in float32: more than the
+// 99 KB of compute capability 8.6, 8.9 and 12.0, where the last pass recomputes them).
+template <typename Src, typename T>
+bool kept_pass_fits(const Dims& d, int64_t iterations) {
+  if constexpr (std::is_same<std::remove_cv_t<Src>, cuda::WeightSource<T>>::value) {
+    using acc_t = typename cuda::Scalar<T>::acc;
+    Dims unstaged = d;
+    unstaged.w_shared = false;
+    return capsule_grad_warps<T, acc_t>(d, iterations) > 0 ||
+           cuda::weight_grad_layout<T, acc_t>(unstaged, false, true).end <= pass_smem();
+  }
+  return true;
+}
+
 // What the backward sweep leaves for the last pass, per iteration t at t - 1: V_prev
 // (V^(t-1)) and gs (dL/ds^(t)), tiled, in one allocation `tiled` [2 r, tiled_elems]: V_prev's
 // r rows, then gs's; with several groups of output capsules also the softmax statistics and
@@ -438,7 +499,7 @@ SweepResult sweep(const Src& src, const Dims& dims, int64_t iterations, int64_t 
   const int64_t tiled = cuda::tiled_elems(d), per_t = d.B * d.N_in;
   // The gradient passes as row passes (see forward): they read V_prev and gs in the row
   // layout, written beside the tiled arrays that the last pass reads.
-  const bool rows = t_min < iterations && use_row_pass<Src, T>(d);
+  const bool rows = t_min < iterations && use_row_pass<cuda::Pass::kGradient, Src, T>(d);
   int row_threads = 0;
   const dim3 row_grid =
       rows ? plan_row_pass(d, row_threads, std::is_same<T, float>::value) : dim3();
@@ -461,7 +522,8 @@ SweepResult sweep(const Src& src, const Dims& dims, int64_t iterations, int64_t 
   // gradient where that fits the budget.
   const int64_t kept_elems = 2 * (iterations - 1) * cuda::kept_plane(d);
   const bool keep = t_min == 1 && iterations > 1 &&
-                    kept_elems * int64_t(sizeof(acc_t)) <= coupling_cache_bytes();
+                    kept_elems * int64_t(sizeof(acc_t)) <= coupling_cache_bytes() &&
+                    kept_pass_fits<Src, T>(d, iterations);
   if (keep) out.kept = cuda::scratch({kept_elems}, s.options());
   auto G = cuda::scratch({d.B, d.J}, s.options());  // written first by the first sweep step
   const at::Tensor partial =
@@ -557,35 +619,6 @@ inline at::Tensor grad_bias_of(const at::Tensor& gs, int64_t t_min, int64_t iter
       .contiguous();  // the narrow keeps the padded row stride where D_out is not whole tiles
 }
 
-// CAPSROUTE_CAPSULE_GRAD, the switch of the kept last pass with an input capsule per warp (for
-// measuring it against weight_grad_kernel's capsule per block): 0 turns it off, n >= 1 asks
-// for it with n warps a block, unset (-1) leaves the choice to capsule_grad_warps.
-inline int64_t capsule_grad_asked() {
-  return env_number("CAPSROUTE_CAPSULE_GRAD", "0 or a number of warps");
-}
-
-// Input capsules (warps) per block of weight_grad_capsules_kernel, the last pass with kept
-// couplings that shares the batch tiles' rows across capsules, or 0 where weight_grad_kernel
-// runs instead: float32 accumulation with W's rows in 16-byte pieces (rows8), and enough input
-// capsules that one block per multiprocessor has at least kCapsuleWarpsMin of them, with its
-// shared memory within kPassSmem. For measuring, CAPSROUTE_CAPSULE_GRAD=0 keeps
-// weight_grad_kernel, and CAPSROUTE_CAPSULE_GRAD=n asks for n warps per block (any n from 1,
-// fewer where shared memory needs it).
-template <typename T, typename acc_t>
-int capsule_grad_warps(const Dims& d, int64_t iterations) {
-  if (!std::is_same<acc_t, float>::value || !d.rows8) return 0;
-  const int64_t asked = capsule_grad_asked();
-  if (asked == 0) return 0;
-  int warps = static_cast<int>(std::clamp<int64_t>(
-      asked > 0 ? asked : ceil_div(d.N_in, cuda::multiprocessor_count()), 1,
-      cuda::kCapsuleWarpsMax));
-  const int least = asked > 0 ? 1 : cuda::kCapsuleWarpsMin;
-  while (warps >= least &&
-         cuda::capsule_grad_layout<T>(d, static_cast<int>(iterations), warps).end > kPassSmem)
-    --warps;
-  return warps >= least ? warps : 0;
-}
-
 template <typename scalar_t, typename Src>
 void forward_op(const char* op, const Src& src, const RoutingSizes& n, int64_t iterations,
                 bool leaky, double eps, const c10::optional<at::Tensor>& bias, at::Tensor& v,
@@ -659,8 +692,8 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
       using S = decltype(source);
       d.w_shared = staged_fits(d, S::kFragments, layout);
       cuda::launch(cuda::weight_grad_kernel<DT, S, T, decltype(kept_t)::value>, grid,
-                   cuda::kFinalWarps * 32, layout(d, S::kFragments).end, cuda::current_stream(),
-                   source, d, sw, grad_u_acc, dptr<scalar_t>(grad_weight));
+                   cuda::weight_grad_warps<acc_t>() * 32, layout(d, S::kFragments).end,
+                   cuda::current_stream(), source, d, sw, grad_u_acc, dptr<scalar_t>(grad_weight));
     };
     const int capsule_warps = kept ? capsule_grad_warps<T, acc_t>(d, iterations) : 0;
     if (capsule_warps > 0) {

@@ -8,10 +8,13 @@
 #include "../emu/cuda_emu.h"
 #else
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+
+#include "device.h"
 
 #include <map>
 #include <mutex>
@@ -22,11 +25,28 @@ namespace cuda {
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-inline int multiprocessor_count() {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
-                                        c10::cuda::current_device()));
-  return sms;
+// What the launch code needs to know of the current device (DeviceInfo; ATen reads the
+// properties once per device and keeps them).
+inline DeviceInfo device_info() {
+  const cudaDeviceProp* p = at::cuda::getCurrentDeviceProperties();
+  return {p->major, p->minor, p->name, p->sharedMemPerBlockOptin, p->multiProcessorCount};
+}
+
+inline int multiprocessor_count() { return device_info().multiprocessors; }
+
+// Throws on a failed runtime call. A kernel that has no code for this GPU (the build's
+// TORCH_CUDA_ARCH_LIST left its architecture out) says how to rebuild, where the runtime
+// would say only "no kernel image is available".
+inline void check(cudaError_t error) {
+  if (error == cudaErrorNoKernelImageForDevice || error == cudaErrorInvalidDeviceFunction) {
+    (void)cudaGetLastError();  // not a sticky error: clear it for the caller's next call
+    const DeviceInfo gpu = device_info();
+    TORCH_CHECK(false, "capsroute: this build has no CUDA kernels for ", gpu.name,
+                " (compute capability ", gpu.major, ".", gpu.minor,
+                "); reinstall capsroute with TORCH_CUDA_ARCH_LIST=\"", gpu.major, ".", gpu.minor,
+                "\" (README.md, Install)");
+  }
+  C10_CUDA_CHECK(error);
 }
 
 // Lets `kernel` use `smem` bytes of dynamic shared memory on the current device (above the
@@ -41,8 +61,9 @@ inline void allow_dynamic_smem(const void* kernel, size_t smem) {
   std::lock_guard<std::mutex> lock(mutex);
   size_t& bytes = allowed[{kernel, device}];
   if (smem <= bytes) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
+  check_smem(smem, device_info());
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem)));
   bytes = smem;
 }
 
@@ -52,7 +73,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaS
             Args&&... args) {
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check(cudaGetLastError());
 }
 
 // The same in thread-block clusters of `cluster` blocks along x (grid.x a multiple of it;
@@ -74,16 +95,11 @@ void launch_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t sm
   config.stream = stream;
   config.attrs = &attribute;
   config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  check(cudaGetLastError());
 }
 
-inline bool has_clusters() {
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
-                                        c10::cuda::current_device()));
-  return major >= 9;
-}
+inline bool has_clusters() { return device_info().major >= 9; }
 
 using DeviceGuard = c10::cuda::CUDAGuard;
 

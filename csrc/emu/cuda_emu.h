@@ -46,6 +46,8 @@
 #include <utility>
 #include <vector>
 
+#include "../cuda/device.h"
+
 // --- language keywords -------------------------------------------------------------------
 #define __global__
 #define __device__
@@ -485,14 +487,28 @@ namespace capsroute {
 namespace cuda {
 
 inline cudaStream_t current_stream() { return nullptr; }
-// Few "multiprocessors", so that small test shapes still split the input capsules over
-// several blocks and exercise the cross-block sums.
-inline int multiprocessor_count() { return 2; }
 
-// kernel<<<grid, block, smem>>>(args...) in clusters of `cluster` blocks along x.
+// The emulated GPU: an H100's compute capability and shared memory, unless the tests ask
+// for another's (read at every call): CAPSROUTE_EMULATION_CC="major.minor",
+// CAPSROUTE_EMULATION_SMEM_KB=<KB a block may use>, e.g. 8.0 and 163 for an A100, 8.9 and 99
+// for an L4. Few "multiprocessors", so that small test shapes still split the input
+// capsules over several blocks and exercise the cross-block sums.
+inline DeviceInfo device_info() {
+  DeviceInfo gpu{9, 0, "the emulated GPU", 227 * 1024, 2};
+  if (const char* cc = std::getenv("CAPSROUTE_EMULATION_CC"))
+    if (std::sscanf(cc, "%d.%d", &gpu.major, &gpu.minor) != 2) emu::fail("bad CAPSROUTE_EMULATION_CC");
+  if (const char* kb = std::getenv("CAPSROUTE_EMULATION_SMEM_KB"))
+    gpu.max_block_smem = std::strtoull(kb, nullptr, 10) * 1024;
+  return gpu;
+}
+inline int multiprocessor_count() { return device_info().multiprocessors; }
+
+// kernel<<<grid, block, smem>>>(args...) in clusters of `cluster` blocks along x; refused,
+// as a GPU refuses it, where smem is more than the device allows a block.
 template <typename... Params, typename... Args>
 void launch_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                      cudaStream_t, int cluster, Args&&... args) {
+  check_smem(smem, device_info());
   std::tuple<Params...> params(std::forward<Args>(args)...);  // converted once, as a launch does
   emu::run_grid(grid, block, smem, cluster, [&] { std::apply(kernel, params); });
 }
@@ -502,7 +518,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaS
   launch_clusters(kernel, grid, block, smem, stream, 1, std::forward<Args>(args)...);
 }
 
-inline bool has_clusters() { return true; }
+inline bool has_clusters() { return device_info().major >= 9; }
 
 struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}

@@ -1,0 +1,43 @@
+// The current GPU as the launch code sees it, for both runtimes (runtime.h on a GPU,
+// csrc/emu/cuda_emu.h in the emulation, each with its device_info()), and the checks made
+// against it.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstddef>
+
+namespace capsroute {
+namespace cuda {
+
+struct DeviceInfo {
+  int major, minor;  // compute capability
+  const char* name;
+  // The most dynamic shared memory one block may use once the kernel opts in: 227 KB on an
+  // H100, 163 KB on an A100, 99 KB at compute capability 8.6, 8.9 and 12.0 (RTX 30xx, 40xx
+  // and 50xx, A10, L4, L40). The launch code plans each kernel's within it.
+  size_t max_block_smem;
+  int multiprocessors;
+};
+
+// The kernels use the matrix units' TF32 products and cp.async: compute capability 8.0 and
+// newer. Older GPUs get this error before anything runs (the kernels' code for them, where a
+// build includes their architecture, only traps).
+inline void check_device(const char* op, const DeviceInfo& gpu) {
+  TORCH_CHECK(gpu.major >= 8, op,
+              ": the CUDA kernels need a GPU of compute capability 8.0 or newer (A100, RTX 30xx "
+              "and later), but ", gpu.name, " is ", gpu.major, ".", gpu.minor,
+              "; run it on CPU tensors, or use capsroute.reference (the same math in plain "
+              "PyTorch ops)");
+}
+
+// A launch's shared memory fits the device: the launch code plans it so, so a failure here
+// is capsroute's bug, said as such rather than as the runtime's "invalid argument".
+inline void check_smem(size_t smem, const DeviceInfo& gpu) {
+  TORCH_CHECK(smem <= gpu.max_block_smem, "capsroute: internal error: a kernel asks for ", smem,
+              " bytes of shared memory, but ", gpu.name, " allows a block ", gpu.max_block_smem,
+              "; please report it with the shapes of the call");
+}
+
+}  // namespace cuda
+}  // namespace capsroute
