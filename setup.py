@@ -6,7 +6,8 @@ Environment variables:
   FORCE_CUDA=1           build them even where torch sees no GPU (CI, build machines)
   CAPSROUTE_PORTABLE=1   no -march=native: a binary that runs on any x86-64 CPU
   CUDA_HOME              the toolkit (e.g. /usr/local/cuda)
-  TORCH_CUDA_ARCH_LIST   GPU architectures, e.g. "9.0"
+  TORCH_CUDA_ARCH_LIST   GPU architectures, e.g. "9.0" (unset: those of the visible GPUs;
+                         needed where none is visible). The kernels run on 8.0 and newer.
 
 Install with `pip install --no-build-isolation -e .` so the build sees the torch you run.
 """
@@ -32,6 +33,25 @@ def _want_cuda() -> bool:
     return has_toolkit and has_cuda_torch and (_flag("FORCE_CUDA") or torch.cuda.is_available())
 
 
+def _check_arch_list() -> None:
+    """Unset (or "native"), TORCH_CUDA_ARCH_LIST means the architectures of the GPUs torch sees. Where it
+    sees none (FORCE_CUDA=1 on a build host or a cluster's login node), torch's extension
+    builder fails with an IndexError from deep inside it (torch 2.13 and 2.14): say what to
+    set."""
+    import torch
+
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if (arch_list and arch_list != "native") or torch.cuda.device_count() > 0:
+        return
+    raise SystemExit(
+        "capsroute: building the CUDA kernels where no GPU is visible (FORCE_CUDA=1) needs "
+        "TORCH_CUDA_ARCH_LIST: the compute capabilities of the GPUs it will run on, e.g. "
+        "TORCH_CUDA_ARCH_LIST=\"8.0;9.0\" for A100 and H100 (8.6 for RTX 30xx and A10, 8.9 for "
+        "RTX 40xx, L4 and L40, 12.0 for RTX 50xx). Each one adds to the build time. The "
+        "kernels need 8.0 or newer; set CAPSROUTE_CPU_ONLY=1 to build the CPU kernels only."
+    )
+
+
 def _extension():
     sources = ["csrc/capsroute.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3"]  # the C++ standard is the one torch asks for (C++20 from torch 2.10 on)
@@ -49,6 +69,7 @@ def _extension():
         cxx.append("-fopenmp")
         link.append("-fopenmp")
     if _want_cuda():
+        _check_arch_list()
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         # -lineinfo maps SASS to source lines for the profilers. -compress-all compresses every
         # image of the fat binary: nvcc's default left some uncompressed, which more than
