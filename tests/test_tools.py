@@ -42,6 +42,27 @@ def test_switches_times_each_setting_after_checking_it(device, capsys, monkeypat
         assert "row_pass_kernel" in out and "total" in out, out
 
 
+def test_switches_leaves_out_a_setting_that_fails(capsys, monkeypatch):
+    """A setting whose call raises (on a GPU: a launch it refuses) is said and left out; the
+    others are still checked and timed."""
+    real = switches.results
+
+    def results(*args):
+        if os.environ.get("CAPSROUTE_ROW_DIRECT") == "1":
+            raise RuntimeError("CUDA error: cluster misconfiguration\nmore")
+        return real(*args)
+
+    monkeypatch.setattr(switches, "results", results)
+    argv = ["CAPSROUTE_ROW_DIRECT=1,-,0", "--device", "cpu", "--batch", "4", "--in-caps", "6",
+            "--rounds", "1", "--repeats", "1", "--warmup", "0"]
+    assert switches.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "skipped: CAPSROUTE_ROW_DIRECT=1: CUDA error: cluster misconfiguration\n" in out, out
+    assert "check: CAPSROUTE_ROW_DIRECT=0 against CAPSROUTE_ROW_DIRECT=-:" in out, out
+    rows = [line for line in out.splitlines() if line.startswith("CAPSROUTE_ROW_DIRECT=")]
+    assert [r.split()[0] for r in rows] == ["CAPSROUTE_ROW_DIRECT=-", "CAPSROUTE_ROW_DIRECT=0"]
+
+
 def test_switches_refuses_what_is_not_a_switch():
     with pytest.raises(SystemExit):
         switches.parse_args(["ROW_DIRECT=0,1"])
