@@ -6,13 +6,14 @@
 #include <c10/util/Exception.h>
 
 #include <cstddef>
+#include <string>
 
 namespace capsroute {
 namespace cuda {
 
 struct DeviceInfo {
   int major, minor;  // compute capability
-  const char* name;
+  std::string name;
   // The most dynamic shared memory one block may use once the kernel opts in: 227 KB on an
   // H100, 163 KB on an A100, 99 KB at compute capability 8.6, 8.9 and 12.0 (RTX 30xx, 40xx
   // and 50xx, A10, L4, L40). The launch code plans each kernel's within it.

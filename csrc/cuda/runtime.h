@@ -8,7 +8,6 @@
 #include "../emu/cuda_emu.h"
 #else
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,6 +15,7 @@
 
 #include "device.h"
 
+#include <array>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -25,11 +25,20 @@ namespace cuda {
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-// What the launch code needs to know of the current device (DeviceInfo; ATen reads the
-// properties once per device and keeps them).
-inline DeviceInfo device_info() {
-  const cudaDeviceProp* p = at::cuda::getCurrentDeviceProperties();
-  return {p->major, p->minor, p->name, p->sharedMemPerBlockOptin, p->multiProcessorCount};
+// What the launch code needs to know of the current device, read once per device.
+inline const DeviceInfo& device_info() {
+  constexpr int kDevices = 64;
+  static std::array<std::once_flag, kDevices> once;
+  static std::array<DeviceInfo, kDevices> known;
+  const int device = c10::cuda::current_device();
+  TORCH_CHECK(device >= 0 && device < kDevices, "capsroute: CUDA device ", device,
+              " is past the ", kDevices, " it keeps the properties of");
+  std::call_once(once[device], [device] {
+    cudaDeviceProp p{};
+    C10_CUDA_CHECK(cudaGetDeviceProperties(&p, device));
+    known[device] = {p.major, p.minor, p.name, p.sharedMemPerBlockOptin, p.multiProcessorCount};
+  });
+  return known[device];
 }
 
 inline int multiprocessor_count() { return device_info().multiprocessors; }
@@ -40,7 +49,7 @@ inline int multiprocessor_count() { return device_info().multiprocessors; }
 inline void check(cudaError_t error) {
   if (error == cudaErrorNoKernelImageForDevice || error == cudaErrorInvalidDeviceFunction) {
     (void)cudaGetLastError();  // not a sticky error: clear it for the caller's next call
-    const DeviceInfo gpu = device_info();
+    const DeviceInfo& gpu = device_info();
     TORCH_CHECK(false, "capsroute: this build has no CUDA kernels for ", gpu.name,
                 " (compute capability ", gpu.major, ".", gpu.minor,
                 "); reinstall capsroute with TORCH_CUDA_ARCH_LIST=\"", gpu.major, ".", gpu.minor,
