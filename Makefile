@@ -14,7 +14,11 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 export FORCE_CUDA ?= 1
+# The architectures of the visible GPUs (torch's choice when TORCH_CUDA_ARCH_LIST is unset),
+# or the H100's where none is visible (CI), which torch cannot choose for.
+ifeq ($(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU'),0)
 export TORCH_CUDA_ARCH_LIST ?= 9.0
+endif
 
 SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
