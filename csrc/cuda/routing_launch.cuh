@@ -138,7 +138,9 @@ inline at::Tensor row_scratch(const Dims& d, int64_t count, const at::TensorOpti
 // (227 KB) measured these plans with, or what the device allows where that is less (163 KB
 // on an A100, 99 KB at compute capability 8.6, 8.9 and 12.0). Every plan below stages less
 // where less fits.
-inline size_t pass_smem() { return std::min<size_t>(200 * 1024, cuda::device_info().max_block_smem); }
+inline size_t pass_smem() {
+  return std::min<size_t>(200 * 1024, cuda::device_info().max_block_smem);
+}
 
 // Shared memory of a pass (bytes), deciding what is staged there (at most pass_smem()
 // bytes): W[i] (with fragments, which the launch chooses only where they fit, always), then

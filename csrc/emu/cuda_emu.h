@@ -496,7 +496,8 @@ inline cudaStream_t current_stream() { return nullptr; }
 inline DeviceInfo device_info() {
   DeviceInfo gpu{9, 0, "the emulated GPU", 227 * 1024, 2};
   if (const char* cc = std::getenv("CAPSROUTE_EMULATION_CC"))
-    if (std::sscanf(cc, "%d.%d", &gpu.major, &gpu.minor) != 2) emu::fail("bad CAPSROUTE_EMULATION_CC");
+    if (std::sscanf(cc, "%d.%d", &gpu.major, &gpu.minor) != 2)
+      emu::fail("CAPSROUTE_EMULATION_CC must be major.minor");
   if (const char* kb = std::getenv("CAPSROUTE_EMULATION_SMEM_KB"))
     gpu.max_block_smem = std::strtoull(kb, nullptr, 10) * 1024;
   return gpu;
