@@ -2602,10 +2602,10 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
 // (written to grad_u_part[grp], summed over groups by the launcher when there are several),
 // and grad_W[i, j, d, k] = sum_b g_uh[b,i,j,d] u[b,i,k] for the group's (j, d).
 // A block owns one input capsule, one group and one chunk of 8 input dims: its warps share
-// W[i] (staged once in shared memory when it fits) and take the batch tiles in turn (warp w:
-// tiles w, w + weight_grad_warps, ...). Each warp sums its share of grad_W[i] (float32: in shared
-// memory, float64: in registers); at the end the warps' partial sums are added in warp order
-// (deterministic, no atomics).
+// W[i] (staged once in shared memory when it fits) and take the batch tiles in turn (warp w
+// of weight_grad_warps: tiles w, w + weight_grad_warps, ...). Each warp sums its share of
+// grad_W[i] (float32: in shared memory, float64: in registers); at the end the warps' partial
+// sums are added in warp order (deterministic, no atomics).
 // grid = (N_in, n_groups, ceil(D_in / 8)); dynamic shared memory: weight_grad_layout().
 //
 // Two ways to get g_uh, one instantiation each (kKept):
