@@ -300,7 +300,9 @@ def test_group_walk_switch(emu, monkeypatch, shape, dtype, walk):
                                         ("CAPSROUTE_CAPSULE_GRAD", "5 warps"),
                                         ("CAPSROUTE_ROW_BLOCKS_PER_SM", "0"),
                                         ("CAPSROUTE_ROW_BLOCKS_PER_SM", "two"),
-                                        ("CAPSROUTE_GROUP_WALK", "no")])
+                                        ("CAPSROUTE_GROUP_WALK", "no"),
+                                        ("CAPSROUTE_MAX_SMEM_KB", "0"),
+                                        ("CAPSROUTE_MAX_SMEM_KB", "99KB")])
 def test_switches_are_checked(emu, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     shape = SHAPES[2] if name == "CAPSROUTE_GROUP_WALK" else SHAPES[0]
@@ -338,9 +340,10 @@ def test_coupling_cache_budget_is_checked(emu, monkeypatch, value):
 
 
 # GPUs other than the H100 give a block less shared memory: 163 KB at compute capability 8.0
-# (A100), 99 KB at 8.6, 8.9 and 12.0 (RTX 30xx-50xx, A10, L4, L40). The emulated GPU refuses a
-# launch over its limit, as a GPU does, so each plan must stage less where less fits. At its
-# default (an H100's 227 KB) these shapes ask up to 184 KB of a block. 90 KB is less than any
+# (A100), 99 KB at 8.6, 8.9 and 12.0 (RTX 30xx-50xx, A10, L4, L40). CAPSROUTE_MAX_SMEM_KB makes
+# the emulated GPU (an H100's 227 KB) such a GPU: it refuses a launch over that, as a GPU
+# does, so each plan must stage less where less fits. At 227 KB these shapes ask up to 184 KB
+# of a block. (test_ops.py's test_less_shared_memory_cuda runs the same on a GPU.) 90 KB is less than any
 # GPU the kernels run on allows; there the row passes' gradient pass (97 KB for the MNIST
 # layer) gives way to routing_pass_kernel's too, and the last pass recomputes the couplings.
 # Shape(64, 24, ...): the MNIST layer's blocks (4 row tiles; a kept last pass of 12 warps
@@ -356,7 +359,7 @@ def test_coupling_cache_budget_is_checked(emu, monkeypatch, value):
     ("route", SHAPES[6], torch.float32),
 ], ids=str)
 def test_less_shared_memory(emu, monkeypatch, smem_kb, op, shape, dtype):
-    monkeypatch.setenv("CAPSROUTE_EMULATION_SMEM_KB", str(smem_kb))
+    monkeypatch.setenv("CAPSROUTE_MAX_SMEM_KB", str(smem_kb))
     run_emulated(emu, op, shape, dtype, iterations=3, bias=True, leaky=False, detach=False,
                  return_coupling=True)
 

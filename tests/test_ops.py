@@ -87,6 +87,23 @@ def test_groups_over_many_capsules_cuda(op, dtype, cache_mb, monkeypatch):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+@pytest.mark.parametrize("smem_kb", ["163", "99"], ids=["A100-like", "99-KB-like"])
+@pytest.mark.parametrize("shape,dtype", [(Shape(128, 1152, 10, 8, 16), torch.float32),
+                                         (Shape(64, 1152, 10, 8, 16), torch.float64),
+                                         (Shape(16, 300, 20, 8, 32), torch.float32),
+                                         (Shape(9, 200, 16, 72, 16), torch.float32)], ids=str)
+def test_less_shared_memory_cuda(shape, dtype, smem_kb, monkeypatch):
+    """With CAPSROUTE_MAX_SMEM_KB the kernels plan and launch as on a GPU that gives a block
+    that much shared memory (163 KB: an A100; 99 KB: compute capability 8.6, 8.9, 12.0), and
+    refuse a launch over it: the plans of those GPUs, run on this one, against the reference.
+    The MNIST layer's kept last pass and float64's last pass asked more than 99 KB before
+    they planned within it (test_cuda_emulation.py's test_less_shared_memory)."""
+    monkeypatch.setenv("CAPSROUTE_MAX_SMEM_KB", smem_kb)
+    run_case("dynamic_routing", shape, dtype, "cuda", iterations=3, bias=True, leaky=False,
+             detach=False, return_coupling=True)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
 @pytest.mark.parametrize("row_pass,direct,cluster",
                          [("1", "0", "1"), ("1", "1", "1"), ("1", "0", "4"), ("1", "1", "8"),
                           ("0", "0", "1")],

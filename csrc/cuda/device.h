@@ -5,7 +5,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstddef>
+#include <cstdlib>
 #include <string>
 
 namespace capsroute {
@@ -32,11 +34,28 @@ inline void check_device(const char* op, const DeviceInfo& gpu) {
               "PyTorch ops)");
 }
 
-// A launch's shared memory fits the device: the launch code plans it so, so a failure here
-// is capsroute's bug, said as such rather than as the runtime's "invalid argument".
+// The shared memory a block may use (bytes): the device's, or less with
+// CAPSROUTE_MAX_SMEM_KB=n (read at every call, as the launch code's other switches): the
+// kernels then plan and launch as on a GPU that allows a block n KB, e.g. 163 (an A100) or
+// 99 (compute capability 8.6, 8.9, 12.0), so that one GPU, or the emulation, runs the plans
+// of GPUs that allow less.
+inline size_t block_smem(const DeviceInfo& gpu) {
+  const char* s = std::getenv("CAPSROUTE_MAX_SMEM_KB");
+  if (s == nullptr || *s == '\0') return gpu.max_block_smem;
+  char* end = nullptr;
+  const long long kb = std::strtoll(s, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && kb >= 1, "capsroute: CAPSROUTE_MAX_SMEM_KB must be a "
+                    "number of KB, 1 or more, but is '", s, "'");
+  return std::min(gpu.max_block_smem, static_cast<size_t>(kb) * 1024);
+}
+
+// A launch's shared memory fits the block (block_smem): the launch code plans it so, so a
+// failure here is capsroute's bug, said as such rather than as the runtime's "invalid
+// argument".
 inline void check_smem(size_t smem, const DeviceInfo& gpu) {
-  TORCH_CHECK(smem <= gpu.max_block_smem, "capsroute: internal error: a kernel asks for ", smem,
-              " bytes of shared memory, but ", gpu.name, " allows a block ", gpu.max_block_smem,
+  const size_t limit = block_smem(gpu);
+  TORCH_CHECK(smem <= limit, "capsroute: internal error: a kernel asks for ", smem,
+              " bytes of shared memory, but a block may have ", limit, " on ", gpu.name,
               "; please report it with the shapes of the call");
 }
 

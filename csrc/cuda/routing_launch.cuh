@@ -135,11 +135,11 @@ inline at::Tensor row_scratch(const Dims& d, int64_t count, const at::TensorOpti
 }
 
 // The shared memory a kernel's plan may take per block (bytes): 200 KB, which the H100
-// (227 KB) measured these plans with, or what the device allows where that is less (163 KB
-// on an A100, 99 KB at compute capability 8.6, 8.9 and 12.0). Every plan below stages less
-// where less fits.
+// (227 KB) measured these plans with, or what a block may have where that is less (163 KB on
+// an A100, 99 KB at compute capability 8.6, 8.9 and 12.0; or CAPSROUTE_MAX_SMEM_KB: see
+// cuda::block_smem). Every plan below stages less where less fits.
 inline size_t pass_smem() {
-  return std::min<size_t>(200 * 1024, cuda::device_info().max_block_smem);
+  return std::min<size_t>(200 * 1024, cuda::block_smem(cuda::device_info()));
 }
 
 // Shared memory of a pass (bytes), deciding what is staged there (at most pass_smem()

@@ -63,6 +63,7 @@ inline void check(cudaError_t error) {
 // time, and a forward+backward launches ~9 such kernels: it is made once per kernel and
 // device, and again only for a larger size.
 inline void allow_dynamic_smem(const void* kernel, size_t smem) {
+  check_smem(smem, device_info());
   if (smem <= 48 * 1024) return;
   static std::mutex mutex;
   static std::map<std::pair<const void*, int>, size_t> allowed;  // (kernel, device) -> bytes
@@ -70,7 +71,6 @@ inline void allow_dynamic_smem(const void* kernel, size_t smem) {
   std::lock_guard<std::mutex> lock(mutex);
   size_t& bytes = allowed[{kernel, device}];
   if (smem <= bytes) return;
-  check_smem(smem, device_info());
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem)));
   bytes = smem;

@@ -488,24 +488,21 @@ namespace cuda {
 
 inline cudaStream_t current_stream() { return nullptr; }
 
-// The emulated GPU: an H100's compute capability and shared memory, unless the tests ask
-// for another's (read at every call): CAPSROUTE_EMULATION_CC="major.minor",
-// CAPSROUTE_EMULATION_SMEM_KB=<KB a block may use>, e.g. 8.0 and 163 for an A100, 8.9 and 99
-// for an L4. Few "multiprocessors", so that small test shapes still split the input
-// capsules over several blocks and exercise the cross-block sums.
+// The emulated GPU: an H100's compute capability and shared memory (less with
+// CAPSROUTE_MAX_SMEM_KB, as on a GPU: block_smem), or with CAPSROUTE_EMULATION_CC="major.minor"
+// (read at every call) another compute capability. Few "multiprocessors", so that small test
+// shapes still split the input capsules over several blocks and exercise the cross-block sums.
 inline DeviceInfo device_info() {
   DeviceInfo gpu{9, 0, "the emulated GPU", 227 * 1024, 2};
   if (const char* cc = std::getenv("CAPSROUTE_EMULATION_CC"))
     if (std::sscanf(cc, "%d.%d", &gpu.major, &gpu.minor) != 2)
       emu::fail("CAPSROUTE_EMULATION_CC must be major.minor");
-  if (const char* kb = std::getenv("CAPSROUTE_EMULATION_SMEM_KB"))
-    gpu.max_block_smem = std::strtoull(kb, nullptr, 10) * 1024;
   return gpu;
 }
 inline int multiprocessor_count() { return device_info().multiprocessors; }
 
-// kernel<<<grid, block, smem>>>(args...) in clusters of `cluster` blocks along x; refused,
-// as a GPU refuses it, where smem is more than the device allows a block.
+// kernel<<<grid, block, smem>>>(args...) in clusters of `cluster` blocks along x; refused
+// where smem is more than a block may have (check_smem), as on a GPU.
 template <typename... Params, typename... Args>
 void launch_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                      cudaStream_t, int cluster, Args&&... args) {
