@@ -1,12 +1,13 @@
 // The current GPU as the launch code sees it, for both runtimes (runtime.h on a GPU,
-// csrc/emu/cuda_emu.h in the emulation, each with its device_info()), and the checks made
-// against it.
+// csrc/emu/cuda_emu.h in the emulation, each with its device_info()), the checks made
+// against it, and the parser of the launch code's switches (environment variables).
 #pragma once
 
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 
@@ -34,19 +35,29 @@ inline void check_device(const char* op, const DeviceInfo& gpu) {
               "PyTorch ops)");
 }
 
+// The whole number in the environment variable `name` (a switch, read at every call), or -1
+// where it is unset or empty; anything but a whole number >= 0 is an error saying it must be
+// `what`.
+inline int64_t env_number(const char* name, const char* what) {
+  const char* s = std::getenv(name);
+  if (s == nullptr || *s == '\0') return -1;
+  char* end = nullptr;
+  const long long v = std::strtoll(s, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && v >= 0, "capsroute: ", name, " must be ", what,
+                    ", but is '", s, "'");
+  return v;
+}
+
 // The shared memory a block may use (bytes): the device's, or less with
 // CAPSROUTE_MAX_SMEM_KB=n (read at every call, as the launch code's other switches): the
 // kernels then plan and launch as on a GPU that allows a block n KB, e.g. 163 (an A100) or
 // 99 (compute capability 8.6, 8.9, 12.0), so that one GPU, or the emulation, runs the plans
 // of GPUs that allow less.
 inline size_t block_smem(const DeviceInfo& gpu) {
-  const char* s = std::getenv("CAPSROUTE_MAX_SMEM_KB");
-  if (s == nullptr || *s == '\0') return gpu.max_block_smem;
-  char* end = nullptr;
-  const long long kb = std::strtoll(s, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && kb >= 1, "capsroute: CAPSROUTE_MAX_SMEM_KB must be a "
-                    "number of KB, 1 or more, but is '", s, "'");
-  return std::min(gpu.max_block_smem, static_cast<size_t>(kb) * 1024);
+  const char* name = "CAPSROUTE_MAX_SMEM_KB";
+  const int64_t kb = env_number(name, "a number of KB, 1 or more");
+  TORCH_CHECK_VALUE(kb != 0, "capsroute: ", name, " must be a number of KB, 1 or more");
+  return kb < 0 ? gpu.max_block_smem : std::min(gpu.max_block_smem, static_cast<size_t>(kb) * 1024);
 }
 
 // A launch's shared memory fits the block (block_smem): the launch code plans it so, so a

@@ -60,17 +60,7 @@ acc_t* aptr(const at::Tensor& t) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The whole number in the environment variable `name` (the switches below), or -1 where it
-// is unset or empty; anything but a whole number >= 0 is an error saying it must be `what`.
-inline int64_t env_number(const char* name, const char* what) {
-  const char* s = std::getenv(name);
-  if (s == nullptr || *s == '\0') return -1;
-  char* end = nullptr;
-  const long long v = std::strtoll(s, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && v >= 0, "capsroute: ", name, " must be ", what,
-                    ", but is '", s, "'");
-  return v;
-}
+using cuda::env_number;  // (the switches below)
 
 // Row tiles of 16 dims per output capsule: the kernels are compiled for D_out <= 32.
 inline int dim_tiles(const char* op, int64_t D_out) {
