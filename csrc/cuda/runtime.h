@@ -59,9 +59,10 @@ inline void check(cudaError_t error) {
 }
 
 // Lets `kernel` use `smem` bytes of dynamic shared memory on the current device (above the
-// default 48 KB it must opt in). The opt-in is a runtime call of a few microseconds of host
-// time, and a forward+backward launches ~9 such kernels: it is made once per kernel and
-// device, and again only for a larger size.
+// default 48 KB it must opt in), after checking that a block may have them (check_smem, at
+// every launch). The opt-in is a runtime call of a few microseconds of host time, and a
+// forward+backward launches ~9 such kernels: it is made once per kernel and device, and again
+// only for a larger size.
 inline void allow_dynamic_smem(const void* kernel, size_t smem) {
   check_smem(smem, device_info());
   if (smem <= 48 * 1024) return;
