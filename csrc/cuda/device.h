@@ -24,6 +24,9 @@ struct DeviceInfo {
   int multiprocessors;
 };
 
+// Thread-block clusters (launch_clusters): compute capability 9.0 and newer.
+inline bool has_clusters(const DeviceInfo& gpu) { return gpu.major >= 9; }
+
 // The kernels use the matrix units' TF32 products and cp.async: compute capability 8.0 and
 // newer. Older GPUs get this error before anything runs (the kernels' code for them, where a
 // build includes their architecture, only traps).

@@ -74,7 +74,7 @@ inline int dim_tiles(const char* op, int64_t D_out) {
 // dimensions hold `others` blocks: one wave of `per_sm` blocks per multiprocessor, enough to
 // fill the GPU with as few per-chunk partial sums as that allows.
 inline void plan_chunks(Dims& d, int64_t per_sm, int64_t others) {
-  const int64_t want = ceil_div(cuda::multiprocessor_count() * per_sm, others);
+  const int64_t want = ceil_div(cuda::device_info().multiprocessors * per_sm, others);
   const int64_t chunks = std::clamp<int64_t>(want, 1, d.N_in);
   d.i_per_block = static_cast<int>(ceil_div(d.N_in, chunks));
   d.n_chunks = static_cast<int>(ceil_div(d.N_in, d.i_per_block));
@@ -300,7 +300,8 @@ inline int row_cluster() {
   const int64_t n = env_number("CAPSROUTE_ROW_CLUSTER", "1, 2, 4 or 8");
   TORCH_CHECK_VALUE(n < 0 || n == 1 || n == 2 || n == 4 || n == 8,
                     "capsroute: CAPSROUTE_ROW_CLUSTER must be 1, 2, 4 or 8, but is ", n);
-  TORCH_CHECK_VALUE(n <= 1 || cuda::has_clusters(), "capsroute: CAPSROUTE_ROW_CLUSTER=", n,
+  TORCH_CHECK_VALUE(n <= 1 || cuda::has_clusters(cuda::device_info()),
+                    "capsroute: CAPSROUTE_ROW_CLUSTER=", n,
                     " needs a GPU with thread-block clusters (compute capability 9.0 or newer)");
   return n <= 1 ? 1 : static_cast<int>(n);
 }
@@ -433,7 +434,7 @@ int capsule_grad_warps(const Dims& d, int64_t iterations) {
   const int64_t asked = capsule_grad_asked();
   if (asked == 0) return 0;
   int warps = static_cast<int>(std::clamp<int64_t>(
-      asked > 0 ? asked : ceil_div(d.N_in, cuda::multiprocessor_count()), 1,
+      asked > 0 ? asked : ceil_div(d.N_in, cuda::device_info().multiprocessors), 1,
       cuda::kCapsuleWarpsMax));
   const int least = asked > 0 ? 1 : cuda::kCapsuleWarpsMin;
   while (warps >= least &&

@@ -41,8 +41,6 @@ inline const DeviceInfo& device_info() {
   return known[device];
 }
 
-inline int multiprocessor_count() { return device_info().multiprocessors; }
-
 // Throws on a failed runtime call. A kernel that has no code for this GPU (the build's
 // TORCH_CUDA_ARCH_LIST left its architecture out) says how to rebuild, where the runtime
 // would say only "no kernel image is available".
@@ -108,8 +106,6 @@ void launch_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t sm
   check(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
   check(cudaGetLastError());
 }
-
-inline bool has_clusters() { return device_info().major >= 9; }
 
 using DeviceGuard = c10::cuda::CUDAGuard;
 

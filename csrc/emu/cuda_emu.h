@@ -499,7 +499,6 @@ inline DeviceInfo device_info() {
       emu::fail("CAPSROUTE_EMULATION_CC must be major.minor");
   return gpu;
 }
-inline int multiprocessor_count() { return device_info().multiprocessors; }
 
 // kernel<<<grid, block, smem>>>(args...) in clusters of `cluster` blocks along x; refused
 // where smem is more than a block may have (check_smem), as on a GPU.
@@ -515,8 +514,6 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaS
             Args&&... args) {
   launch_clusters(kernel, grid, block, smem, stream, 1, std::forward<Args>(args)...);
 }
-
-inline bool has_clusters() { return device_info().major >= 9; }
 
 struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}
