@@ -11,7 +11,9 @@
 //                                          accumulation dtype (float32 for half types):
 //                                          all the backward needs besides the inputs.
 // Backward ops take the gradients of v (and of c, when it was returned) and give the
-// gradients of the inputs; grad_bias is an empty tensor when has_bias is false.
+// gradients of the inputs; grad_bias is an empty tensor when has_bias is false. grad_v is
+// read in the inputs' dtype (as autograd hands it over: v's dtype; another is converted to
+// it), grad_c and s in the accumulation dtype.
 #include <Python.h>
 #include <torch/library.h>
 

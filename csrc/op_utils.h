@@ -40,8 +40,10 @@ inline c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) 
   return t->contiguous();
 }
 
-// The incoming gradients and the saved sums, checked and made contiguous tensors of the
-// accumulation type on the device of `like`.
+// The incoming gradients and the saved sums, checked and made contiguous tensors on the
+// device of `like`: grad_v in like's dtype (the kernels widen it as they read it: under
+// autograd it comes in that dtype, so a float16 or bfloat16 backward converts nothing), grad_c
+// and s in the accumulation type.
 struct BackwardInputs {
   at::Tensor grad_v, grad_c, s;
 };
@@ -63,7 +65,7 @@ inline BackwardInputs backward_inputs(const char* op, const RoutingSizes& n,
   check_backward(op, n, grad_v, grad_c, s, iterations);
   const auto opts = like.options().dtype(acc_type_of(like.scalar_type()));
   BackwardInputs in;
-  in.grad_v = contiguous_as(grad_v, opts);
+  in.grad_v = contiguous_as(grad_v, like.options());
   if (grad_c.has_value()) in.grad_c = contiguous_as(*grad_c, opts);
   in.s = contiguous_as(s, opts);
   return in;

@@ -395,6 +395,29 @@ def test_dtypes(emu, op, dtype):
                  detach=False, return_coupling=True)
 
 
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]], ids=["one-group", "two-groups"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+def test_backward_conversions(emu, dtype, shape):
+    """The backward op converts nothing it need not: the sweep reads grad_v in the inputs'
+    dtype, and with one group of output capsules the last pass writes grad_u in its dtype.
+    Only grad_u's per-group float32 parts are converted, once summed, in the half types.
+    Against the float64 reference too."""
+    gen = make_generator("emulation-conversions", tuple(shape), str(dtype))
+    ins = make_routing_inputs(shape, dtype, "cpu", bias=False, gen=gen)
+    v, _, s = emu.dynamic_routing(ins.u, ins.weight, None, 3, False, False, 1e-8, False)
+    grad_v = randn(v.shape, gen, dtype=dtype)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        grads = emu.dynamic_routing_backward(grad_v, None, ins.u, ins.weight, s, False, 3, False,
+                                             False, 1e-8)[:2]
+    copies = {e.name for e in prof.events()} & {"aten::to", "aten::_to_copy", "aten::copy_"}
+    groups = shape.N_out > 16
+    assert copies == ({"aten::copy_"} if groups and dtype != torch.float32 else set())
+    refs = [as_reference(t).requires_grad_() for t in (ins.u, ins.weight)]
+    ref_grads = torch.autograd.grad(reference.dynamic_routing(*refs), refs, as_reference(grad_v))
+    for grad, ref in zip(grads, ref_grads):
+        assert grad.dtype == dtype and rel_err(grad, ref) <= GRAD_TOL[dtype]
+
+
 def test_empty_batch(emu):
     u = torch.randn(0, 4, 8, dtype=torch.float64)
     w = torch.randn(4, 3, 16, 8, dtype=torch.float64)

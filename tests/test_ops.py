@@ -497,6 +497,56 @@ def test_plain_calls_run_the_kernels(op, device, monkeypatch):
     torch.func.vmap(lambda x: fn(x, *inputs[1:])[0])(inputs[0].detach()[None])
 
 
+# Operations that convert or copy a tensor, which a backward in the inputs' own dtype needs
+# none of.
+COPIES = {"aten::to", "aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("op", OPS)
+def test_backward_converts_nothing(op, dtype, device):
+    """The backward of a training step issues no conversion or copy: the kernels read grad_v
+    in the dtype autograd hands it over in (v's) and, with one group of output capsules, write
+    grad_u in its own. Before, a bfloat16 or float16 backward converted grad_v to float32 and,
+    on CUDA, grad_u back from it: two more operations for the host per step. The gradients
+    are checked against the float64 reference too."""
+    gen = make_generator("converts-nothing", op, str(dtype))
+    make = make_routing_inputs if op == "dynamic_routing" else make_route_inputs
+    inputs = [t for t in make(Shape(5, 12, 10, 8, 16), dtype, device, bias=False, gen=gen,
+                              requires_grad=True) if t is not None]
+    v = getattr(capsroute, op)(*inputs)
+    grad_v = randn(v.shape, gen, dtype=dtype, device=device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        grads = torch.autograd.grad(v, inputs, grad_v)
+    names = {event.name for event in prof.events()}
+    assert f"capsroute::{op}_backward" in names
+    assert not names & COPIES, f"the backward ran {sorted(names & COPIES)}"
+    refs = [as_reference(t).requires_grad_() for t in inputs]
+    ref_grads = torch.autograd.grad(getattr(reference, op)(*refs), refs, as_reference(grad_v))
+    for grad, ref in zip(grads, ref_grads):
+        assert grad.dtype == dtype
+        assert_close_rel(grad, ref, GRAD_TOL[dtype], f"{op} {dtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_backward_op_converts_grad_v_to_the_inputs_dtype(op, device):
+    """The raw backward op takes grad_v in any floating dtype and reads it as the inputs'
+    dtype, as autograd would have handed it over."""
+    gen = make_generator("grad-v-dtype", op)
+    make = make_routing_inputs if op == "dynamic_routing" else make_route_inputs
+    inputs = [t for t in make(Shape(3, 7, 5, 3, 4), torch.bfloat16, device, bias=False,
+                              gen=gen) if t is not None]
+    _, _, s = getattr(torch.ops.capsroute, op)(*inputs, None, 3, False, False, 1e-8, False)
+    grad_v = randn((3, 5, 4), gen, dtype=torch.float32, device=device)
+    backward = getattr(torch.ops.capsroute, op + "_backward")
+    wide = backward(grad_v, None, *inputs, s, False, 3, False, False, 1e-8)
+    narrow = backward(grad_v.to(torch.bfloat16), None, *inputs, s, False, 3, False, False, 1e-8)
+    for a, b in zip(wide, narrow):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 # --- torch.library.opcheck -----------------------------------------------------------------
 
 OPCHECK_SHAPE = Shape(3, 7, 5, 3, 4)

@@ -724,7 +724,7 @@ void routing_forward(const Problem& p, const Source& proto, const scalar_t* bias
 // input capsules per iteration); a last pass, local per (b, i), forms g_uh and hands it to
 // the source, which writes grad_u_hat or contracts it into grad_u and grad_weight.
 template <typename scalar_t, typename acc_t, typename Source>
-void routing_backward(const Problem& p, const Source& proto, bool detach, const acc_t* grad_v,
+void routing_backward(const Problem& p, const Source& proto, bool detach, const scalar_t* grad_v,
                       const acc_t* grad_c, const acc_t* s_all, scalar_t* grad_bias) {
   constexpr int L = kLanes<acc_t>;
   const int64_t B = p.n.B, N_in = p.n.N_in, N_out = p.n.N_out, D_out = p.n.D_out, J = p.J;
@@ -765,7 +765,8 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
         for (int64_t d = 0; d < D_out; ++d) {
           // gv = [t == r] grad_v + G, formed in place in gs, then mapped through squash.
           const int64_t o = lay.at(b, j * D_out + d);
-          const acc_t gv = G[o] + (t == r ? grad_v[b * J + j * D_out + d] : acc_t(0));
+          const acc_t gv =
+              G[o] + (t == r ? static_cast<acc_t>(grad_v[b * J + j * D_out + d]) : acc_t(0));
           gst[o] = gv;
           n2 += s[d] * s[d];
           sg += s[d] * gv;
@@ -945,7 +946,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_routing_backward_cpu(
     WeightPredictions<scalar_t, acc_t> src{ops.u_blocked.data(), ops.w,
                                            grad_u.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(),
                                            n.B, n.N_in, p.J, n.D_in};
-    routing_backward<scalar_t, acc_t>(p, src, detach, in.grad_v.data_ptr<acc_t>(),
+    routing_backward<scalar_t, acc_t>(p, src, detach, in.grad_v.data_ptr<scalar_t>(),
                                       data_if_defined<acc_t>(in.grad_c), in.s.data_ptr<acc_t>(),
                                       has_bias ? grad_bias.data_ptr<scalar_t>() : nullptr);
   });
@@ -970,7 +971,7 @@ std::tuple<at::Tensor, at::Tensor> route_backward_cpu(const at::Tensor& grad_v,
     using acc_t = at::opmath_type<scalar_t>;
     GivenPredictions<scalar_t, acc_t> src{u_hat.data_ptr<scalar_t>(), grad_u_hat.data_ptr<scalar_t>(),
                                           n.B, n.N_in, p.J};
-    routing_backward<scalar_t, acc_t>(p, src, detach, in.grad_v.data_ptr<acc_t>(),
+    routing_backward<scalar_t, acc_t>(p, src, detach, in.grad_v.data_ptr<scalar_t>(),
                                       data_if_defined<acc_t>(in.grad_c), in.s.data_ptr<acc_t>(),
                                       has_bias ? grad_bias.data_ptr<scalar_t>() : nullptr);
   });

@@ -2307,7 +2307,8 @@ __global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>:
 // Backward sweep step for iteration t: G += sum of the partials of the pass for t + 1 (if
 // any), then gs^(t) = J_squash(s^(t))^T (G + [t == r] grad_v) (gs tiled; and in the row
 // layout into gs_rows_t where the gradient passes are row passes, else null). s holds every
-// iteration's sums, [r, B, N_out * D_out].
+// iteration's sums, [r, B, N_out * D_out]; grad_v (the first step's, else null) is in the
+// inputs' dtype, widened here.
 //
 // With V_prev given (the first step, t = r) it also writes the running sums V_prev[t'] =
 // v^(1) + ... + v^(t') for t' = 0 .. r-1 (V_prev[0] = 0; v = squash(s), made as
@@ -2315,9 +2316,9 @@ __global__ void finish_iteration_kernel(Dims n, const typename Scalar<scalar_t>:
 // (tiled_elems apart), and in the row layout into V_rows (row_layout_elems apart) where the
 // gradient passes are row passes, else null. (They had a kernel of their own, one launch more
 // per backward.)
-template <int VW, typename acc_t>
+template <int VW, typename scalar_t, typename acc_t = typename Scalar<scalar_t>::acc>
 __global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials, const acc_t* s,
-                                  int t, int iterations, const acc_t* grad_v, double eps,
+                                  int t, int iterations, const scalar_t* grad_v, double eps,
                                   acc_t* G, acc_t* gs_t, acc_t* gs_rows_t, acc_t* V_prev,
                                   acc_t* V_rows) {
   const CapsuleLane<VW> c(n);
@@ -2364,7 +2365,7 @@ __global__ void sweep_step_kernel(Dims n, const acc_t* partial, int n_partials, 
       const acc_t g = n_partials > 0 ? G[c.e + v] + sum[v] : acc_t(0);
       G[c.e + v] = g;
       st[v] = s_t[c.e + v];
-      gv[v] = g + (grad_v != nullptr ? grad_v[c.e + v] : acc_t(0));
+      gv[v] = g + (grad_v != nullptr ? Scalar<scalar_t>::load(grad_v + c.e + v) : acc_t(0));
     }
     ss += st[v] * st[v];
     sg += st[v] * gv[v];
@@ -2599,8 +2600,8 @@ route_grad_kernel(GivenSource<scalar_t> src, Dims n, Sweep<typename Scalar<scala
 }
 
 // dynamic_routing: grad_u[b, i, k] = sum_(j,d) W[i,j,d,k] g_uh[b,i,j,d] for 8 input dims k
-// (written to grad_u_part[grp], summed over groups by the launcher when there are several),
-// and grad_W[i, j, d, k] = sum_b g_uh[b,i,j,d] u[b,i,k] for the group's (j, d).
+// (straight into grad_u with one group of output capsules, else into grad_u_part[grp]: see
+// store_grad_u), and grad_W[i, j, d, k] = sum_b g_uh[b,i,j,d] u[b,i,k] for the group's (j, d).
 // A block owns one input capsule, one group and one chunk of 8 input dims: its warps share
 // W[i] (staged once in shared memory when it fits) and take the batch tiles in turn (warp w
 // of weight_grad_warps: tiles w, w + weight_grad_warps, ...). Each warp sums its share of
@@ -2736,11 +2737,14 @@ __device__ __forceinline__ void add_grad_u_staged(const scalar_t* w_group, const
 
 // The 8 lanes that share t add up their dims of gu, each sum left in one of them
 // (reduce_scatter: 14 shuffles, where 8 copies of all 16 sums took 48); lane g writes
-// grad_u_part[grp, b, i, k0 + k] of batch half g / 4, dims k = 2 (g % 4), 2 (g % 4) + 1.
-template <typename acc_t>
+// grad_u[b, i, k0 + k] of batch half g / 4, dims k = 2 (g % 4), 2 (g % 4) + 1: into grad_u
+// itself, in the inputs' dtype, where it is given (one group of output capsules), else into
+// the group's part in the accumulation type, grad_u_part[grp, b, i, k], which the launcher
+// sums over the groups.
+template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void store_grad_u(const Dims& n, const Lane& L, int grp, int64_t i,
                                              int64_t b0, int64_t k0, const acc_t (&gu)[2][8],
-                                             acc_t* grad_u_part) {
+                                             acc_t* grad_u_part, scalar_t* grad_u) {
   acc_t x[16];  // x[h * 8 + k]
 #pragma unroll
   for (int h = 0; h < 2; ++h)
@@ -2751,8 +2755,13 @@ __device__ __forceinline__ void store_grad_u(const Dims& n, const Lane& L, int g
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     const int64_t k = k0 + 2 * (L.g & 3) + e;
-    if (b < n.B && k < n.D_in)
-      grad_u_part[((int64_t(grp) * n.B + b) * n.N_in + i) * n.D_in + k] = x[e];
+    if (b < n.B && k < n.D_in) {
+      const int64_t at = ((int64_t(grp) * n.B + b) * n.N_in + i) * n.D_in + k;
+      if (grad_u != nullptr)
+        grad_u[at] = Scalar<scalar_t>::store(x[e]);  // grp = 0
+      else
+        grad_u_part[at] = x[e];
+    }
   }
 }
 
@@ -2939,7 +2948,7 @@ __global__ void __launch_bounds__(weight_grad_warps<typename Scalar<scalar_t>::a
                                   blocks_per_sm<scalar_t>(kKept ? 2 : 1))
 weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
                    typename Scalar<scalar_t>::acc* __restrict__ grad_u_part,
-                   scalar_t* __restrict__ grad_W) {
+                   scalar_t* __restrict__ grad_u, scalar_t* __restrict__ grad_W) {
   using acc_t = typename Scalar<scalar_t>::acc;
   constexpr int kGradWarps = weight_grad_warps<acc_t>();
   constexpr int GJ = kGroupRows / DT;
@@ -3069,7 +3078,7 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
           stage_grad_row(tile_g, L, r, has, a);
         }
       }
-      store_grad_u(n, L, grp, i, b0, k0, gu, grad_u_part);
+      store_grad_u(n, L, grp, i, b0, k0, gu, grad_u_part, grad_u);
     } else {
       // g_uh of the warp's batch tile.
       acc_t g_uh[kGroupRows][4];
@@ -3080,7 +3089,7 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
         if (!has_capsule(n, grp * GJ + r / DT)) break;  // warp-uniform
         grad_u_row(r, g_uh[r], gu);
       }
-      store_grad_u(n, L, grp, i, b0, k0, gu, grad_u_part);
+      store_grad_u(n, L, grp, i, b0, k0, gu, grad_u_part, grad_u);
       if constexpr (kMatrixUnits) {
         uint32_t bh[2], bl[2];
         weight_grad_operand(src.u, n, L, i, b0, k0, bh, bl);
@@ -3195,7 +3204,8 @@ __host__ __device__ inline CapsuleGradLayout capsule_grad_layout(const Dims& n, 
 template <int DT, int kR, typename scalar_t>
 __global__ void __launch_bounds__(kCapsuleWarpsMax * 32, 1)
 weight_grad_capsules_kernel(WeightSource<scalar_t> src, Dims n, Sweep<float> sw,
-                            float* __restrict__ grad_u_part, scalar_t* __restrict__ grad_W) {
+                            float* __restrict__ grad_u_part, scalar_t* __restrict__ grad_u,
+                            scalar_t* __restrict__ grad_W) {
   const Lane L;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const int64_t i = int64_t(blockIdx.x) * warps + warp;
@@ -3300,7 +3310,7 @@ weight_grad_capsules_kernel(WeightSource<scalar_t> src, Dims n, Sweep<float> sw,
         wo = opaque(wo + (r % DT == DT - 1 ? w_capsule_step : kTileD * D_in));
         add_weight_grad(gW[r], a, bh, bl);
       }
-      store_grad_u(n, L, grp, i, b0, k0, gu, grad_u_part);
+      store_grad_u(n, L, grp, i, b0, k0, gu, grad_u_part, grad_u);
     }
     __syncthreads();  // (the next tile's copies go into this buffer)
   }

@@ -524,17 +524,17 @@ SweepResult sweep(const Src& src, const Dims& dims, int64_t iterations, int64_t 
   const acc_t* s_ = aptr<acc_t>(s);
   // Iteration t's step, with the partials of the pass for t + 1 (none for t = r).
   // (The first, t = r, also writes the running sums V_prev and V_rows.)
-  auto sweep_step = [&](const acc_t* parts, int n_parts, int64_t t, const acc_t* gv) {
+  auto sweep_step = [&](const acc_t* parts, int n_parts, int64_t t, const T* gv) {
     const bool first = t == iterations;
     with_capsule_vec<acc_t>(d, [&](auto vw) {
-      cuda::launch(cuda::sweep_step_kernel<decltype(vw)::value, acc_t>, capsule_grid(d), 256, 0,
+      cuda::launch(cuda::sweep_step_kernel<decltype(vw)::value, T>, capsule_grid(d), 256, 0,
                    stream, d, parts, n_parts, s_, static_cast<int>(t),
                    static_cast<int>(iterations), gv, eps, aptr<acc_t>(G), gs_ + (t - 1) * tiled,
                    rows ? gs_rows_ + (t - 1) * row_elems : nullptr, first ? V_prev_ : nullptr,
                    first ? V_rows_ : nullptr);
     });
   };
-  sweep_step(nullptr, 0, iterations, aptr<acc_t>(grad_v));
+  sweep_step(nullptr, 0, iterations, static_cast<const T*>(grad_v.data_ptr()));
   // Iteration t's state, with its group statistics made first (t >= 2; with cg when its
   // softmax is differentiated, i.e. without detach).
   auto state = [&](int64_t t) {
@@ -665,13 +665,13 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     const SweepResult sr = sweep<DT, decltype(src), T>(src, d, iterations, t_min, eps, in.grad_v,
                                                        in.grad_c, in.s);
     if (has_bias) grad_bias = grad_bias_of(sr.gs(), t_min, iterations, d, u.scalar_type());
-    // grad_u's part of each group (added up below), or with one group of output capsules
-    // and grad_u in the accumulation type, grad_u itself.
-    const bool direct = std::is_same<T, acc_t>::value && d.n_groups == 1;
+    // With one group of output capsules the last pass writes grad_u itself, in its dtype;
+    // with several, each group's part in the accumulation type, added up below.
+    const bool direct = d.n_groups == 1;
     const at::Tensor grad_u_part =
         direct ? at::Tensor() : cuda::scratch({d.n_groups, n.B, n.N_in, n.D_in}, in.s.options());
-    acc_t* const grad_u_acc = direct ? static_cast<acc_t*>(grad_u.data_ptr())
-                                     : aptr<acc_t>(grad_u_part);
+    acc_t* const grad_u_acc = aptr<acc_t>(grad_u_part);
+    T* const grad_u_out = direct ? dptr<scalar_t>(grad_u) : nullptr;
     const dim3 grid(static_cast<unsigned>(n.N_in), d.n_groups, static_cast<unsigned>(ceil_div(n.D_in, 8)));
     const cuda::Sweep<acc_t> sw = sr.view<acc_t>(in.grad_c, t_min, detach);
     // With the couplings kept, the last pass makes no predictions (see weight_grad_kernel):
@@ -686,7 +686,8 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
       d.w_shared = staged_fits(d, S::kFragments, layout);
       cuda::launch(cuda::weight_grad_kernel<DT, S, T, decltype(kept_t)::value>, grid,
                    cuda::weight_grad_warps<acc_t>() * 32, layout(d, S::kFragments).end,
-                   cuda::current_stream(), source, d, sw, grad_u_acc, dptr<scalar_t>(grad_weight));
+                   cuda::current_stream(), source, d, sw, grad_u_acc, grad_u_out,
+                   dptr<scalar_t>(grad_weight));
     };
     const int capsule_warps = kept ? capsule_grad_warps<T, acc_t>(d, iterations) : 0;
     if (capsule_warps > 0) {
@@ -698,7 +699,7 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
                        capsule_warps * 32,
                        cuda::capsule_grad_layout<T>(d, static_cast<int>(iterations),
                                                     capsule_warps).end,
-                       cuda::current_stream(), src, d, sw, grad_u_acc,
+                       cuda::current_stream(), src, d, sw, grad_u_acc, grad_u_out,
                        dptr<scalar_t>(grad_weight));
         };
         if (iterations == 3)  // the usual count, compiled in
@@ -717,10 +718,10 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     // in group order: straight into grad_u where it is in the accumulation type (no
     // temporary: 134 MB at the 32768 x 64 shape), else summed, then converted.
     if (direct) return;
-    if (d.n_groups > 1 && grad_u.scalar_type() == grad_u_part.scalar_type())
+    if (grad_u.scalar_type() == grad_u_part.scalar_type())
       at::sum_out(grad_u, grad_u_part, at::IntArrayRef{0});
     else
-      grad_u.copy_(d.n_groups == 1 ? grad_u_part[0] : grad_u_part.sum(0));
+      grad_u.copy_(grad_u_part.sum(0));
   });
 }
 
