@@ -2137,7 +2137,11 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   };
   if constexpr (kCluster) {
     float4* sums = dynamic_smem<float4>();  // [warp][kMineCols][32 lanes]
-    __syncthreads();  // the walk's shared memory is free
+    // The walk's shared memory is free. A block with no input capsules (past N_in, in the
+    // last cluster) never waited for its copies of V (and gs): they must land before the sums
+    // go where they went.
+    cp_async_wait_all();
+    __syncthreads();
 #pragma unroll
     for (int k = 0; k < kMineCols; ++k) {
       const bool mine = has_rows && ct_base + k < cols;

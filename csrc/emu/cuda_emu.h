@@ -185,9 +185,24 @@ inline Barrier& my_warp() {
   return m.warps[m.current / 32];
 }
 
+// The running thread's asynchronous copies that no wait_group has landed yet land now. On a
+// GPU a copy lands at some time after it is issued, whether or not the thread ever waits for
+// it; the emulation lands the stragglers as late as it can: when the thread passes a cluster
+// barrier (after which other blocks read its shared memory) or exits. A kernel that leaves a
+// copy in flight into memory it then uses for something else sees the copy's bytes there.
+inline void land_pending_copies() {
+  auto& c = machine().copies[machine().current];
+  c.committed.push_back(std::move(c.open));
+  c.open.clear();
+  for (const auto& group : c.committed)
+    for (const auto& x : group) std::memcpy(x.dst, x.src, x.bytes);
+  c.committed.clear();
+}
+
 inline void fiber_main() {
   Machine& m = machine();
   m.body();
+  land_pending_copies();
   // This thread exits: the barriers it belonged to now wait for one fewer.
   m.done[m.current] = 1;
   ++m.events;
@@ -326,7 +341,10 @@ inline unsigned char* shared_memory() { return machine().dynamic_smem[rank()].da
 // also orders their shared-memory accesses), the block's rank in its cluster, and the
 // address in block `r`'s shared memory of what `p` addresses in the caller's
 // (mapa.shared::cluster).
-inline void cluster_sync() { wait(machine().cluster); }
+inline void cluster_sync() {
+  land_pending_copies();
+  wait(machine().cluster);
+}
 inline int cluster_rank() { return rank(); }
 template <typename T>
 T* cluster_shared(T* p, int r) {
@@ -356,7 +374,8 @@ T exchange(T x, int src) {
 }
 
 // cp.async: a copy lands only when a wait_group says so, so that reading the destination
-// before the wait shows stale data (the shared memory starts as 0xCD bytes). Under a random
+// before the wait shows stale data (the shared memory starts as 0xCD bytes), or, never waited
+// for, at the thread's next cluster barrier or exit (land_pending_copies). Under a random
 // schedule half the copies land at once instead, as on a GPU they may: a copy issued into a
 // buffer that other threads still read changes what they read.
 template <int kBytes>
