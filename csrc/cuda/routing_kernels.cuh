@@ -2137,9 +2137,9 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   };
   if constexpr (kCluster) {
     float4* sums = dynamic_smem<float4>();  // [warp][kMineCols][32 lanes]
-    // The walk's shared memory is free. A block with no input capsules (past N_in, in the
-    // last cluster) never waited for its copies of V (and gs): they must land before the sums
-    // go where they went.
+    // The walk's shared memory is free once every copy into it has landed: a block with no
+    // input capsules (past N_in, in the last cluster) skipped the walk, where the copies of V
+    // (and gs) are waited for, and the sums go where those copies go.
     cp_async_wait_all();
     __syncthreads();
 #pragma unroll

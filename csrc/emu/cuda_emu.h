@@ -187,9 +187,9 @@ inline Barrier& my_warp() {
 
 // The running thread's asynchronous copies that no wait_group has landed yet land now. On a
 // GPU a copy lands at some time after it is issued, whether or not the thread ever waits for
-// it; the emulation lands the stragglers as late as it can: when the thread passes a cluster
+// it; the emulation lands the ones never waited for when the thread arrives at a cluster
 // barrier (after which other blocks read its shared memory) or exits. A kernel that leaves a
-// copy in flight into memory it then uses for something else sees the copy's bytes there.
+// copy in flight into memory it then uses for something else finds the copy's bytes there.
 inline void land_pending_copies() {
   auto& c = machine().copies[machine().current];
   c.committed.push_back(std::move(c.open));
