@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from capsroute import reference
-from conftest import (GRAD_TOL, TOL, Shape, as_reference, dtype_id, make_generator,
+from conftest import (COPY_OPS, GRAD_TOL, TOL, Shape, as_reference, dtype_id, make_generator,
                       make_route_inputs, make_routing_inputs, randn, rel_err)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -409,7 +409,7 @@ def test_backward_conversions(emu, dtype, shape):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         grads = emu.dynamic_routing_backward(grad_v, None, ins.u, ins.weight, s, False, 3, False,
                                              False, 1e-8)[:2]
-    copies = {e.name for e in prof.events()} & {"aten::to", "aten::_to_copy", "aten::copy_"}
+    copies = {e.name for e in prof.events()} & COPY_OPS
     groups = shape.N_out > 16
     assert copies == ({"aten::copy_"} if groups and dtype != torch.float32 else set())
     refs = [as_reference(t).requires_grad_() for t in (ins.u, ins.weight)]
