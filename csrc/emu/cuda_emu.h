@@ -185,18 +185,31 @@ inline Barrier& my_warp() {
   return m.warps[m.current / 32];
 }
 
+// cp.async.commit_group and cp.async.wait_group (the copies themselves: cp_async below).
+inline void cp_async_commit() {
+  auto& c = machine().copies[machine().current];
+  c.committed.push_back(std::move(c.open));
+  c.open.clear();
+}
+// cp.async.wait_group n: all but the newest n committed groups have landed.
+inline void cp_async_wait(int n) {
+  auto& c = machine().copies[machine().current];
+  const int land = static_cast<int>(c.committed.size()) - n;
+  for (int g = 0; g < land; ++g)
+    for (const auto& x : c.committed[g]) std::memcpy(x.dst, x.src, x.bytes);
+  if (land > 0) c.committed.erase(c.committed.begin(), c.committed.begin() + land);
+}
+inline void cp_async_wait_one() { cp_async_wait(1); }
+inline void cp_async_wait_all() { cp_async_wait(0); }
+
 // The running thread's asynchronous copies that no wait_group has landed yet land now. On a
 // GPU a copy lands at some time after it is issued, whether or not the thread ever waits for
 // it; the emulation lands the ones never waited for when the thread arrives at a cluster
 // barrier (after which other blocks read its shared memory) or exits. A kernel that leaves a
 // copy in flight into memory it then uses for something else finds the copy's bytes there.
 inline void land_pending_copies() {
-  auto& c = machine().copies[machine().current];
-  c.committed.push_back(std::move(c.open));
-  c.open.clear();
-  for (const auto& group : c.committed)
-    for (const auto& x : group) std::memcpy(x.dst, x.src, x.bytes);
-  c.committed.clear();
+  cp_async_commit();
+  cp_async_wait_all();
 }
 
 inline void fiber_main() {
@@ -390,21 +403,6 @@ inline void cp_async(void* dst, const void* src) {
   m.copies[m.current].open.push_back({dst, src, kBytes});
 }
 inline void cp_async16(void* dst, const void* src) { cp_async<16>(dst, src); }
-inline void cp_async_commit() {
-  auto& c = machine().copies[machine().current];
-  c.committed.push_back(std::move(c.open));
-  c.open.clear();
-}
-// cp.async.wait_group n: all but the newest n committed groups have landed.
-inline void cp_async_wait(int n) {
-  auto& c = machine().copies[machine().current];
-  const int land = static_cast<int>(c.committed.size()) - n;
-  for (int g = 0; g < land; ++g)
-    for (const auto& x : c.committed[g]) std::memcpy(x.dst, x.src, x.bytes);
-  if (land > 0) c.committed.erase(c.committed.begin(), c.committed.begin() + land);
-}
-inline void cp_async_wait_one() { cp_async_wait(1); }
-inline void cp_async_wait_all() { cp_async_wait(0); }
 
 // What lane `lane` of the caller's warp published in the exchange in progress (call between
 // the two barriers of a collective; see mma below).
