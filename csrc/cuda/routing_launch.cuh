@@ -443,20 +443,18 @@ int capsule_grad_warps(const Dims& d, int64_t iterations) {
   return warps >= least ? warps : 0;
 }
 
-// Whether the last pass can read couplings that the gradient passes keep, on this device:
-// route's always (no shared memory); dynamic_routing's where weight_grad_capsules_kernel runs
-// or weight_grad_kernel's kept form fits with W[i] unstaged (104 KB in float32: more than the
+// Whether dynamic_routing's last pass can read couplings that the gradient passes keep, on
+// this device, given capsule_grad_warps: where weight_grad_capsules_kernel runs or
+// weight_grad_kernel's kept form fits with W[i] unstaged (104 KB in float32: more than the
 // 99 KB of compute capability 8.6, 8.9 and 12.0, where the last pass recomputes them).
-template <typename Src, typename T>
-bool kept_pass_fits(const Dims& d, int64_t iterations) {
-  if constexpr (std::is_same<std::remove_cv_t<Src>, cuda::WeightSource<T>>::value) {
-    using acc_t = typename cuda::Scalar<T>::acc;
-    Dims unstaged = d;
-    unstaged.w_shared = false;
-    return capsule_grad_warps<T, acc_t>(d, iterations) > 0 ||
-           cuda::weight_grad_layout<T, acc_t>(unstaged, false, true).end <= pass_smem();
-  }
-  return true;
+// (route's last pass always can: it takes no shared memory.)
+template <typename T>
+bool kept_pass_fits(const Dims& d, int capsule_warps) {
+  using acc_t = typename cuda::Scalar<T>::acc;
+  Dims unstaged = d;
+  unstaged.w_shared = false;
+  return capsule_warps > 0 ||
+         cuda::weight_grad_layout<T, acc_t>(unstaged, false, true).end <= pass_smem();
 }
 
 // What the backward sweep leaves for the last pass, per iteration t at t - 1: V_prev
@@ -481,10 +479,12 @@ struct SweepResult {
   }
 };
 
-// The backward sweep up to the last pass (see sweep_step_kernel).
+// The backward sweep up to the last pass (see sweep_step_kernel). `keep_fits`: whether the
+// last pass can read kept couplings (kept_pass_fits).
 template <int DT, typename Src, typename T>
 SweepResult sweep(const Src& src, const Dims& dims, int64_t iterations, int64_t t_min, double eps,
-                  const at::Tensor& grad_v, const at::Tensor& grad_c, const at::Tensor& s) {
+                  const at::Tensor& grad_v, const at::Tensor& grad_c, const at::Tensor& s,
+                  bool keep_fits) {
   using acc_t = typename cuda::Scalar<T>::acc;
   cudaStream_t stream = cuda::current_stream();
   // s is [r, B, N_out * D_out]; V_prev and gs are tiled, tiled_elems per iteration.
@@ -515,8 +515,7 @@ SweepResult sweep(const Src& src, const Dims& dims, int64_t iterations, int64_t 
   // gradient where that fits the budget.
   const int64_t kept_elems = 2 * (iterations - 1) * cuda::kept_plane(d);
   const bool keep = t_min == 1 && iterations > 1 &&
-                    kept_elems * int64_t(sizeof(acc_t)) <= coupling_cache_bytes() &&
-                    kept_pass_fits<Src, T>(d, iterations);
+                    kept_elems * int64_t(sizeof(acc_t)) <= coupling_cache_bytes() && keep_fits;
   if (keep) out.kept = cuda::scratch({kept_elems}, s.options());
   auto G = cuda::scratch({d.B, d.J}, s.options());  // written first by the first sweep step
   const at::Tensor partial =
@@ -660,10 +659,13 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
   const cuda::WeightSource<T> src{dptr<scalar_t>(u), dptr<scalar_t>(weight)};
   Dims d = make_dims(op, n, leaky);
   d.rows8 = rows8(src, n.D_in);
+  // The kept last pass with a capsule per warp, where it runs (0: weight_grad_kernel).
+  const int capsule_warps = capsule_grad_warps<T, acc_t>(d, iterations);
   dispatch_dim_tiles(op, n.D_out, [&](auto dt) {
     constexpr int DT = decltype(dt)::value;
-    const SweepResult sr = sweep<DT, decltype(src), T>(src, d, iterations, t_min, eps, in.grad_v,
-                                                       in.grad_c, in.s);
+    const SweepResult sr =
+        sweep<DT, decltype(src), T>(src, d, iterations, t_min, eps, in.grad_v, in.grad_c, in.s,
+                                    kept_pass_fits<T>(d, capsule_warps));
     if (has_bias) grad_bias = grad_bias_of(sr.gs(), t_min, iterations, d, u.scalar_type());
     // With one group of output capsules the last pass writes grad_u itself, in its dtype;
     // with several, each group's part in the accumulation type, added up below.
@@ -689,8 +691,7 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
                    cuda::current_stream(), source, d, sw, grad_u_acc, grad_u_out,
                    dptr<scalar_t>(grad_weight));
     };
-    const int capsule_warps = kept ? capsule_grad_warps<T, acc_t>(d, iterations) : 0;
-    if (capsule_warps > 0) {
+    if (kept && capsule_warps > 0) {
       if constexpr (std::is_same<acc_t, float>::value) {
         const dim3 blocks(static_cast<unsigned>(ceil_div(n.N_in, capsule_warps)), d.n_groups,
                           grid.z);
@@ -738,7 +739,7 @@ void route_backward(const BackwardInputs& in, const at::Tensor& u_hat, const Rou
   dispatch_dim_tiles(op, n.D_out, [&](auto dt) {
     constexpr int DT = decltype(dt)::value;
     const SweepResult sr = sweep<DT, decltype(src), T>(src, d, iterations, t_min, eps, in.grad_v,
-                                                       in.grad_c, in.s);
+                                                       in.grad_c, in.s, /*keep_fits=*/true);
     if (has_bias) grad_bias = grad_bias_of(sr.gs(), t_min, iterations, d, u_hat.scalar_type());
     constexpr int kW = cuda::final_warps<acc_t>();
     const dim3 grid(static_cast<unsigned>(ceil_div(n.N_in, kW)), d.n_groups);
