@@ -85,7 +85,8 @@ if args.tiny:
     # operands: float32 and bfloat16 on a shape that takes them, small for the sanitizers (13
     # input capsules: CAPSROUTE_CAPSULE_GRAD asks for 4 warps a block in the kept pass, where
     # by default it needs more capsules per multiprocessor), then float32 with the couplings
-    # recomputed (CAPSROUTE_COUPLING_CACHE_MB=0).
+    # recomputed (CAPSROUTE_COUPLING_CACHE_MB=0), the rows read twice from global memory
+    # (CAPSROUTE_PARK_ROWS=0) and parked in shared memory (the default where they fit).
     os.environ["CAPSROUTE_CAPSULE_GRAD"] = "4"
     B, Ni, No, Di, Do = 20, 13, 10, 8, 16
     g = torch.Generator(device="cpu").manual_seed(7)
@@ -114,10 +115,11 @@ if args.tiny:
     u64, W64 = weights(Ni)
     gv64 = torch.randn(B, No, Do, dtype=torch.float64, generator=g)
     want = routed(u64, W64, torch.float64)
-    for dtype, cache, tol in [(torch.float32, "", 1e-4), (torch.bfloat16, "", 5e-2),
-                              (torch.float32, "0", 1e-4)]:
-        got = routed(u64, W64, dtype, CAPSROUTE_COUPLING_CACHE_MB=cache)
-        report(f"{dtype}{' recomputed' if cache else ''}", got, want, tol)
+    for dtype, cache, park, tol in [(torch.float32, "", "", 1e-4), (torch.bfloat16, "", "", 5e-2),
+                                    (torch.float32, "0", "0", 1e-4), (torch.float32, "0", "", 1e-4)]:
+        got = routed(u64, W64, dtype, CAPSROUTE_COUPLING_CACHE_MB=cache, CAPSROUTE_PARK_ROWS=park)
+        what = f"{dtype}{' recomputed' if cache else ''}{', rows read twice' if park else ''}"
+        report(what, got, want, tol)
     # The row passes with the lanes reading W[i] themselves (CAPSROUTE_ROW_DIRECT=1), over 3
     # input capsules a block (two blocks per multiprocessor planned), where the pairs' softmax
     # statistics alternate between two sets: float32 against float64.

@@ -34,6 +34,10 @@
 #             scale shape
 #   chunks    the row passes' chunks of input capsules: CAPSROUTE_ROW_BLOCKS_PER_SM unset
 #             (2 blocks per SM), 1, 2, 4 and 8, at B=32 and B=512
+#   park      the last pass that recomputes the couplings with the rows it reads twice parked
+#             in shared memory (the default where they fit) against read twice from L2
+#             (CAPSROUTE_PARK_ROWS=0): the scale shape, then B=128 float32 and bfloat16 with
+#             CAPSROUTE_COUPLING_CACHE_MB=0
 #   tests     the test suite's CUDA cases
 #   ncu       Nsight Compute on the canonical shape's kernels (scripts/ncu_kernels.sh)
 #   ncu-direct the same with CAPSROUTE_ROW_DIRECT=1 (see direct)
@@ -51,7 +55,7 @@
 # have the second call ready. At 3245b3d (eighteenth session) `quick tests sanitize` and four
 # A/B steps took 399 s, `bench host` 148 s, `check` 12 s, `profile chunks` 140 s.
 # With kernels changed since the last measurement: one call `SESSION_S=540 ... quick tests
-# sanitize cluster profile` (correctness first; the steps past the time are skipped), then on
+# sanitize park cluster profile` (correctness first; the steps past the time are skipped), then on
 # the warm machine `ncu` (and `ncu-direct`) or `bench host` with the time left (ratios.py
 # prints each configuration's times as it finishes them); benchmarks/RESULTS.md's latest
 # "To measure next" says which.
@@ -120,6 +124,8 @@ for step in "$@"; do
     cluster) switches 200 CAPSROUTE_ROW_DIRECT=0,1 CAPSROUTE_ROW_CLUSTER=-,2,4,8 --batch 128 32 512 2>&1 | grep -v -i warn | tee "$OUT/cluster.log" ;;
     capsgrad) switches 100 CAPSROUTE_CAPSULE_GRAD=0,-,5,6 --batch 128 32 2>&1 | grep -v -i warn | tee "$OUT/capsgrad.log" ;;
     walk) switches 150 CAPSROUTE_GROUP_WALK=0,1 --in-caps 32768 --out-caps 64 --rounds 2 --kernel-calls 3 2>&1 | grep -v -i warn | tee "$OUT/walk.log" ;;
+    park) { switches 120 CAPSROUTE_PARK_ROWS=0,1 --in-caps 32768 --out-caps 64 --rounds 2 --kernel-calls 3
+      CAPSROUTE_COUPLING_CACHE_MB=0 switches 40 CAPSROUTE_PARK_ROWS=0,1 --batch 128 --dtype float32 bfloat16; } 2>&1 | grep -v -i warn | tee "$OUT/park.log" ;;
     chunks) switches 150 CAPSROUTE_ROW_BLOCKS_PER_SM=-,1,2,4,8 --batch 32 512 2>&1 | grep -v -i warn | tee "$OUT/chunks.log" ;;
     ab)
       cp capsroute/_C.abi3.so "$OUT/.current.so"

@@ -286,7 +286,8 @@ def test_group_walk_switch(emu, monkeypatch, shape, dtype, walk):
 
 
 # The switches for measuring one kernel choice against another: a bad value is an error that
-# names the variable (CAPSROUTE_GROUP_WALK is read where there are several groups);
+# names the variable (CAPSROUTE_GROUP_WALK is read where there are several groups,
+# CAPSROUTE_PARK_ROWS where the last pass recomputes the couplings);
 # CAPSROUTE_ROW_BLOCKS_PER_SM (the row passes' chunks of input capsules) keeps the results:
 # 1 block per multiprocessor planned (the emulation's 2: 2 chunks of 19 capsules), 8 (16
 # chunks of 3) and 40 (37 chunks of one), against the default 2 (4 chunks of 10).
@@ -301,10 +302,13 @@ def test_group_walk_switch(emu, monkeypatch, shape, dtype, walk):
                                         ("CAPSROUTE_ROW_BLOCKS_PER_SM", "0"),
                                         ("CAPSROUTE_ROW_BLOCKS_PER_SM", "two"),
                                         ("CAPSROUTE_GROUP_WALK", "no"),
+                                        ("CAPSROUTE_PARK_ROWS", "on"),
                                         ("CAPSROUTE_MAX_SMEM_KB", "0"),
                                         ("CAPSROUTE_MAX_SMEM_KB", "99KB")])
 def test_switches_are_checked(emu, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
+    if name == "CAPSROUTE_PARK_ROWS":  # read by the last pass that recomputes the couplings
+        monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", "0")
     shape = SHAPES[2] if name == "CAPSROUTE_GROUP_WALK" else SHAPES[0]
     with pytest.raises(ValueError, match=f"{name} must be"):
         run_emulated(emu, "dynamic_routing", shape, torch.float32, iterations=2,
@@ -329,6 +333,25 @@ def test_couplings_recomputed(emu, monkeypatch, op, shape, dtype):
     monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", "0")
     run_emulated(emu, op, shape, dtype, iterations=3, bias=True, leaky=shape.N_out > 9,
                  detach=False, return_coupling=True)
+
+
+# The recomputing last pass in float32 accumulation parks the rows of V^(t-1) and gs^(t) that
+# it reads twice in each warp's shared memory (weight_grad_kernel's kPark), where the layout
+# fits the block: up to 220 KB of the emulated H100's 227 for these shapes (one group, two
+# groups, two row tiles per capsule, 9 batch tiles, scalar loads). CAPSROUTE_PARK_ROWS=0 reads
+# them from global memory twice. The same bits either way, and the reference's values.
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[5], SHAPES[6],
+                                   TINY_GROUPS], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_parked_rows(emu, monkeypatch, shape, dtype):
+    monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", "0")
+    run_emulated(emu, "dynamic_routing", shape, dtype, iterations=3, bias=True, leaky=True,
+                 detach=False, return_coupling=True)
+    run = emulated_runner(emu, "dynamic_routing", shape, dtype, "emulation-parked-rows")
+    parked = run()
+    monkeypatch.setenv("CAPSROUTE_PARK_ROWS", "0")
+    differ = [k for k, (a, b) in enumerate(zip(parked, run())) if not torch.equal(a, b)]
+    assert not differ, f"outputs {differ} (v, c, s, grads) differ with the rows parked"
 
 
 @pytest.mark.parametrize("value", ["-1", "lots", "12MB"])
@@ -474,8 +497,11 @@ def test_thread_order_cluster_rows(emu, monkeypatch, shape, path):
     check_thread_order(emu, monkeypatch, "dynamic_routing", shape, torch.float32)
 
 
-def check_thread_order(emu, monkeypatch, op, shape, dtype):
-    gen = make_generator("emulation-schedule", op, tuple(shape), str(dtype))
+def emulated_runner(emu, op, shape, dtype, seed_name):
+    """A function that runs the emulated forward and backward (3 iterations, bias, leaky,
+    the couplings returned and differentiated) on the same fresh random inputs at each call,
+    and returns [v, c, s, *gradients]: for comparing bits across settings."""
+    gen = make_generator(seed_name, op, tuple(shape), str(dtype))
     make = make_routing_inputs if op == "dynamic_routing" else make_route_inputs
     ins = make(shape, dtype, "cpu", bias=True, gen=gen)
     args = list(ins[:-1])
@@ -487,6 +513,11 @@ def check_thread_order(emu, monkeypatch, op, shape, dtype):
         v, c, s = fwd(*args, ins.bias, 3, True, False, 1e-8, True)
         return [v, c, s, *bwd(grad_v, grad_c, *args, s, True, 3, True, False, 1e-8)]
 
+    return run
+
+
+def check_thread_order(emu, monkeypatch, op, shape, dtype):
+    run = emulated_runner(emu, op, shape, dtype, "emulation-schedule")
     monkeypatch.delenv("CAPSROUTE_EMULATION_SCHEDULE", raising=False)
     expected = run()
     for seed in ["1", "2"]:

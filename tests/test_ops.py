@@ -73,6 +73,33 @@ def test_couplings_recomputed_cuda(op, dtype, shape, monkeypatch):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+@pytest.mark.parametrize("shape", [CANONICAL, Shape(9, 11, 20, 8, 16), Shape(16, 300, 20, 8, 32)],
+                         ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_parked_rows_cuda(dtype, shape, monkeypatch):
+    """The last pass that recomputes the couplings parks the rows of V and dL/ds that it reads
+    twice in shared memory where they fit the block (an H100: 217-220 KB of its 227): the same
+    bits as with CAPSROUTE_PARK_ROWS=0, which reads them from global memory twice (the values
+    against the reference: test_couplings_recomputed_cuda)."""
+    monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", "0")
+    gen = make_generator("parked-rows-cuda", tuple(shape), str(dtype))
+    u, weight, bias = make_routing_inputs(shape, dtype, "cuda", bias=True, gen=gen,
+                                          requires_grad=True)
+    grad_v = randn((shape.B, shape.N_out, shape.D_out), gen, dtype=dtype, device="cuda")
+    grad_c = randn((shape.B, shape.N_in, shape.N_out), gen, dtype=dtype, device="cuda")
+
+    def run():
+        v, c = capsroute.dynamic_routing(u, weight, 3, bias=bias, leaky=True,
+                                         return_coupling=True)
+        return [v, c, *torch.autograd.grad([v, c], [u, weight, bias], [grad_v, grad_c])]
+
+    parked = run()
+    monkeypatch.setenv("CAPSROUTE_PARK_ROWS", "0")
+    for name, a, b in zip(["v", "c", "grad_u", "grad_weight", "grad_bias"], parked, run()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
 @pytest.mark.parametrize("cache_mb", ["1024", "0"], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("op", OPS)

@@ -281,6 +281,9 @@ __device__ __forceinline__ void load4(const double* p, double (&f)[4]) {
   const double2 x = v[0], y = v[1];
   f[0] = x.x, f[1] = x.y, f[2] = y.x, f[3] = y.y;
 }
+__device__ __forceinline__ void store4(float* p, const float (&f)[4]) {
+  *reinterpret_cast<float4*>(p) = float4{f[0], f[1], f[2], f[3]};
+}
 template <int DT, typename acc_t>
 __device__ __forceinline__ void load_frag(const LaneRows<acc_t>& x, const Dims& n, int j, int dt,
                                           acc_t (&f)[4]) {
@@ -290,6 +293,17 @@ __device__ __forceinline__ void load_frag(const LaneRows<acc_t>& x, const Dims& 
     return;
   }
   load4(x.p + ((j - x.j_base) * DT + dt) * kTileElems, f);
+}
+// The same from parked rows (add_dots): row tile `row` of park, at the lane's slots.
+template <typename acc_t>
+__device__ __forceinline__ void load_parked(const acc_t* park, const Dims& n, int j, int row,
+                                            acc_t (&f)[4]) {
+  if (!has_capsule(n, j)) {  // warp-uniform
+#pragma unroll
+    for (int q = 0; q < 4; ++q) f[q] = acc_t(0);
+    return;
+  }
+  load4(park + row * kTileElems, f);
 }
 
 // --- prediction sources ---------------------------------------------------------------
@@ -699,11 +713,15 @@ __device__ __forceinline__ acc_t spread_at(const acc_t (&x)[NB], const Lane& L, 
 
 // p[((sb + s) * 2 + h) * K + k] += the lane's shares of <u_hat[b, i, j], x[k][b, j]> for the
 // KB capsules j = j0 + s (prediction tiles uh, s * DT + dt), batch half h: the dot products
-// that reduce_scatter then sums over the lanes.
-template <int DT, int K, int KB, typename acc_t>
+// that reduce_scatter then sums over the lanes. kPark: each row tile's values are also left at
+// park[(k * kGroupRows + r) * kTileElems], r = (jl0 + s) * DT + dt its place in the group
+// (jl0: capsule j0's; park points at the lane's slots), for a later walk to read back (see
+// prediction_grad).
+template <int DT, int K, int KB, bool kPark = false, typename acc_t>
 __device__ __forceinline__ void add_dots(const LaneRows<acc_t> (&rows)[K], const Dims& n, int j0,
                                          int sb, const acc_t (&uh)[KB * DT][4],
-                                         acc_t (&p)[8 * K]) {
+                                         acc_t (&p)[8 * K], acc_t* park = nullptr,
+                                         int jl0 = 0) {
 #pragma unroll
   for (int s = 0; s < KB; ++s)
 #pragma unroll
@@ -712,6 +730,8 @@ __device__ __forceinline__ void add_dots(const LaneRows<acc_t> (&rows)[K], const
       for (int k = 0; k < K; ++k) {
         acc_t f[4];
         load_frag<DT>(rows[k], n, j0 + s, dt, f);
+        if constexpr (kPark)
+          store4(park + (k * kGroupRows + (jl0 + s) * DT + dt) * kTileElems, f);
         const acc_t(&u)[4] = uh[s * DT + dt];
         // (one product at a time: two FMAs, where a sum of two products took an FMUL, an FMA
         // and an add)
@@ -726,12 +746,14 @@ __device__ __forceinline__ void add_dots(const LaneRows<acc_t> (&rows)[K], const
 
 // out[k][nb] = <u_hat[b, i, j], x[k][b, j]> for the lane's (j, b) of batch nb, for K arrays x
 // laid out as V: V alone (the logits), or V and gs in the backward, where each prediction tile
-// serves both dot products. 0 for capsules past N_out.
-template <int DT, int K, typename Src, typename acc_t>
+// serves both dot products. 0 for capsules past N_out. kPark: the rows read are left in park
+// too (add_dots).
+template <int DT, int K, bool kPark = false, typename Src, typename acc_t>
 __device__ __forceinline__ void agreements(const Src& src, const Dims& n, const Lane& L,
                                            const State<acc_t>& st, const acc_t* const (&x)[K],
                                            int64_t i, int64_t b0, int grp,
-                                           acc_t (&out)[K][kBatches<DT>]) {
+                                           acc_t (&out)[K][kBatches<DT>],
+                                           acc_t* park = nullptr) {
   constexpr int GJ = kGroupRows / DT, KB = capsule_batch<Src, GJ>();
   static_assert(4 % KB == 0, "prediction batches within a batch of four capsules");
   LaneRows<acc_t> rows[K];
@@ -754,7 +776,7 @@ __device__ __forceinline__ void agreements(const Src& src, const Dims& n, const 
       if (sb > 0 && !has_capsule(n, grp * GJ + jl0)) break;  // warp-uniform
       acc_t uh[KB * DT][4];
       predict_tiles<DT>(src, n, L, i, b0, grp, jl0 * DT, uh);
-      add_dots<DT, K, KB>(rows, n, grp * GJ + jl0, sb, uh, p);
+      add_dots<DT, K, KB, kPark>(rows, n, grp * GJ + jl0, sb, uh, p, park, jl0);
     }
     reduce_scatter(p, L);
     const bool in = has_capsule(n, grp * GJ + spread_capsule(L, nb));
@@ -918,15 +940,20 @@ __device__ __forceinline__ void coupling_grad(const Dims& n, const Lane& L, cons
 // The backward's per-(b, i, j) quantities at an iteration t >= 2: the coupling coefficients c
 // and the logit gradient g = dL/db (through the softmax). Computed predictions serve both
 // dot products from one set of tiles; given ones (route) are loads, and two walks over them
-// keep fewer values live.
-template <int DT, typename Src, typename acc_t>
+// keep fewer values live. kPark (computed predictions): the rows of V and gs read are left in
+// park, V's as k = kParkV and gs's as kParkGs (add_dots).
+constexpr int kParkV = 0, kParkGs = 1;
+template <int DT, bool kPark = false, typename Src, typename acc_t>
 __device__ __forceinline__ void coupling_and_grad(const Src& src, const Dims& n, const Lane& L,
                                                   const State<acc_t>& st, int64_t i, int64_t b0,
                                                   int grp, acc_t (&c)[kBatches<DT>],
-                                                  acc_t (&g)[kBatches<DT>]) {
+                                                  acc_t (&g)[kBatches<DT>],
+                                                  acc_t* park = nullptr) {
+  static_assert(!kPark || Src::kComputed, "rows are parked where computed predictions serve "
+                                          "both dot products (route reads V and gs apart)");
   if constexpr (Src::kComputed) {
     acc_t a[2][kBatches<DT>];
-    agreements<DT, 2>(src, n, L, st, {st.V, st.gs}, i, b0, grp, a);
+    agreements<DT, 2, kPark>(src, n, L, st, {st.V, st.gs}, i, b0, grp, a, park);
 #pragma unroll
     for (int nb = 0; nb < kBatches<DT>; ++nb) c[nb] = a[0][nb], g[nb] = a[1][nb];
     softmax_coupling<DT>(n, L, st, i, b0, grp, c);
@@ -2423,10 +2450,16 @@ struct Sweep {
 // the V and gs rows that each iteration reads twice, for the agreements and for the rows. On
 // the H100 at the 32768 x 64 shape the carveout did shrink to 102 KB, but the L1 hit rate
 // stayed at 3.7%: the rows are not reused from L1 (the pass: 35 ms, from 61 at 4abd02d).)
-template <int DT, typename Src, typename acc_t>
+// kPark: the warp's own shared memory, at the lane's slots (2 * kGroupRows row tiles, see
+// add_dots), keeps the rows of V^(t-1) and gs^(t) that the dot products read, so that the
+// walk that follows reads them from there instead of from L2 a second time: 5 row arrays per
+// batch tile from L2 at 3 iterations instead of 9. A lane reads back only what it wrote:
+// no barrier.
+template <int DT, bool kPark = false, typename Src, typename acc_t>
 __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, const Lane& L,
                                                 const Sweep<acc_t>& sw, int64_t i, int64_t b0,
-                                                int grp, acc_t (&g_uh)[kGroupRows][4]) {
+                                                int grp, acc_t (&g_uh)[kGroupRows][4],
+                                                acc_t* park = nullptr) {
   constexpr int GJ = kGroupRows / DT;
   const int64_t stride = tiled_elems(n);
 #pragma unroll
@@ -2445,9 +2478,10 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
     const bool logit_grad = t > 1 && !sw.detach;
     acc_t c[kBatches<DT>], g[kBatches<DT>];
     if (logit_grad)
-      coupling_and_grad<DT>(src, n, L, st, i, b0, grp, c, g);
+      coupling_and_grad<DT, kPark>(src, n, L, st, i, b0, grp, c, g, park);
     else
       coupling<DT>(src, n, L, st, i, b0, grp, c);
+    const bool parked = kPark && logit_grad;
     // One walk over the rows for both terms, four row tiles at a time: their loads first,
     // then the sums, so that a batch waits for memory once (one row at a time, each row's
     // loads waited behind the previous row's store: ncu, 43% of the last pass's stalls).
@@ -2461,8 +2495,13 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
 #pragma unroll
       for (int m = 0; m < kRows; ++m) {
         const int r = r0 + m, j = grp * GJ + r / DT;
-        load_frag<DT>(gs_rows, n, j, r % DT, fg[m]);
-        if (logit_grad) load_frag<DT>(v_rows, n, j, r % DT, fv[m]);
+        if (parked) {
+          load_parked(park, n, j, kParkGs * kGroupRows + r, fg[m]);
+          load_parked(park, n, j, kParkV * kGroupRows + r, fv[m]);
+        } else {
+          load_frag<DT>(gs_rows, n, j, r % DT, fg[m]);
+          if (logit_grad) load_frag<DT>(v_rows, n, j, r % DT, fv[m]);
+        }
       }
 #pragma unroll
       for (int m = 0; m < kRows; ++m) {
@@ -2653,19 +2692,24 @@ __host__ __device__ inline void weight_grad_slot(int e, int lane, int& row, int&
 }
 
 // The kernel's shared memory: head = the warps' grad_W accumulators (kFinalAccBytes), then
-// their rings (float32, kept), or the g_uh and u tiles (float64); W[i] = the group's rows
-// (w_shared), then the operands with fragments.
+// their rings (float32, kept) or parked rows (float32, park), or the g_uh and u tiles
+// (float64); W[i] = the group's rows (w_shared), then the operands with fragments.
 constexpr size_t kFinalAccBytes = size_t(weight_grad_warps<float>()) * 64 * 32 * sizeof(float);
 // The rings of the kept pass in float32 (see stage_ring_row).
 constexpr int kRingIterations = 3;
 constexpr int kRingTiles = 2 * kRingIterations - 1;  // gs^(1), gs^(2), gs^(3), V^(1), V^(2)
 constexpr size_t kRingBytes =
     size_t(weight_grad_warps<float>()) * 2 * kRingTiles * kTileElems * sizeof(float);
+// The rows parked by the recomputing pass in float32 (see prediction_grad): per warp, a
+// group's row tiles of V^(t-1) and of gs^(t), 16 KB (128 KB a block).
+constexpr int kParkTiles = 2 * kGroupRows;
+constexpr size_t kParkBytes =
+    size_t(weight_grad_warps<float>()) * kParkTiles * kTileElems * sizeof(float);
 template <typename scalar_t, typename acc_t>
 __host__ __device__ inline SmemLayout weight_grad_layout(const Dims& n, bool fragments,
-                                                         bool kept) {
+                                                         bool kept, bool park = false) {
   const size_t tiles = std::is_same<acc_t, float>::value
-                           ? kFinalAccBytes + (kept ? kRingBytes : 0)
+                           ? kFinalAccBytes + (kept ? kRingBytes : park ? kParkBytes : 0)
                            : size_t(weight_grad_warps<acc_t>()) * kTileB *
                                  (kFinalTileStride + 8) * sizeof(acc_t);
   const size_t w_bytes = n.w_shared ? widest_group_cols(n) * n.D_in * sizeof(scalar_t) : 0;
@@ -2947,7 +2991,9 @@ __device__ __forceinline__ void store_weight_grad(const Dims& n, scalar_t* grad_
 
 // Two blocks per SM with the couplings kept (float32 accumulation: ~109 KB of shared memory
 // each for the MNIST layer, the ring included); recomputing needs all the registers.
-template <int DT, typename Src, typename scalar_t, bool kKept>
+// kPark (recomputing, float32 accumulation): prediction_grad parks the rows it reads twice in
+// the warp's shared memory (weight_grad_layout's park).
+template <int DT, typename Src, typename scalar_t, bool kKept, bool kPark = false>
 __global__ void __launch_bounds__(weight_grad_warps<typename Scalar<scalar_t>::acc>() * 32,
                                   blocks_per_sm<scalar_t>(kKept ? 2 : 1))
 weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
@@ -2958,6 +3004,8 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   constexpr int GJ = kGroupRows / DT;
   constexpr bool kMatrixUnits = std::is_same<acc_t, float>::value;
   static_assert(!(kKept && Src::kFragments), "kept couplings need no prediction operands");
+  static_assert(!kPark || (!kKept && kMatrixUnits),
+                "only the recomputing pass with float32 accumulation parks rows");
   const Lane L;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t i = blockIdx.x;
@@ -2965,7 +3013,7 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   const int64_t k0 = int64_t(blockIdx.z) * 8;
 
   unsigned char* smem = dynamic_smem<unsigned char>();
-  const SmemLayout layout = weight_grad_layout<scalar_t, acc_t>(n, Src::kFragments, kKept);
+  const SmemLayout layout = weight_grad_layout<scalar_t, acc_t>(n, Src::kFragments, kKept, kPark);
   // W[i]'s rows from output capsule w_j0 on (for grad_u): all of them in global memory, or
   // the group's in shared memory (always with fragments).
   const scalar_t* w_rows = src.W + i * n.J * n.D_in;
@@ -3010,6 +3058,10 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
   // counts the rows, whose slots alternate.
   float* ring =
       reinterpret_cast<float*>(smem + kFinalAccBytes) + warp * 2 * kRingTiles * kTileElems;
+  // float32, park: the warp's parked rows, at the lane's slots.
+  acc_t* park = kPark ? reinterpret_cast<acc_t*>(smem + kFinalAccBytes) +
+                            warp * kParkTiles * kTileElems + L.slots()
+                      : nullptr;
   const int rows = static_cast<int>(min(int64_t(kGroupRows), (n.N_out - int64_t(grp) * GJ) * DT));
   RingPairs ring_pairs;
   RingSteps strides;
@@ -3087,7 +3139,7 @@ weight_grad_kernel(Src src, Dims n, Sweep<typename Scalar<scalar_t>::acc> sw,
       // g_uh of the warp's batch tile.
       acc_t g_uh[kGroupRows][4];
       if constexpr (Src::kFragments) stage_u(src, n, L, i, b0);
-      prediction_grad<DT>(src, n, L, sw, i, b0, grp, g_uh);
+      prediction_grad<DT, kPark>(src, n, L, sw, i, b0, grp, g_uh, park);
 #pragma unroll
       for (int r = 0; r < kGroupRows; ++r) {
         if (!has_capsule(n, grp * GJ + r / DT)) break;  // warp-uniform

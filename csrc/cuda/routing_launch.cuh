@@ -414,6 +414,23 @@ inline int64_t coupling_cache_bytes() {
   return mb < 0 ? int64_t(1024) << 20 : std::min<int64_t>(mb, int64_t(1) << 40) << 20;
 }
 
+// Whether the recomputing last pass parks the rows of V^(t-1) and gs^(t) that it reads twice
+// (weight_grad_kernel's kPark, float32 accumulation): where every iteration carries gradient
+// (without detach each row of t >= 2 is read for the dot products and again for g_uh; with
+// detach, once) and the parked layout fits the block's shared memory. That is all a block may
+// have (block_smem: 227 KB on an H100, where the MNIST layer's and the 32768 x 64 shape's
+// take 217 and 220 KB), not pass_smem()'s 200 KB, which leaves the L1 cache room: this pass
+// gains nothing from it (Nsight Compute: 3.7% L1 hits at the 32768 x 64 shape, 861bf4b).
+// CAPSROUTE_PARK_ROWS=0 turns it off, for measuring one form against the other.
+template <typename T>
+bool park_rows(const Dims& d, bool fragments, int64_t t_min, int64_t iterations) {
+  using acc_t = typename cuda::Scalar<T>::acc;
+  if (t_min > 1 || iterations < 2) return false;
+  if (env_number("CAPSROUTE_PARK_ROWS", "0 or 1") == 0) return false;
+  return cuda::weight_grad_layout<T, acc_t>(d, fragments, false, true).end <=
+         cuda::block_smem(cuda::device_info());
+}
+
 // CAPSROUTE_CAPSULE_GRAD, the switch of the kept last pass with an input capsule per warp (for
 // measuring it against weight_grad_kernel's capsule per block): 0 turns it off, n >= 1 asks
 // for it with n warps a block, unset (-1) leaves the choice to capsule_grad_warps.
@@ -685,11 +702,20 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     };
     auto last_pass = [&](auto source, auto kept_t) {
       using S = decltype(source);
+      constexpr bool kKept = decltype(kept_t)::value;
       d.w_shared = staged_fits(d, S::kFragments, layout);
-      cuda::launch(cuda::weight_grad_kernel<DT, S, T, decltype(kept_t)::value>, grid,
-                   cuda::weight_grad_warps<acc_t>() * 32, layout(d, S::kFragments).end,
-                   cuda::current_stream(), source, d, sw, grad_u_acc, grad_u_out,
-                   dptr<scalar_t>(grad_weight));
+      auto go = [&](auto park_t) {
+        constexpr bool kPark = decltype(park_t)::value;
+        cuda::launch(cuda::weight_grad_kernel<DT, S, T, kKept, kPark>, grid,
+                     cuda::weight_grad_warps<acc_t>() * 32,
+                     cuda::weight_grad_layout<T, acc_t>(d, S::kFragments, kKept, kPark).end,
+                     cuda::current_stream(), source, d, sw, grad_u_acc, grad_u_out,
+                     dptr<scalar_t>(grad_weight));
+      };
+      if constexpr (!kKept && std::is_same<acc_t, float>::value) {
+        if (park_rows<T>(d, S::kFragments, t_min, iterations)) return go(std::true_type{});
+      }
+      go(std::false_type{});
     };
     if (kept && capsule_warps > 0) {
       if constexpr (std::is_same<acc_t, float>::value) {
