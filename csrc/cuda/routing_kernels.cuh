@@ -294,17 +294,6 @@ __device__ __forceinline__ void load_frag(const LaneRows<acc_t>& x, const Dims& 
   }
   load4(x.p + ((j - x.j_base) * DT + dt) * kTileElems, f);
 }
-// The same from parked rows (add_dots): row tile `row` of park, at the lane's slots.
-template <typename acc_t>
-__device__ __forceinline__ void load_parked(const acc_t* park, const Dims& n, int j, int row,
-                                            acc_t (&f)[4]) {
-  if (!has_capsule(n, j)) {  // warp-uniform
-#pragma unroll
-    for (int q = 0; q < 4; ++q) f[q] = acc_t(0);
-    return;
-  }
-  load4(park + row * kTileElems, f);
-}
 
 // --- prediction sources ---------------------------------------------------------------
 
@@ -2495,9 +2484,11 @@ __device__ __forceinline__ void prediction_grad(const Src& src, const Dims& n, c
 #pragma unroll
       for (int m = 0; m < kRows; ++m) {
         const int r = r0 + m, j = grp * GJ + r / DT;
-        if (parked) {
-          load_parked(park, n, j, kParkGs * kGroupRows + r, fg[m]);
-          load_parked(park, n, j, kParkV * kGroupRows + r, fv[m]);
+        if (parked) {  // the group's rows, as add_dots left them (capsule grp * GJ first)
+          const LaneRows<acc_t> gs_park{park + kParkGs * kGroupRows * kTileElems, grp * GJ};
+          const LaneRows<acc_t> v_park{park + kParkV * kGroupRows * kTileElems, grp * GJ};
+          load_frag<DT>(gs_park, n, j, r % DT, fg[m]);
+          load_frag<DT>(v_park, n, j, r % DT, fv[m]);
         } else {
           load_frag<DT>(gs_rows, n, j, r % DT, fg[m]);
           if (logit_grad) load_frag<DT>(v_rows, n, j, r % DT, fv[m]);

@@ -697,8 +697,8 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
     // it reads W[i] as it is. W[i]'s rows are staged in shared memory where they fit beside
     // the tiles (always with operands).
     const bool kept = sw.kept != nullptr;
-    auto layout = [kept](const Dims& e, bool f) {
-      return cuda::weight_grad_layout<T, acc_t>(e, f, kept);
+    auto layout = [kept](const Dims& e, bool f, bool park = false) {
+      return cuda::weight_grad_layout<T, acc_t>(e, f, kept, park);
     };
     auto last_pass = [&](auto source, auto kept_t) {
       using S = decltype(source);
@@ -708,7 +708,7 @@ void dynamic_routing_backward(const BackwardInputs& in, const at::Tensor& u,
         constexpr bool kPark = decltype(park_t)::value;
         cuda::launch(cuda::weight_grad_kernel<DT, S, T, kKept, kPark>, grid,
                      cuda::weight_grad_warps<acc_t>() * 32,
-                     cuda::weight_grad_layout<T, acc_t>(d, S::kFragments, kKept, kPark).end,
+                     layout(d, S::kFragments, kPark).end,
                      cuda::current_stream(), source, d, sw, grad_u_acc, grad_u_out,
                      dptr<scalar_t>(grad_weight));
       };
