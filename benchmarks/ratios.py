@@ -7,6 +7,8 @@ and of `torch.compile(reference.dynamic_routing)` (also mode="max-autotune" with
 then the absolute times, then memory: the bytes the autograd graph saves for the backward
 (measured with torch.autograd.graph.saved_tensors_hooks, distinct storages beyond the
 inputs) and, on CUDA, the peak memory a forward+backward allocates beyond its inputs.
+Last, each target of the issues that the rows bear on (issue 2's on the CPU, issue 3's on
+CUDA: ratios, bf16 against float32, memory), met or not by this run's own figures.
 
     python benchmarks/ratios.py                       # the preset of the detected device
     python benchmarks/ratios.py --suite cpu           # B=32 float32, the canonical CPU row
@@ -39,7 +41,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -396,6 +398,72 @@ def print_table(rows: List[Row], baselines: List[str]) -> None:
             print(f"note: {row.config}: {note}")
 
 
+# The issues' targets, each a (row, pass, baseline, least ratio) that the table above holds:
+# issue 2 on the CPU suite, issue 3 on the GPU suite (H100). Only the targets of the rows this
+# run made are checked; a time that the run could not take (an OOM) leaves one "not measured".
+SCALE = Config(B=128, N_in=32768, N_out=64, D_in=8, D_out=16).label()
+RATIO_TARGETS = {
+    "cpu": [("B=32 fp32", "fwd", "eager", 10), ("B=32 fp32", "fwd", "compile", 2),
+            ("B=32 fp32", "fwd+bwd", "eager", 5), ("B=32 fp32", "fwd+bwd", "compile", 1.5)],
+    "cuda": [("B=128 fp32", "fwd", "eager", 25), ("B=128 fp32", "fwd", "compile", 10),
+             ("B=128 fp32", "fwd+bwd", "eager", 15), ("B=128 fp32", "fwd+bwd", "compile", 8),
+             ("B=128 fp32", "fwd", "compile-ma", 7), ("B=128 fp32", "fwd+bwd", "compile-ma", 4),
+             ("B=32 fp32", "fwd", "compile", 10), ("B=512 fp32", "fwd", "compile", 10),
+             (SCALE, "fwd+bwd", "compile", 5)],
+}
+
+
+def target_checks(rows: List[Row], device: str,
+                  baselines: List[str]) -> List[Tuple[str, str, Optional[bool]]]:
+    """The targets of `device`'s issue that this run's rows and `baselines` bear on, each as
+    (what, measured, met); met is None where a time or a peak is missing (an OOM)."""
+    by_config = {r.config: r for r in rows}
+    checks: List[Tuple[str, str, Optional[bool]]] = []
+
+    def check(what: str, measured: Optional[str], met: Optional[bool]) -> None:
+        checks.append((what, "-" if measured is None else measured, None if measured is None else met))
+
+    for config, pass_name, baseline, least in RATIO_TARGETS[device]:
+        row = by_config.get(config)
+        if row is None or baseline not in baselines:
+            continue
+        fused, base = row.times_ms.get(f"{pass_name}/fused"), row.times_ms.get(f"{pass_name}/{baseline}")
+        ratio = None if fused is None or base is None else base / fused
+        check(f"{config} {pass_name}: >= {least:g}x {baseline}",
+              None if ratio is None else f"{ratio:.1f}x", ratio is not None and ratio >= least)
+    if device != "cuda":
+        return checks
+    single, half = by_config.get("B=128 fp32"), by_config.get("B=128 bf16")
+    if single is not None and half is not None:
+        for pass_name in ("fwd", "fwd+bwd"):
+            a, b = half.times_ms.get(f"{pass_name}/fused"), single.times_ms.get(f"{pass_name}/fused")
+            check(f"B=128 bf16 {pass_name}: fused no slower than fp32",
+                  None if a is None or b is None else f"{a:.3f} vs {b:.3f} ms",
+                  a is not None and b is not None and a <= b)
+    if single is not None:
+        fused, eager = single.peak_mib.get("fused"), single.peak_mib.get("eager")
+        check("B=128 fp32 fwd+bwd: peak extra memory <= 1/10 of eager's",
+              None if fused is None or eager is None else f"{fused:.0f} vs {eager:.0f} MiB",
+              fused is not None and eager is not None and fused <= eager / 10)
+    scale = by_config.get(SCALE)
+    if scale is not None:
+        fused = scale.peak_mib.get("fused")
+        check(f"{SCALE} fwd+bwd: peak extra memory <= 3 GB",
+              None if fused is None else f"{fused:.0f} MiB", fused is not None and fused * 2**20 <= 3e9)
+    return checks
+
+
+def print_targets(rows: List[Row], device: str, baselines: List[str]) -> None:
+    checks = target_checks(rows, device, baselines)
+    if not checks:
+        return
+    issue = "issue 3, on an H100" if device == "cuda" else "issue 2, on the 2-core CPU"
+    print(f"\ntargets ({issue}; each against this run's own baselines):")
+    for what, measured, met in checks:
+        status = "not measured" if met is None else "met" if met else "NOT met"
+        print(f"  {status:<12}  {what}: {measured}")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -481,6 +549,7 @@ def main(argv=None) -> int:
         print(f"  ({cfg.label()}: {time.perf_counter() - t0:.0f} s; ms: {times})", file=sys.stderr)
     print()
     print_table(rows, baselines)
+    print_targets(rows, device.type, baselines)
     # Relative-norm tolerances of the forward (half types: a few roundings of the output).
     tolerance = {"float64": 1e-10, "float32": 1e-5, "float16": 3e-3, "bfloat16": 1e-2}
     bad = [(r, c) for r, c in zip(rows, configs)
@@ -498,7 +567,10 @@ def main(argv=None) -> int:
             "repeats": args.repeats,
         }
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=2)
+            targets = [{"target": what, "measured": measured, "met": met}
+                       for what, measured, met in target_checks(rows, device.type, baselines)]
+            json.dump({"meta": meta, "rows": [asdict(r) for r in rows], "targets": targets}, f,
+                      indent=2)
     return 1 if bad else 0
 
 

@@ -1,9 +1,10 @@
 """The measuring tools stay usable: benchmarks/switches.py (the in-process A/B of the CUDA
 kernels' switches) on a small shape, on every device of the suite. On CUDA this also checks
 that the row passes with and without CAPSROUTE_ROW_DIRECT (unset: the staged form) give the
-same results; the CPU kernels read no switch, so there the two settings agree exactly. And
+same results; the CPU kernels read no switch, so there the two settings agree exactly.
 scripts/host_autograd_cxx.py builds its C++ autograd prototype and gets the functions'
-gradients from it, bit for bit, before it times anything."""
+gradients from it, bit for bit, before it times anything. benchmarks/ratios.py says which of
+the issues' targets its table meets."""
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ from conftest import DEVICES
 for folder in ("benchmarks", "scripts"):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, folder))
 import host_autograd_cxx  # noqa: E402
+import ratios  # noqa: E402
 import switches  # noqa: E402
 
 
@@ -79,3 +81,33 @@ def test_host_autograd_prototype_matches_the_functions(capsys):
                             "--out-caps", "5", "--calls", "1"])
     out = capsys.readouterr().out
     assert len(re.findall(r"forward\+backward +\d+\.\d us", out)) == 4, out
+
+
+def test_ratios_checks_the_targets_of_the_rows_it_made():
+    """Each target is met, not met, or not measured (a time the run could not take), from the
+    rows' own times; targets of rows or baselines the run did not make are left out."""
+    fp32 = ratios.Row("B=128 fp32", "cuda",
+                      times_ms={"fwd/fused": 0.1, "fwd/eager": 3.0, "fwd/compile": 0.5,
+                                "fwd+bwd/fused": None, "fwd+bwd/eager": 3.0, "fwd+bwd/compile": 1.6},
+                      peak_mib={"fused": 40.0, "eager": 500.0})
+    bf16 = ratios.Row("B=128 bf16", "cuda", times_ms={"fwd/fused": 0.1001, "fwd+bwd/fused": 0.3})
+    scale = ratios.Row(ratios.SCALE, "cuda", times_ms={"fwd+bwd/fused": 30.0, "fwd+bwd/compile": 160.0},
+                       peak_mib={"fused": 2900.0})
+    checks = {what: (measured, met) for what, measured, met in
+              ratios.target_checks([fp32, bf16, scale], "cuda", ["eager", "compile"])}
+    assert checks == {
+        "B=128 fp32 fwd: >= 25x eager": ("30.0x", True),
+        "B=128 fp32 fwd: >= 10x compile": ("5.0x", False),
+        "B=128 fp32 fwd+bwd: >= 15x eager": ("-", None),
+        "B=128 fp32 fwd+bwd: >= 8x compile": ("-", None),
+        f"{ratios.SCALE} fwd+bwd: >= 5x compile": ("5.3x", True),
+        "B=128 bf16 fwd: fused no slower than fp32": ("0.100 vs 0.100 ms", False),
+        "B=128 bf16 fwd+bwd: fused no slower than fp32": ("-", None),
+        "B=128 fp32 fwd+bwd: peak extra memory <= 1/10 of eager's": ("40 vs 500 MiB", True),
+        f"{ratios.SCALE} fwd+bwd: peak extra memory <= 3 GB": ("2900 MiB", False),
+    }
+    cpu = ratios.Row("B=32 fp32", "cpu", times_ms={"fwd/fused": 10.0, "fwd/eager": 120.0,
+                                                   "fwd+bwd/fused": 40.0, "fwd+bwd/eager": 190.0})
+    assert ratios.target_checks([cpu], "cpu", ["eager"]) == [
+        ("B=32 fp32 fwd: >= 10x eager", "12.0x", True),
+        ("B=32 fp32 fwd+bwd: >= 5x eager", "4.8x", False)]
