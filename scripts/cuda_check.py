@@ -135,6 +135,17 @@ if args.tiny:
                      CAPSROUTE_ROW_CLUSTER=cluster)
         report(f"float32 {'direct' if direct else 'staged'} rows, clusters of {cluster}", got,
                want, 1e-4)
+    # The first iteration as one matrix product (first_sums_kernel, the default where D_in is a
+    # multiple of 8) over 5 input capsules a block (two staged chunks, of 32 and 8 dims: both
+    # buffers), and the pass it replaces (CAPSROUTE_FIRST_SUMS=0; every float32 run above,
+    # whose blocks have at most 4 capsules, has the product).
+    Ni = 9 * torch.cuda.get_device_properties(0).multi_processor_count + 1
+    u64, W64 = weights(Ni)
+    want = routed(u64, W64, torch.float64, CAPSROUTE_ROW_DIRECT="", CAPSROUTE_ROW_CLUSTER="")
+    for first in ("", "0"):
+        got = routed(u64, W64, torch.float32, CAPSROUTE_FIRST_SUMS=first)
+        report(f"float32 first iteration {'by the pass' if first else 'as one product'}", got,
+               want, 1e-4)
     sys.exit(3 if failed else 0)  # (the sanitizers' own errors exit 9: gpu_session.sh)
 
 # dtypes at the canonical shape

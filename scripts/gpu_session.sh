@@ -38,6 +38,9 @@
 #             in shared memory (the default where they fit) against read twice from L2
 #             (CAPSROUTE_PARK_ROWS=0): the scale shape, then B=128 float32 and bfloat16 with
 #             CAPSROUTE_COUPLING_CACHE_MB=0
+#   first     the forward's first iteration as one matrix product (first_sums_kernel, the default
+#             where D_in % 8 == 0) against the pass (CAPSROUTE_FIRST_SUMS=0): B=128, 32, 512
+#             float32, B=128 bfloat16, then the scale shape
 #   tests     the test suite's CUDA cases
 #   ncu       Nsight Compute on the canonical shape's kernels (scripts/ncu_kernels.sh)
 #   ncu-direct the same with CAPSROUTE_ROW_DIRECT=1 (see direct)
@@ -55,7 +58,7 @@
 # have the second call ready. At 3245b3d (eighteenth session) `quick tests sanitize` and four
 # A/B steps took 399 s, `bench host` 148 s, `check` 12 s, `profile chunks` 140 s.
 # With kernels changed since the last measurement: one call `SESSION_S=540 ... quick tests
-# sanitize park cluster profile` (correctness first; the steps past the time are skipped), then on
+# sanitize first park cluster profile` (correctness first; the steps past the time are skipped), then on
 # the warm machine `ncu` (and `ncu-direct`) or `bench host` with the time left (ratios.py
 # prints each configuration's times as it finishes them); benchmarks/RESULTS.md's latest
 # "To measure next" says which.
@@ -126,6 +129,9 @@ for step in "$@"; do
     walk) switches 150 CAPSROUTE_GROUP_WALK=0,1 --in-caps 32768 --out-caps 64 --rounds 2 --kernel-calls 3 2>&1 | grep -v -i warn | tee "$OUT/walk.log" ;;
     park) { switches 120 CAPSROUTE_PARK_ROWS=0,1 --in-caps 32768 --out-caps 64 --rounds 2 --kernel-calls 3
       CAPSROUTE_COUPLING_CACHE_MB=0 switches 40 CAPSROUTE_PARK_ROWS=0,1 --batch 128 --dtype float32 bfloat16; } 2>&1 | grep -v -i warn | tee "$OUT/park.log" ;;
+    first) { switches 90 CAPSROUTE_FIRST_SUMS=0,1 --batch 128 32 512 --dtype float32
+      switches 30 CAPSROUTE_FIRST_SUMS=0,1 --batch 128 --dtype bfloat16
+      switches 90 CAPSROUTE_FIRST_SUMS=0,1 --in-caps 32768 --out-caps 64 --rounds 2 --kernel-calls 3; } 2>&1 | grep -v -i warn | tee "$OUT/first.log" ;;
     chunks) switches 150 CAPSROUTE_ROW_BLOCKS_PER_SM=-,1,2,4,8 --batch 32 512 2>&1 | grep -v -i warn | tee "$OUT/chunks.log" ;;
     ab)
       cp capsroute/_C.abi3.so "$OUT/.current.so"

@@ -303,6 +303,7 @@ def test_group_walk_switch(emu, monkeypatch, shape, dtype, walk):
                                         ("CAPSROUTE_ROW_BLOCKS_PER_SM", "two"),
                                         ("CAPSROUTE_GROUP_WALK", "no"),
                                         ("CAPSROUTE_PARK_ROWS", "on"),
+                                        ("CAPSROUTE_FIRST_SUMS", "yes"),
                                         ("CAPSROUTE_MAX_SMEM_KB", "0"),
                                         ("CAPSROUTE_MAX_SMEM_KB", "99KB")])
 def test_switches_are_checked(emu, monkeypatch, name, value):
@@ -352,6 +353,46 @@ def test_parked_rows(emu, monkeypatch, shape, dtype):
     monkeypatch.setenv("CAPSROUTE_PARK_ROWS", "0")
     differ = [k for k, (a, b) in enumerate(zip(parked, run())) if not torch.equal(a, b)]
     assert not differ, f"outputs {differ} (v, c, s, grads) differ with the rows parked"
+
+
+# The forward's first iteration as one matrix product (first_sums_kernel: D_in a multiple of
+# 8, u and W 16-byte aligned; every shape of this file with D_in = 8 takes it by default),
+# against the pass it replaces (CAPSROUTE_FIRST_SUMS=0), each checked against the reference.
+# Chunks of 32 input dims that end inside a capsule (D_in = 24, 72), two blocks of batch rows
+# (70), two and four blocks of columns (J = 320, 640), one column (J = 1), two 8-dim halves per
+# capsule (D_in = 16), a chunk whose block has 3 chunks, the last one 16 dims; the half types
+# (one product a tile, 16-byte pieces of 8 elements).
+FIRST_SUMS_SHAPES = [SHAPES[0], SHAPES[2], SHAPES[4], SHAPES[5], SHAPES[6], WIDE_IN,
+                     Shape(5, 7, 3, 24, 8)]
+
+
+@pytest.mark.parametrize("shape", FIRST_SUMS_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("first_sums", ["1", "0"])
+def test_first_sums(emu, monkeypatch, shape, dtype, first_sums):
+    monkeypatch.setenv("CAPSROUTE_FIRST_SUMS", first_sums)
+    for iterations in (1, 3):
+        run_emulated(emu, "dynamic_routing", shape, dtype, iterations=iterations, bias=True,
+                     leaky=True, detach=False, return_coupling=False)
+
+
+def test_first_sums_are_used(emu, monkeypatch):
+    """The switch reaches the kernel: with 20 output capsules the pass it replaces is
+    routing_pass_kernel's, whose products take W as A and u as B (the product takes u as A), so
+    the two small terms of 3xTF32 round in another order and the bits of s^(1) differ; and the
+    default is the product. (row_pass_kernel's t = 1 pass makes the same products in the same
+    order over the same chunks: on the MNIST layer's sizes the two give the same bits.)"""
+    gen = make_generator("emulation-first-sums")
+    ins = make_routing_inputs(SHAPES[2], torch.float32, "cpu", bias=False, gen=gen)
+    sums = {}
+    for value in ("0", "1", None):
+        if value is None:
+            monkeypatch.delenv("CAPSROUTE_FIRST_SUMS")
+        else:
+            monkeypatch.setenv("CAPSROUTE_FIRST_SUMS", value)
+        sums[value] = emu.dynamic_routing(ins.u, ins.weight, None, 1, False, False, 1e-8, False)[2]
+    assert not torch.equal(sums["0"], sums["1"])
+    assert torch.equal(sums[None], sums["1"])
 
 
 @pytest.mark.parametrize("value", ["-1", "lots", "12MB"])
@@ -531,9 +572,10 @@ def test_unaligned_weight(emu, monkeypatch):
     """A weight whose data is not 16-byte aligned (a view at an odd offset) is staged with
     plain copies instead of 16-byte cp.async (which would fault on a GPU, and aborts in the
     emulation); the results are the same bits as for an aligned copy. (Both take
-    weight_grad_kernel's last pass: weight_grad_capsules_kernel, which needs aligned rows,
-    sums the batch in another order.)"""
+    weight_grad_kernel's last pass and the first pass: weight_grad_capsules_kernel and
+    first_sums_kernel, which need aligned rows, sum in other orders.)"""
     monkeypatch.setenv("CAPSROUTE_CAPSULE_GRAD", "0")
+    monkeypatch.setenv("CAPSROUTE_FIRST_SUMS", "0")
     shape = SHAPES[0]
     gen = make_generator("emulation-unaligned")
     ins = make_routing_inputs(shape, torch.float32, "cpu", bias=False, gen=gen)

@@ -100,6 +100,24 @@ def test_parked_rows_cuda(dtype, shape, monkeypatch):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+@pytest.mark.parametrize("first_sums", ["1", "0"], ids=["one-product", "pass"])
+@pytest.mark.parametrize("shape", [CANONICAL, Shape(70, 2403, 20, 8, 16), Shape(9, 300, 64, 24, 16)],
+                         ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_first_sums_cuda(dtype, shape, first_sums, monkeypatch):
+    """The forward's first iteration as one matrix product (first_sums_kernel, the default
+    where D_in is a multiple of 8) and by the pass it replaces (CAPSROUTE_FIRST_SUMS=0), against
+    the reference: the MNIST layer; 70 batch elements (two blocks of rows, one short) over
+    many input capsules (several staged chunks a block) and two groups of output capsules; 64
+    capsules of 24 input dims (7 blocks of columns, the last one short; chunks of 32 dims that
+    end inside a capsule)."""
+    monkeypatch.setenv("CAPSROUTE_FIRST_SUMS", first_sums)
+    for iterations in (1, 3):
+        run_case("dynamic_routing", shape, dtype, "cuda", iterations=iterations, bias=True,
+                 leaky=True, detach=False, return_coupling=False)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
 @pytest.mark.parametrize("cache_mb", ["1024", "0"], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("op", OPS)

@@ -2196,6 +2196,155 @@ row_pass_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, 
   }
 }
 
+// --- the first iteration's sums as one matrix product ----------------------------------
+//
+// At t = 1 every coupling is uniform_coupling(n), so s^(1)[b, n] (n = j D_out + d) is that
+// times sum_(i, k) u[b, i, k] W[i, j, d, k]: one matrix product of u, read as the [B, N_in D_in]
+// matrix it is in memory, by W read as [N_in D_in, N_out D_out] (8 input dims of W[i, j, d]
+// are 32 contiguous bytes in float32). first_sums_kernel makes it split along N_in D_in:
+// block (p, mb, nb) adds up the input capsules of chunk p for kFirstRows batch elements and
+// kFirstCols columns, and writes them as partial sum p, which finish_iteration adds in order
+// with the other chunks'. Each of the 8 warps owns 32 x 40 of them (2 x 5 m16n8 products), its
+// operands read from two shared-memory buffers that cp.async fills kFirstK input dims at a
+// time. Per 8 input dims a warp issues the same 30 products (3xTF32) as row_pass_kernel's
+// t = 1 pass issues per capsule, in 196 instructions where that pass issues ~455 (SASS,
+// float32): no rewrite of W[i] into operands, two block barriers per 4 capsules instead of
+// two per capsule. Needs D_in % 8 == 0 and 16-byte aligned u and W (Dims::rows8): then each
+// 8 input dims belong to one capsule and copy in 16-byte pieces.
+constexpr int kFirstRows = 64;                  // batch elements per block
+constexpr int kFirstCols = 160;                 // columns (n) per block
+constexpr int kFirstK = 32;                     // input dims per staged buffer
+constexpr int kFirstWarpCols = kFirstCols / 4;  // 40: 5 products of 8 columns
+
+// Elements per staged row: kFirstK, padded to keep rows 16-byte aligned and make a warp's
+// fragment loads (lane (g, t) reads row g, element t) fall in distinct banks (float32: rows 36
+// words apart, banks 4g + t; 16-bit types: 20 words apart, two lanes per word).
+template <typename T>
+__host__ __device__ constexpr int first_stride() {
+  return kFirstK + 16 / static_cast<int>(sizeof(T));
+}
+
+// One buffer: the rows of u, [kFirstRows][first_stride], then the columns of W,
+// [kFirstCols][first_stride]; the kernel has two.
+template <typename T>
+__host__ __device__ constexpr size_t first_buffer_bytes() {
+  return size_t(kFirstRows + kFirstCols) * first_stride<T>() * sizeof(T);
+}
+
+// partial[p, b, n] = uniform_coupling(n) * sum of u[b, i, :] . W[i, j, d, :] over the input
+// capsules i of chunk p (blockIdx.x; n.i_per_block each), for the block's kFirstRows batch
+// elements (blockIdx.y) and kFirstCols columns (blockIdx.z).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kPassBlocksPerSM)
+first_sums_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W, Dims n,
+                  float* __restrict__ partial) {
+  constexpr bool kExact = !std::is_same<scalar_t, float>::value;
+  constexpr int S = first_stride<scalar_t>();
+  constexpr int kPiece = 16 / sizeof(scalar_t);  // elements of a 16-byte copy
+  constexpr int kPieces = kFirstK / kPiece;      // copies per staged row
+  static_assert(kThreads % kPieces == 0, "each thread copies the same piece of its rows");
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int wm = warp & 1, wn = warp >> 1;  // the warp's rows 32 wm .., columns 40 wn ..
+  const int64_t b0 = int64_t(blockIdx.y) * kFirstRows, n0 = int64_t(blockIdx.z) * kFirstCols;
+  const int64_t K = n.N_in * n.D_in;  // u's row length
+  const int64_t k_begin = int64_t(blockIdx.x) * n.i_per_block * n.D_in;
+  const int64_t k_end = min(k_begin + int64_t(n.i_per_block) * n.D_in, K);
+  scalar_t* const smem = dynamic_smem<scalar_t>();
+  auto rows_of = [&](int x) { return smem + x * (kFirstRows + kFirstCols) * S; };  // of u
+  auto cols_of = [&](int x) { return rows_of(x) + kFirstRows * S; };              // of W
+
+  // Rows past B and columns past J are never copied: zeros in both buffers, once.
+  for (int e = threadIdx.x; e < 2 * (kFirstRows + kFirstCols); e += blockDim.x) {
+    const int x = e / (kFirstRows + kFirstCols), r = e % (kFirstRows + kFirstCols);
+    const bool outside = r < kFirstRows ? b0 + r >= n.B : n0 + (r - kFirstRows) >= n.J;
+    if (outside)
+      for (int k = 0; k < kFirstK; ++k) rows_of(x)[r * S + k] = Scalar<scalar_t>::store(0.f);
+  }
+
+  // The thread copies piece q of rows (and columns) first, first + step, ...: u[b, k0 + kq ..]
+  // and W[i, n, k ..] for the input dim k0 + kq = i D_in + k, which it follows from chunk
+  // to chunk.
+  const int q = threadIdx.x % kPieces, first = threadIdx.x / kPieces, step = kThreads / kPieces;
+  const int kq = q * kPiece;
+  int64_t wi = (k_begin + kq) / n.D_in;
+  int wk = static_cast<int>((k_begin + kq) - wi * n.D_in);
+  auto stage = [&](int64_t k0, int x) {
+    if (k0 + kq < k_end) {  // (k_end - k0 is a multiple of 8, a piece at most 8 elements)
+      const scalar_t* from = u + b0 * K + k0 + kq;
+      scalar_t* to = rows_of(x) + kq;
+      for (int r = first; r < kFirstRows; r += step)
+        if (b0 + r < n.B) cp_async16(to + r * S, from + r * K);
+      const scalar_t* w = W + (wi * n.J + n0) * n.D_in + wk;
+      scalar_t* wto = cols_of(x) + kq;
+      for (int c = first; c < kFirstCols; c += step)
+        if (n0 + c < n.J) cp_async16(wto + c * S, w + c * n.D_in);
+    }
+    for (wk += kFirstK; wk >= n.D_in; wk -= static_cast<int>(n.D_in)) ++wi;  // the next chunk's
+  };
+
+  float acc[2][5][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 5; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+  // Warp-uniform: how many of the warp's products have rows below B (m_tiles of 2) and
+  // columns below J (n_tiles of 5); a warp with none only stages and waits.
+  const int64_t rows_left = n.B - b0 - 32 * wm, cols_left = n.J - n0 - kFirstWarpCols * wn;
+  const int m_tiles = rows_left <= 0 ? 0 : rows_left >= 32 ? 2 : static_cast<int>((rows_left + 15) / 16);
+  const int n_tiles = cols_left <= 0 ? 0 : cols_left >= 40 ? 5 : static_cast<int>((cols_left + 7) / 8);
+
+  if (k_begin < k_end) stage(k_begin, 0);
+  cp_async_commit();
+  int x = 0;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kFirstK, x ^= 1) {
+    if (k0 + kFirstK < k_end) stage(k0 + kFirstK, x ^ 1);
+    cp_async_commit();
+    cp_async_wait_one();  // this chunk's copies have landed (the next chunk's may not)
+    __syncthreads();
+    const scalar_t* a = rows_of(x) + (32 * wm + g) * S + t;
+    const scalar_t* bw = cols_of(x) + (kFirstWarpCols * wn + g) * S + t;
+    const int steps = m_tiles > 0 && n_tiles > 0 ? static_cast<int>(min(int64_t(kFirstK), k_end - k0)) / 8 : 0;
+    for (int s8 = 0; s8 < steps; ++s8) {
+      uint32_t a_hi[2][4], a_lo[2][4] = {};
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          split_tf32<kExact>(Scalar<scalar_t>::load(a + (16 * mt + 8 * (e & 1)) * S + 4 * (e >> 1) + 8 * s8),
+                             a_hi[mt][e], a_lo[mt][e]);
+#pragma unroll
+      for (int nt = 0; nt < 5; ++nt) {
+        if (nt >= n_tiles) break;  // warp-uniform
+        uint32_t b_hi[2], b_lo[2] = {};
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          split_tf32<kExact>(Scalar<scalar_t>::load(bw + 8 * nt * S + 4 * e + 8 * s8), b_hi[e],
+                             b_lo[e]);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+          if (mt < m_tiles) mma_split_add<kExact>(acc[mt][nt], a_hi[mt], a_lo[mt], b_hi, b_lo);
+      }
+    }
+    __syncthreads();  // every warp is done with buffer x before it is staged again
+  }
+
+  // The lane's values: rows 16 mt + g (+ 8), columns 8 nt + 2 t (+ 1) of the warp's.
+  const float uniform = uniform_coupling<float>(n);
+  float* out = partial + int64_t(blockIdx.x) * n.B * n.J;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 5; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t b = b0 + 32 * wm + 16 * mt + g + 8 * (e >> 1);
+        const int64_t c = n0 + kFirstWarpCols * wn + 8 * nt + 2 * t + (e & 1);
+        if (b < n.B && c < n.J) out[b * n.J + c] = uniform * acc[mt][nt][e];
+      }
+}
+
 // --- per-(b, j) kernels: one warp per output capsule (D_out <= 32) -----------------------
 
 template <typename T>

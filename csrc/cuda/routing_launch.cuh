@@ -354,6 +354,36 @@ void launch_row_pass(const cuda::WeightSource<T>& src, const Dims& d, dim3 grid,
     go(std::integral_constant<int, 1>{});
 }
 
+// Whether the forward's first iteration makes its sums as one matrix product
+// (first_sums_kernel) instead of a pass: dynamic_routing in float32 and the half types where
+// D_in % 8 == 0 and u and W are 16-byte aligned (Dims::rows8). CAPSROUTE_FIRST_SUMS=0 keeps
+// the pass, for measuring one against the other. (The caller also keeps the pass where the
+// call returns the couplings of a single iteration: the passes write them.)
+template <typename Src, typename T>
+bool use_first_sums(const Dims& d) {
+  if constexpr (kRowSource<Src, T>)
+    return d.rows8 && ceil_div(d.J, cuda::kFirstCols) <= 65535 &&
+           env_number("CAPSROUTE_FIRST_SUMS", "0 or 1") != 0;
+  return false;
+}
+
+// first_sums_kernel's grid, its chunks of input capsules planned in f (a copy of the forward's
+// dims) as the passes' are, one wave of two blocks per multiprocessor, but with no more
+// partial sums than the forward's scratch holds (f.partials).
+inline dim3 plan_first_sums(Dims& f) {
+  const int64_t m_blocks = ceil_div(f.B, cuda::kFirstRows);
+  const int64_t n_blocks = ceil_div(f.J, cuda::kFirstCols);
+  const int capacity = f.partials;
+  plan_chunks(f, cuda::kPassBlocksPerSM, m_blocks * n_blocks);
+  if (f.partials > capacity) {
+    f.i_per_block = static_cast<int>(ceil_div(f.N_in, capacity));
+    f.n_chunks = static_cast<int>(ceil_div(f.N_in, f.i_per_block));
+    f.partials = f.n_chunks;
+  }
+  return dim3(static_cast<unsigned>(f.n_chunks), static_cast<unsigned>(m_blocks),
+              static_cast<unsigned>(n_blocks));
+}
+
 template <int DT, typename Src, typename T>
 void forward(const Src& src, const Dims& dims, int64_t iterations, double eps, const T* bias,
              T* v, T* c, typename cuda::Scalar<T>::acc* s, const at::TensorOptions& acc_opts) {
@@ -364,6 +394,10 @@ void forward(const Src& src, const Dims& dims, int64_t iterations, double eps, c
   int row_threads = 0;
   const dim3 row_grid =
       rows ? plan_row_pass(d, row_threads, std::is_same<T, float>::value) : dim3();
+  // Iteration 1 as one matrix product, its chunks planned in f.
+  const bool first_sums = !(iterations == 1 && c != nullptr) && use_first_sums<Src, T>(d);
+  Dims f = d;
+  const dim3 first_grid = first_sums ? plan_first_sums(f) : dim3();
   // Written first by iteration 1's finish.
   auto V = rows ? row_scratch(d, 1, acc_opts) : tiled_scratch(d, 1, acc_opts);
   auto partial = cuda::scratch({d.partials, d.B, d.J}, acc_opts);
@@ -378,7 +412,12 @@ void forward(const Src& src, const Dims& dims, int64_t iterations, double eps, c
                                 acc_opts, stream);
       st.stats = aptr<acc_t>(stats);
     }
-    if (rows) {
+    if (t == 1 && first_sums) {
+      if constexpr (kRowSource<Src, T>)
+        cuda::launch(cuda::first_sums_kernel<T>, first_grid, cuda::kThreads,
+                     2 * cuda::first_buffer_bytes<T>(), stream, src.u, src.W, f,
+                     aptr<acc_t>(partial));
+    } else if (rows) {
       if constexpr (kRowSource<Src, T>) {
         cuda::RowState rs;
         rs.V = aptr<acc_t>(V);
@@ -398,7 +437,8 @@ void forward(const Src& src, const Dims& dims, int64_t iterations, double eps, c
     }
     with_capsule_vec<acc_t>(d, [&](auto vw) {
       cuda::launch(cuda::finish_iteration_kernel<decltype(vw)::value, T>, capsule_grid(d), 256,
-                   0, stream, d, aptr<acc_t>(partial), bias, eps, t == 1, rows, aptr<acc_t>(V),
+                   0, stream, t == 1 && first_sums ? f : d, aptr<acc_t>(partial), bias, eps,
+                   t == 1, rows, aptr<acc_t>(V),
                    s + (t - 1) * d.B * d.J, last ? v : nullptr);
     });
   }
