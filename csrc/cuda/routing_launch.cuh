@@ -368,18 +368,18 @@ bool use_first_sums(const Dims& d) {
 }
 
 // first_sums_kernel's grid, its chunks of input capsules planned in f (a copy of the forward's
-// dims) as the passes' are, one wave of two blocks per multiprocessor, but with no more
-// partial sums than the forward's scratch holds (f.partials).
+// dims): as many as fit one wave of two blocks per multiprocessor beside the blocks of rows
+// and columns (rounded down: a block past the wave would double the time), but no more than
+// the forward's scratch holds partial sums (f.partials).
 inline dim3 plan_first_sums(Dims& f) {
   const int64_t m_blocks = ceil_div(f.B, cuda::kFirstRows);
   const int64_t n_blocks = ceil_div(f.J, cuda::kFirstCols);
-  const int capacity = f.partials;
-  plan_chunks(f, cuda::kPassBlocksPerSM, m_blocks * n_blocks);
-  if (f.partials > capacity) {
-    f.i_per_block = static_cast<int>(ceil_div(f.N_in, capacity));
-    f.n_chunks = static_cast<int>(ceil_div(f.N_in, f.i_per_block));
-    f.partials = f.n_chunks;
-  }
+  const int64_t slots = int64_t(cuda::device_info().multiprocessors) * cuda::kPassBlocksPerSM;
+  const int64_t chunks =
+      std::clamp<int64_t>(slots / (m_blocks * n_blocks), 1, std::min<int64_t>(f.N_in, f.partials));
+  f.i_per_block = static_cast<int>(ceil_div(f.N_in, chunks));
+  f.n_chunks = static_cast<int>(ceil_div(f.N_in, f.i_per_block));
+  f.partials = f.n_chunks;
   return dim3(static_cast<unsigned>(f.n_chunks), static_cast<unsigned>(m_blocks),
               static_cast<unsigned>(n_blocks));
 }
