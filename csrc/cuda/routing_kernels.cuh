@@ -19,7 +19,8 @@
 // (Pass::kStats, merge_group_stats_kernel); with them given, a group's pass uses each
 // prediction tile for its agreement and its sum (group_walk). The forward's and the gradient
 // passes of the usual layer sizes run on row_pass_kernel instead, 16 batch elements per
-// product.
+// product; the first iteration's sums, which need no agreements, are one matrix product
+// (first_sums_kernel) where D_in is a multiple of 8.
 //
 // Sums over input capsules are formed per warp in registers, written per block, and added
 // across blocks by a separate kernel in block order: no float atomics, so results are
@@ -2250,8 +2251,8 @@ first_sums_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W
   const int64_t k_begin = int64_t(blockIdx.x) * n.i_per_block * n.D_in;
   const int64_t k_end = min(k_begin + int64_t(n.i_per_block) * n.D_in, K);
   scalar_t* const smem = dynamic_smem<scalar_t>();
-  auto rows_of = [&](int x) { return smem + x * (kFirstRows + kFirstCols) * S; };  // of u
-  auto cols_of = [&](int x) { return rows_of(x) + kFirstRows * S; };              // of W
+  auto rows_of = [&](int x) { return smem + x * (kFirstRows + kFirstCols) * S; };  // u's
+  auto cols_of = [&](int x) { return rows_of(x) + kFirstRows * S; };              // W's
 
   // Rows past B and columns past J are never copied: zeros in both buffers, once.
   for (int e = threadIdx.x; e < 2 * (kFirstRows + kFirstCols); e += blockDim.x) {
@@ -2292,8 +2293,10 @@ first_sums_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W
   // Warp-uniform: how many of the warp's products have rows below B (m_tiles of 2) and
   // columns below J (n_tiles of 5); a warp with none only stages and waits.
   const int64_t rows_left = n.B - b0 - 32 * wm, cols_left = n.J - n0 - kFirstWarpCols * wn;
-  const int m_tiles = rows_left <= 0 ? 0 : rows_left >= 32 ? 2 : static_cast<int>((rows_left + 15) / 16);
-  const int n_tiles = cols_left <= 0 ? 0 : cols_left >= 40 ? 5 : static_cast<int>((cols_left + 7) / 8);
+  const int m_tiles =
+      rows_left <= 0 ? 0 : rows_left >= 32 ? 2 : static_cast<int>((rows_left + 15) / 16);
+  const int n_tiles =
+      cols_left <= 0 ? 0 : cols_left >= 40 ? 5 : static_cast<int>((cols_left + 7) / 8);
 
   if (k_begin < k_end) stage(k_begin, 0);
   cp_async_commit();
@@ -2305,15 +2308,18 @@ first_sums_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W
     __syncthreads();
     const scalar_t* a = rows_of(x) + (32 * wm + g) * S + t;
     const scalar_t* bw = cols_of(x) + (kFirstWarpCols * wn + g) * S + t;
-    const int steps = m_tiles > 0 && n_tiles > 0 ? static_cast<int>(min(int64_t(kFirstK), k_end - k0)) / 8 : 0;
+    const int steps = m_tiles > 0 && n_tiles > 0
+                          ? static_cast<int>(min(int64_t(kFirstK), k_end - k0)) / 8
+                          : 0;
     for (int s8 = 0; s8 < steps; ++s8) {
       uint32_t a_hi[2][4], a_lo[2][4] = {};
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          split_tf32<kExact>(Scalar<scalar_t>::load(a + (16 * mt + 8 * (e & 1)) * S + 4 * (e >> 1) + 8 * s8),
-                             a_hi[mt][e], a_lo[mt][e]);
+        for (int e = 0; e < 4; ++e) {
+          const scalar_t* p = a + (16 * mt + 8 * (e & 1)) * S + 4 * (e >> 1) + 8 * s8;
+          split_tf32<kExact>(Scalar<scalar_t>::load(p), a_hi[mt][e], a_lo[mt][e]);
+        }
 #pragma unroll
       for (int nt = 0; nt < 5; ++nt) {
         if (nt >= n_tiles) break;  // warp-uniform

@@ -4,14 +4,16 @@
 //
 // Forward, per iteration t: one pass over the input capsules (routing_pass_kernel) writes a
 // partial sum per block of capsules, and finish_iteration_kernel adds them in block order,
-// squashes and updates the running sum V. Backward: the sweep t = r .. t_min alternates a
-// pass that forms the logit-gradient term G with a per-capsule step that maps it through
-// squash; a last pass (route_grad_kernel / weight_grad_kernel) forms the input gradients.
-// With several groups of output capsules, a statistics pass first makes each iteration's
-// softmax statistics over all capsules. Temporaries are O(B * N_out * D_out) (per-block
-// partial sums included), plus O(B * N_in * iterations) statistics with several groups (and
-// while they are made, each group's: O(B * N_in * groups)) and grad_u's per-group parts:
-// nothing grows with N_in * N_out * D_out.
+// squashes and updates the running sum V. (At t = 1, where the couplings are uniform, the
+// partial sums are those of one matrix product where first_sums_kernel applies.) Backward:
+// the sweep t = r .. t_min alternates a pass that forms the logit-gradient term G with a
+// per-capsule step that maps it through squash; a last pass (route_grad_kernel /
+// weight_grad_kernel) forms the input gradients. With several groups of output capsules, a
+// statistics pass first makes each iteration's softmax statistics over all capsules.
+// Temporaries are O(B * N_out * D_out) (per-block partial sums included), plus
+// O(B * N_in * iterations) statistics with several groups (and while they are made, each
+// group's: O(B * N_in * groups)) and grad_u's per-group parts: nothing grows with
+// N_in * N_out * D_out.
 #pragma once
 
 #include <ATen/ATen.h>
