@@ -2298,7 +2298,7 @@ first_sums_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ W
   const int n_tiles =
       cols_left <= 0 ? 0 : cols_left >= 40 ? 5 : static_cast<int>((cols_left + 7) / 8);
 
-  if (k_begin < k_end) stage(k_begin, 0);
+  stage(k_begin, 0);
   cp_async_commit();
   int x = 0;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kFirstK, x ^= 1) {

@@ -72,15 +72,20 @@ inline int dim_tiles(const char* op, int64_t D_out) {
   return D_out <= cuda::kTileD ? 1 : 2;
 }
 
-// A kernel's chunks of input capsules (d.i_per_block, d.n_chunks), for a grid whose other
-// dimensions hold `others` blocks: one wave of `per_sm` blocks per multiprocessor, enough to
-// fill the GPU with as few per-chunk partial sums as that allows.
-inline void plan_chunks(Dims& d, int64_t per_sm, int64_t others) {
-  const int64_t want = ceil_div(cuda::device_info().multiprocessors * per_sm, others);
-  const int64_t chunks = std::clamp<int64_t>(want, 1, d.N_in);
+// N_in split into at most `chunks` (1 .. N_in) chunks of input capsules, one per block along
+// N_in: d.i_per_block, d.n_chunks, and a partial sum per chunk.
+inline void set_chunks(Dims& d, int64_t chunks) {
   d.i_per_block = static_cast<int>(ceil_div(d.N_in, chunks));
   d.n_chunks = static_cast<int>(ceil_div(d.N_in, d.i_per_block));
   d.partials = d.n_chunks;
+}
+
+// A kernel's chunks of input capsules, for a grid whose other dimensions hold `others`
+// blocks: one wave of `per_sm` blocks per multiprocessor, enough to fill the GPU with as few
+// per-chunk partial sums as that allows.
+inline void plan_chunks(Dims& d, int64_t per_sm, int64_t others) {
+  const int64_t want = ceil_div(cuda::device_info().multiprocessors * per_sm, others);
+  set_chunks(d, std::clamp<int64_t>(want, 1, d.N_in));
 }
 
 inline Dims make_dims(const char* op, const RoutingSizes& n, bool leaky) {
@@ -377,11 +382,8 @@ inline dim3 plan_first_sums(Dims& f) {
   const int64_t m_blocks = ceil_div(f.B, cuda::kFirstRows);
   const int64_t n_blocks = ceil_div(f.J, cuda::kFirstCols);
   const int64_t slots = int64_t(cuda::device_info().multiprocessors) * cuda::kPassBlocksPerSM;
-  const int64_t chunks =
-      std::clamp<int64_t>(slots / (m_blocks * n_blocks), 1, std::min<int64_t>(f.N_in, f.partials));
-  f.i_per_block = static_cast<int>(ceil_div(f.N_in, chunks));
-  f.n_chunks = static_cast<int>(ceil_div(f.N_in, f.i_per_block));
-  f.partials = f.n_chunks;
+  set_chunks(f, std::clamp<int64_t>(slots / (m_blocks * n_blocks), 1,
+                                    std::min<int64_t>(f.N_in, f.partials)));
   return dim3(static_cast<unsigned>(f.n_chunks), static_cast<unsigned>(m_blocks),
               static_cast<unsigned>(n_blocks));
 }
