@@ -420,36 +420,39 @@ def target_checks(rows: List[Row], device: str,
     by_config = {r.config: r for r in rows}
     checks: List[Tuple[str, str, Optional[bool]]] = []
 
-    def check(what: str, measured: Optional[str], met: Optional[bool]) -> None:
-        checks.append((what, "-" if measured is None else measured, None if measured is None else met))
+    def check(what: str, values: Tuple[Optional[float], ...], show: Callable[..., str],
+              meets: Callable[..., bool]) -> None:
+        if any(x is None for x in values):
+            checks.append((what, "-", None))
+        else:
+            checks.append((what, show(*values), meets(*values)))
 
     for config, pass_name, baseline, least in RATIO_TARGETS[device]:
         row = by_config.get(config)
         if row is None or baseline not in baselines:
             continue
-        fused, base = row.times_ms.get(f"{pass_name}/fused"), row.times_ms.get(f"{pass_name}/{baseline}")
-        ratio = None if fused is None or base is None else base / fused
         check(f"{config} {pass_name}: >= {least:g}x {baseline}",
-              None if ratio is None else f"{ratio:.1f}x", ratio is not None and ratio >= least)
+              (row.times_ms.get(f"{pass_name}/fused"), row.times_ms.get(f"{pass_name}/{baseline}")),
+              lambda fused, base: f"{base / fused:.1f}x",
+              lambda fused, base: base / fused >= least)
     if device != "cuda":
         return checks
     single, half = by_config.get("B=128 fp32"), by_config.get("B=128 bf16")
     if single is not None and half is not None:
         for pass_name in ("fwd", "fwd+bwd"):
-            a, b = half.times_ms.get(f"{pass_name}/fused"), single.times_ms.get(f"{pass_name}/fused")
+            key = f"{pass_name}/fused"
             check(f"B=128 bf16 {pass_name}: fused no slower than fp32",
-                  None if a is None or b is None else f"{a:.3f} vs {b:.3f} ms",
-                  a is not None and b is not None and a <= b)
+                  (half.times_ms.get(key), single.times_ms.get(key)),
+                  lambda a, b: f"{a:.3f} vs {b:.3f} ms", lambda a, b: a <= b)
     if single is not None:
-        fused, eager = single.peak_mib.get("fused"), single.peak_mib.get("eager")
         check("B=128 fp32 fwd+bwd: peak extra memory <= 1/10 of eager's",
-              None if fused is None or eager is None else f"{fused:.0f} vs {eager:.0f} MiB",
-              fused is not None and eager is not None and fused <= eager / 10)
+              (single.peak_mib.get("fused"), single.peak_mib.get("eager")),
+              lambda fused, eager: f"{fused:.0f} vs {eager:.0f} MiB",
+              lambda fused, eager: fused <= eager / 10)
     scale = by_config.get(SCALE)
     if scale is not None:
-        fused = scale.peak_mib.get("fused")
-        check(f"{SCALE} fwd+bwd: peak extra memory <= 3 GB",
-              None if fused is None else f"{fused:.0f} MiB", fused is not None and fused * 2**20 <= 3e9)
+        check(f"{SCALE} fwd+bwd: peak extra memory <= 3 GB", (scale.peak_mib.get("fused"),),
+              lambda fused: f"{fused:.0f} MiB", lambda fused: fused * 2**20 <= 3e9)
     return checks
 
 

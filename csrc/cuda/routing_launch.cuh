@@ -363,13 +363,13 @@ void launch_row_pass(const cuda::WeightSource<T>& src, const Dims& d, dim3 grid,
 
 // Whether the forward's first iteration makes its sums as one matrix product
 // (first_sums_kernel) instead of a pass: dynamic_routing in float32 and the half types where
-// D_in % 8 == 0 and u and W are 16-byte aligned (Dims::rows8). CAPSROUTE_FIRST_SUMS=0 keeps
-// the pass, for measuring one against the other. (The caller also keeps the pass where the
-// call returns the couplings of a single iteration: the passes write them.)
+// D_in % 8 == 0 and u and W are 16-byte aligned (Dims::rows8), unless the first iteration is
+// the last and its couplings are returned (`c_out`: the passes write them).
+// CAPSROUTE_FIRST_SUMS=0 keeps the pass, for measuring one against the other.
 template <typename Src, typename T>
-bool use_first_sums(const Dims& d) {
+bool use_first_sums(const Dims& d, int64_t iterations, bool c_out) {
   if constexpr (kRowSource<Src, T>)
-    return d.rows8 && ceil_div(d.J, cuda::kFirstCols) <= 65535 &&
+    return d.rows8 && !(iterations == 1 && c_out) && ceil_div(d.J, cuda::kFirstCols) <= 65535 &&
            env_number("CAPSROUTE_FIRST_SUMS", "0 or 1") != 0;
   return false;
 }
@@ -399,7 +399,7 @@ void forward(const Src& src, const Dims& dims, int64_t iterations, double eps, c
   const dim3 row_grid =
       rows ? plan_row_pass(d, row_threads, std::is_same<T, float>::value) : dim3();
   // Iteration 1 as one matrix product, its chunks planned in f.
-  const bool first_sums = !(iterations == 1 && c != nullptr) && use_first_sums<Src, T>(d);
+  const bool first_sums = use_first_sums<Src, T>(d, iterations, c != nullptr);
   Dims f = d;
   const dim3 first_grid = first_sums ? plan_first_sums(f) : dim3();
   // Written first by iteration 1's finish.
