@@ -323,6 +323,30 @@ def test_row_pass_chunks(emu, monkeypatch, blocks):
                  leaky=True, detach=False, return_coupling=True)
 
 
+# plan_chunks fills at most one wave of blocks: where the grid's other dimensions (here 3
+# blocks of row tiles, B = 130) do not divide it (the emulation's 4 slots at 2 blocks per
+# "multiprocessor"), it rounds the chunks down (1 chunk, 3 blocks), not up (2 chunks, 6 blocks:
+# 2 past the wave, a second wave as long as the first on a GPU). The sums' bits tell the plans
+# apart: the default's are those of one block per multiprocessor (2 slots: 1 chunk), not those
+# of 3 (6 slots: 2 chunks), which rounding up would give.
+def test_chunks_fill_one_wave(emu, monkeypatch):
+    shape = Shape(130, 5, 10, 8, 16)
+    run_emulated(emu, "dynamic_routing", shape, torch.float32, iterations=2, bias=False,
+                 leaky=False, detach=False, return_coupling=False)
+    ins = make_routing_inputs(shape, torch.float32, "cpu", bias=False,
+                              gen=make_generator("emulation-one-wave"))
+    sums = {}
+    for blocks in (None, "1", "3"):
+        if blocks is None:
+            monkeypatch.delenv("CAPSROUTE_ROW_BLOCKS_PER_SM", raising=False)
+        else:
+            monkeypatch.setenv("CAPSROUTE_ROW_BLOCKS_PER_SM", blocks)
+        sums[blocks] = emu.dynamic_routing(ins.u, ins.weight, None, 2, False, False, 1e-8,
+                                           False)[2][1]
+    assert torch.equal(sums[None], sums["1"])
+    assert not torch.equal(sums[None], sums["3"])
+
+
 # The backward keeps the gradient passes' couplings for its last pass where they fit
 # CAPSROUTE_COUPLING_CACHE_MB (every other test here: they do); with 0 the last pass
 # recomputes them from the predictions.
