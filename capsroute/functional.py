@@ -23,7 +23,11 @@ RoutingOutput = Union[Tensor, Tuple[Tensor, Tensor]]
 def _options(iterations, eps) -> Tuple[int, float]:
     # Python-level type checks; the values are checked by the op itself. Integers and reals of
     # other types (numpy's, from a config file) are taken as torch's own ops take them; bools
-    # and tensors are not (a tensor's value would mean a device sync).
+    # and tensors are not (a tensor's value would mean a device sync). A plain int and float,
+    # the usual call, skip the checks against the numbers ABCs, a few microseconds of host
+    # time per call.
+    if type(iterations) is int and type(eps) is float:
+        return iterations, eps
     if isinstance(iterations, (bool, Tensor)) or not isinstance(iterations, numbers.Integral):
         raise TypeError(f"capsroute: expected iterations to be an int, but got "
                         f"{type(iterations).__name__}")
@@ -37,7 +41,7 @@ def _prepare(*tensors: Optional[Tensor]):
     in float32; as for PyTorch's own ops, float64 inputs are left alone) and refuse CUDA
     tensors, in any argument, when this build has no CUDA kernels."""
     first = tensors[0]
-    if any(isinstance(t, Tensor) and t.is_cuda for t in tensors) and not _ops.HAS_CUDA_KERNELS:
+    if not _ops.HAS_CUDA_KERNELS and any(isinstance(t, Tensor) and t.is_cuda for t in tensors):
         raise RuntimeError(
             "capsroute was built without CUDA kernels, but got a CUDA tensor; reinstall "
             "with a CUDA toolkit and a CUDA build of torch (see README.md, 'Install')"
