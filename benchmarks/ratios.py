@@ -3,7 +3,8 @@
 For each configuration: the forward (under no_grad) and the forward+backward of
 `capsroute.dynamic_routing`, of the eager reference `capsroute.reference.dynamic_routing`,
 and of `torch.compile(reference.dynamic_routing)` (also mode="max-autotune" with
---max-autotune). The table leads with the ratios (how many times faster the fused op is),
+--max-autotune); with --op route, the same of `capsroute.route` and `reference.route` on
+predictions u_hat made once beforehand (contiguous), their gradient taken for u_hat. The table leads with the ratios (how many times faster the fused op is),
 then the absolute times, then memory: the bytes the autograd graph saves for the backward
 (measured with torch.autograd.graph.saved_tensors_hooks, distinct storages beyond the
 inputs) and, on CUDA, the peak memory a forward+backward allocates beyond its inputs.
@@ -12,7 +13,8 @@ CUDA: ratios, bf16 against float32, memory), met or not by this run's own figure
 
     python benchmarks/ratios.py                       # the preset of the detected device
     python benchmarks/ratios.py --suite cpu           # B=32 float32, the canonical CPU row
-    python benchmarks/ratios.py --suite gpu           # B=32/128/512 fp32, B=128 bf16, a scale shape
+    python benchmarks/ratios.py --suite gpu           # B=32/128/512 fp32, B=128 bf16, a scale shape, route
+    python benchmarks/ratios.py --op route --batch 64 # capsroute.route on given predictions
     python benchmarks/ratios.py --device cpu --batch 64 --dtype float64 --no-compile
     python benchmarks/ratios.py --json results.json   # also dump the rows
     python benchmarks/ratios.py --suite gpu --graph   # also each call replayed from a CUDA graph
@@ -66,9 +68,10 @@ class Config:
     D_out: int = 16
     iterations: int = 3
     dtype: str = "float32"
+    op: str = "dynamic_routing"  # or "route": the routing of given predictions u_hat
 
     def label(self) -> str:
-        shape = f"B={self.B}"
+        shape = ("route " if self.op == "route" else "") + f"B={self.B}"
         if (self.N_in, self.D_in, self.N_out, self.D_out) != (1152, 8, 10, 16):
             shape += f" N_in={self.N_in} D_in={self.D_in} N_out={self.N_out} D_out={self.D_out}"
         if self.iterations != 3:
@@ -84,8 +87,11 @@ SUITES = {
         Config(B=512),
         Config(B=128, dtype="bfloat16"),
         Config(B=128, N_in=32768, N_out=64, D_in=8, D_out=16),
+        Config(B=128, op="route"),  # last: issue 3 sets no target on route
     ],
 }
+OPS = {"dynamic_routing": (capsroute.dynamic_routing, reference.dynamic_routing),
+       "route": (capsroute.route, reference.route)}
 
 
 @dataclass
@@ -115,13 +121,17 @@ def free_memory(device: torch.device) -> None:
 
 
 def make_inputs(cfg: Config, device: torch.device, seed: int):
-    """Fresh random inputs of a realistic scale (v neither saturated nor vanishing)."""
+    """Fresh random inputs of a realistic scale (v neither saturated nor vanishing): the op's
+    tensor arguments, (u, W) or for route (u_hat,), and an incoming gradient of v."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     dtype = DTYPES[cfg.dtype]
     u = torch.randn(cfg.B, cfg.N_in, cfg.D_in, generator=g)
     W = torch.randn(cfg.N_in, cfg.N_out, cfg.D_out, cfg.D_in, generator=g) / (cfg.D_in * cfg.N_in) ** 0.5
-    gv = torch.randn(cfg.B, cfg.N_out, cfg.D_out, generator=g)
-    return [t.to(device=device, dtype=dtype) for t in (u, W, gv)]
+    gv = torch.randn(cfg.B, cfg.N_out, cfg.D_out, generator=g).to(device=device, dtype=dtype)
+    u, W = u.to(device), W.to(device)
+    if cfg.op == "route":  # made on the device: the scale shape's would not fit a CPU's memory
+        return (torch.einsum("bik,ijdk->bijd", u, W).to(dtype).contiguous(),), gv
+    return (u.to(dtype), W.to(dtype)), gv
 
 
 def sync(device: torch.device) -> None:
@@ -131,21 +141,20 @@ def sync(device: torch.device) -> None:
 
 # The timed calls. They do not synchronise: on CPU the work is done when they return, and
 # on CUDA the timing brackets them with events.
-def forward_fn(impl: Callable, u, W, iterations: int) -> Callable[[], None]:
+def forward_fn(impl: Callable, inputs, iterations: int) -> Callable[[], None]:
     def run():
         with torch.no_grad():
-            impl(u, W, iterations)
+            impl(*inputs, iterations)
 
     return run
 
 
-def fwd_bwd_fn(impl: Callable, u, W, gv, iterations: int) -> Callable[[], None]:
-    u = u.detach().requires_grad_()
-    W = W.detach().requires_grad_()
+def fwd_bwd_fn(impl: Callable, inputs, gv, iterations: int) -> Callable[[], None]:
+    leaves = tuple(t.detach().requires_grad_() for t in inputs)
 
     def run():
-        v = impl(u, W, iterations)
-        torch.autograd.grad(v, (u, W), gv)
+        v = impl(*leaves, iterations)
+        torch.autograd.grad(v, leaves, gv)
 
     return run
 
@@ -210,22 +219,21 @@ def time_cuda_graph(fn: Callable[[], None], repeats: int, warmup: int) -> float:
         del graph  # its memory pool goes with it
 
 
-def saved_bytes(impl: Callable, u, W, iterations: int) -> int:
+def saved_bytes(impl: Callable, inputs, iterations: int) -> int:
     """Bytes of the distinct storages the autograd graph keeps for the backward, beyond
     the inputs (which the caller holds anyway)."""
-    u = u.detach().requires_grad_()
-    W = W.detach().requires_grad_()
-    inputs = {u.untyped_storage().data_ptr(), W.untyped_storage().data_ptr()}
+    leaves = tuple(t.detach().requires_grad_() for t in inputs)
+    held = {t.untyped_storage().data_ptr() for t in leaves}
     storages: Dict[int, int] = {}
 
     def pack(t):
         st = t.untyped_storage()
-        if st.data_ptr() not in inputs:
+        if st.data_ptr() not in held:
             storages[st.data_ptr()] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        v = impl(u, W, iterations)
+        v = impl(*leaves, iterations)
     del v
     return sum(storages.values())
 
@@ -242,22 +250,23 @@ def peak_extra_bytes(fn: Callable[[], None], device: torch.device) -> int:
 
 def run_config(cfg: Config, device: torch.device, args) -> Row:
     row = Row(config=cfg.label(), device=device.type)
-    u, W, gv = make_inputs(cfg, device, seed=cfg.B + cfg.N_in)
-    impls: Dict[str, Callable] = {"fused": capsroute.dynamic_routing, "eager": reference.dynamic_routing}
+    inputs, gv = make_inputs(cfg, device, seed=cfg.B + cfg.N_in)
+    fused, ref = OPS[cfg.op]
+    impls: Dict[str, Callable] = {"fused": fused, "eager": ref}
     if not args.no_compile:
         torch._dynamo.reset()  # a fresh cache per configuration: no stale or limited recompiles
-        impls["compile"] = torch.compile(reference.dynamic_routing)
+        impls["compile"] = torch.compile(ref)
         if args.max_autotune:
-            impls["compile-ma"] = torch.compile(reference.dynamic_routing, mode="max-autotune")
+            impls["compile-ma"] = torch.compile(ref, mode="max-autotune")
 
     # Sanity: the fused op must agree with the reference before its speed means anything.
     # The reference runs in float32 (float64 for float64) on the same rounded inputs, so
     # that only the fused op's rounding is measured.
     try:
         with torch.no_grad():
-            acc = torch.float64 if u.dtype == torch.float64 else torch.float32
-            v = capsroute.dynamic_routing(u, W, cfg.iterations).to(acc)
-            v_ref = reference.dynamic_routing(u.to(acc), W.to(acc), cfg.iterations)
+            acc = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
+            v = fused(*inputs, cfg.iterations).to(acc)
+            v_ref = ref(*(t.to(acc) for t in inputs), cfg.iterations)
             row.rel_err = ((v - v_ref).norm() / v_ref.norm()).item()
             del v, v_ref
     except Exception as err:  # the reference may not fit in memory
@@ -270,9 +279,9 @@ def run_config(cfg: Config, device: torch.device, args) -> Row:
         fns = {}
         for name, impl in impls.items():
             if pass_name == "fwd":
-                fns[name] = forward_fn(impl, u, W, cfg.iterations)
+                fns[name] = forward_fn(impl, inputs, cfg.iterations)
             else:
-                fns[name] = fwd_bwd_fn(impl, u, W, gv, cfg.iterations)
+                fns[name] = fwd_bwd_fn(impl, inputs, gv, cfg.iterations)
         # Drop implementations that cannot run at this size (OOM), and warm the rest up
         # (this is also where torch.compile compiles).
         runnable = {}
@@ -315,7 +324,7 @@ def run_config(cfg: Config, device: torch.device, args) -> Row:
 
     for name, impl in impls.items():
         try:
-            row.saved_mib[name] = saved_bytes(impl, u, W, cfg.iterations) / 2**20
+            row.saved_mib[name] = saved_bytes(impl, inputs, cfg.iterations) / 2**20
         except Exception as err:
             if not is_oom(err):
                 raise
@@ -323,7 +332,7 @@ def run_config(cfg: Config, device: torch.device, args) -> Row:
         free_memory(device)
         if device.type == "cuda":
             try:
-                fn = fwd_bwd_fn(impl, u, W, gv, cfg.iterations)
+                fn = fwd_bwd_fn(impl, inputs, gv, cfg.iterations)
                 row.peak_mib[name] = peak_extra_bytes(fn, device) / 2**20
             except Exception as err:
                 if not is_oom(err):
@@ -497,6 +506,8 @@ def parse_args(argv=None):
     p.add_argument("--out-dim", type=int, default=16, help="D_out")
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--op", choices=sorted(OPS), default="dynamic_routing",
+                   help="route: capsroute.route on predictions made beforehand")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     p.add_argument("--max-autotune", action="store_true",
                    help='also time torch.compile(reference, mode="max-autotune")')
@@ -528,14 +539,14 @@ def main(argv=None) -> int:
         args.repeats = 15 if device.type == "cpu" else 50
 
     custom_shape = args.batch is not None or (
-        (args.in_caps, args.in_dim, args.out_caps, args.out_dim, args.iterations, args.dtype)
-        != (1152, 8, 10, 16, 3, "float32"))
+        (args.in_caps, args.in_dim, args.out_caps, args.out_dim, args.iterations, args.dtype,
+         args.op) != (1152, 8, 10, 16, 3, "float32", "dynamic_routing"))
     if args.suite is not None:
         configs = SUITES[args.suite]
     elif custom_shape:
         configs = [Config(B=args.batch or (32 if device.type == "cpu" else 128), N_in=args.in_caps,
                           D_in=args.in_dim, N_out=args.out_caps, D_out=args.out_dim,
-                          iterations=args.iterations, dtype=args.dtype)]
+                          iterations=args.iterations, dtype=args.dtype, op=args.op)]
     else:
         configs = SUITES["cpu" if device.type == "cpu" else "gpu"]
 

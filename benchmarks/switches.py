@@ -111,7 +111,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 def run_shape(cfg: Config, settings: List[Setting], device: torch.device, args) -> None:
     print(f"\n== {cfg.label()} on {device_name(device)}")
-    u, W, gv = make_inputs(cfg, device, seed=cfg.B + cfg.N_in)
+    (u, W), gv = make_inputs(cfg, device, seed=cfg.B + cfg.N_in)
 
     # The same results under every setting (else its time means nothing). A setting that
     # fails (a launch the GPU refuses, say) is said and left out of this shape's timings, so
@@ -136,8 +136,8 @@ def run_shape(cfg: Config, settings: List[Setting], device: torch.device, args) 
     if not settings:
         return
 
-    passes = {"fwd": lambda: forward_fn(capsroute.dynamic_routing, u, W, cfg.iterations),
-              "fwd+bwd": lambda: fwd_bwd_fn(capsroute.dynamic_routing, u, W, gv, cfg.iterations)}
+    passes = {"fwd": lambda: forward_fn(capsroute.dynamic_routing, (u, W), cfg.iterations),
+              "fwd+bwd": lambda: fwd_bwd_fn(capsroute.dynamic_routing, (u, W), gv, cfg.iterations)}
     samples: Dict[Tuple[int, str], List[float]] = {}
     for r in range(args.rounds):
         shift = r % len(settings)

@@ -111,3 +111,24 @@ def test_ratios_checks_the_targets_of_the_rows_it_made():
     assert ratios.target_checks([cpu], "cpu", ["eager"]) == [
         ("B=32 fp32 fwd: >= 10x eager", "12.0x", True),
         ("B=32 fp32 fwd+bwd: >= 5x eager", "4.8x", False)]
+
+
+def test_ratios_times_route_on_given_predictions(tmp_path, capsys):
+    """--op route times capsroute.route against reference.route on predictions made once,
+    after checking that the two agree; issue 3 sets no target on route, so none is listed."""
+    out_json = tmp_path / "route.json"
+    assert ratios.main(["--device", "cpu", "--op", "route", "--batch", "3", "--in-caps", "6",
+                        "--out-caps", "4", "--no-compile", "--repeats", "1", "--warmup", "0",
+                        "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    import json
+
+    data = json.load(open(out_json))
+    (row,) = data["rows"]
+    assert row["config"] == "route B=3 N_in=6 D_in=8 N_out=4 D_out=16 fp32"
+    assert row["rel_err"] < 1e-5
+    assert all(row["times_ms"][f"{p}/{n}"] > 0 for p in ("fwd", "fwd+bwd")
+               for n in ("fused", "eager")), row
+    assert row["saved_mib"]["fused"] < row["saved_mib"]["eager"], row
+    assert data["targets"] == [] and "targets (" not in out, out
+    assert ratios.SUITES["gpu"][-1] == ratios.Config(B=128, op="route")

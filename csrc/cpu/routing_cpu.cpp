@@ -122,6 +122,43 @@ inline void store_first(scalar_t* dst, Vec<acc_t> v, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<scalar_t>(v[k]);
 }
 
+// r[e][l] = r[l][e]: an in-register transpose of one L x L block (route's predictions come
+// with the batch in rows; the loops want it in lanes). The shuffles are AVX's unpack,
+// shuffle and 128-bit permutes where the build targets AVX.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define CAPSROUTE_SHUFFLE(T, a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define CAPSROUTE_SHUFFLE(T, a, b, ...) __builtin_shuffle(a, b, typename Simd<T>::bits{__VA_ARGS__})
+#endif
+inline void transpose(Vec<float> (&r)[8]) {
+  Vec<float> t[8], u[8];
+  for (int k = 0; k < 8; k += 2) {  // rows k, k+1 interleaved: elements 0 1 | 4 5, 2 3 | 6 7
+    t[k] = CAPSROUTE_SHUFFLE(float, r[k], r[k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[k + 1] = CAPSROUTE_SHUFFLE(float, r[k], r[k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int k = 0; k < 8; k += 4)  // 4 rows of one element per 128-bit half: e | e + 4
+    for (int h = 0; h < 2; ++h) {
+      u[k + 2 * h] = CAPSROUTE_SHUFFLE(float, t[k + h], t[k + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[k + 2 * h + 1] =
+          CAPSROUTE_SHUFFLE(float, t[k + h], t[k + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int k = 0; k < 4; ++k) {  // halves of rows 0-3 and 4-7 joined
+    r[k] = CAPSROUTE_SHUFFLE(float, u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[k + 4] = CAPSROUTE_SHUFFLE(float, u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+inline void transpose(Vec<double> (&r)[4]) {
+  const Vec<double> t0 = CAPSROUTE_SHUFFLE(double, r[0], r[1], 0, 4, 2, 6);
+  const Vec<double> t1 = CAPSROUTE_SHUFFLE(double, r[0], r[1], 1, 5, 3, 7);
+  const Vec<double> t2 = CAPSROUTE_SHUFFLE(double, r[2], r[3], 0, 4, 2, 6);
+  const Vec<double> t3 = CAPSROUTE_SHUFFLE(double, r[2], r[3], 1, 5, 3, 7);
+  r[0] = CAPSROUTE_SHUFFLE(double, t0, t2, 0, 1, 4, 5);
+  r[1] = CAPSROUTE_SHUFFLE(double, t1, t3, 0, 1, 4, 5);
+  r[2] = CAPSROUTE_SHUFFLE(double, t0, t2, 2, 3, 6, 7);
+  r[3] = CAPSROUTE_SHUFFLE(double, t1, t3, 2, 3, 6, 7);
+}
+#undef CAPSROUTE_SHUFFLE
+
 // Batch blocks predicted together: each W entry, once broadcast, feeds kPair FMAs, which
 // halves the broadcast loads that bound the prediction tiles.
 constexpr int64_t kPair = 2;
@@ -356,7 +393,23 @@ struct GivenPredictions {
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t b0 = (blk + b) * L, lanes = std::min<int64_t>(L, B - b0);
       const scalar_t* src = u_hat + (b0 * N_in + i) * J;
-      for (int64_t e0 = 0; e0 < J; e0 += kRows) {
+      int64_t e0 = 0;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        // Whole L x L blocks: a vector load per batch element and a transpose, where element
+        // by element each value cost a load and a lane insert (route's CPU time was mostly
+        // this gather).
+        for (; lanes == L && e0 + L <= J; e0 += L) {
+          Vec<acc_t> block[L];
+          for (int l = 0; l < L; ++l) block[l] = load(src + l * N_in * J + e0);
+          transpose(block);
+          for (int q0 = 0; q0 < L; q0 += kRows) {
+            Vec<acc_t> rows[kRows];
+            std::copy(block + q0, block + q0 + kRows, rows);
+            tile(e0 + q0, b, rows);
+          }
+        }
+      }
+      for (; e0 < J; e0 += kRows) {
         Vec<acc_t> rows[kRows] = {};
         for (int q = 0; q < kRows && e0 + q < J; ++q)
           for (int64_t l = 0; l < lanes; ++l)
@@ -373,10 +426,19 @@ struct GivenPredictions {
   acc_t* grad_rows(int64_t /*blk*/) { return g.data(); }
   void add_grad(int64_t blk) {
     const int64_t b0 = blk * L, nb = std::min<int64_t>(L, B - b0);
-    for (int64_t l = 0; l < nb; ++l) {
-      scalar_t* dst = grad_u_hat + ((b0 + l) * N_in + i) * J;
-      for (int64_t e = 0; e < J; ++e) dst[e] = static_cast<scalar_t>(g[e * L + l]);
+    scalar_t* dst = grad_u_hat + (b0 * N_in + i) * J;
+    int64_t e0 = 0;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {  // as predict's gather, the other way
+      for (; nb == L && e0 + L <= J; e0 += L) {
+        Vec<acc_t> block[L];
+        for (int q = 0; q < L; ++q) block[q] = load(g.data() + (e0 + q) * L);
+        transpose(block);
+        for (int l = 0; l < L; ++l) store(dst + l * N_in * J + e0, block[l]);
+      }
     }
+    for (int64_t l = 0; l < nb; ++l)
+      for (int64_t e = e0; e < J; ++e)
+        dst[l * N_in * J + e] = static_cast<scalar_t>(g[e * L + l]);
   }
   void end_grad() {}
 };
