@@ -103,6 +103,25 @@ def test_concurrent_calls_from_python_threads(op, device):
             _assert_identical(want, run, f"thread {k}")
 
 
+@pytest.mark.parametrize("iterations", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_kept_couplings_give_the_recomputed_bits(op, dtype, iterations, monkeypatch):
+    """The CPU backward keeps its sweep's couplings and logits' gradients (iterations 2..r)
+    for its last pass, within CAPSROUTE_COUPLING_CACHE_MB (1024 MiB unless set), instead of
+    recomputing them there from the predictions; with 0, or a cap the call does not fit (1 MiB;
+    here 2.2 MB per kept iteration in float32), it recomputes. All give the same bits. A value that is not a number of MiB is refused, as on CUDA."""
+    shape = Shape(40, 700, 10, 8, 16)
+    inputs, g_v, g_c = _problem(op, dtype, "cpu", key=("kept",), shape=shape)
+    kept = _run(op, inputs, g_v, g_c, iterations)
+    for cache_mb in ("0", "1"):
+        monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", cache_mb)
+        _assert_identical(kept, _run(op, inputs, g_v, g_c, iterations), f"cache {cache_mb} MiB")
+    monkeypatch.setenv("CAPSROUTE_COUPLING_CACHE_MB", "1GB")
+    with pytest.raises(ValueError, match="CAPSROUTE_COUPLING_CACHE_MB must be a whole number"):
+        _run(op, inputs, g_v, g_c, iterations)
+
+
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
 @pytest.mark.parametrize("op", OPS)
 def test_cuda_side_stream_is_honoured(op):

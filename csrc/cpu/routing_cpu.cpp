@@ -33,6 +33,7 @@
 #include "../checks.h"
 #include "../op_utils.h"
 #include "../routing_math.h"
+#include "../switches.h"
 
 namespace capsroute {
 namespace {
@@ -802,6 +803,18 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
   Buffer<acc_t> partial(chunks.count * lay.size());
   // With detach only the last iteration carries gradient, and c^(r) is a constant.
   const int64_t t_min = detach ? r : 1;
+  // The sweep's c^(t) and gbeta^(t) (t >= 2, after the softmax and its backward), kept for the
+  // last pass where they fit CAPSROUTE_COUPLING_CACHE_MB: it then makes no predictions and no
+  // dot products, only g_uh from them. Kept or recomputed, they are the same bits. [t - 2][i]
+  // [batch block][c, gbeta][N_out][L]; each (i, block) is written by one thread.
+  const int64_t kept_step = 2 * N_out * L;
+  const int64_t kept_elems = (r - 1) * N_in * lay.blocks * kept_step;
+  const bool keep = !detach && r >= 2 &&
+                    kept_elems * int64_t(sizeof(acc_t)) <= coupling_cache_bytes();
+  Buffer<acc_t> kept(keep ? kept_elems : 0);
+  auto kept_at = [&](int64_t t, int64_t i, int64_t blk) {
+    return kept.data() + (((t - 2) * N_in + i) * lay.blocks + blk) * kept_step;
+  };
   // V^(t-1) and gs^(t) of a batch block.
   auto V_at = [&](int64_t t, int64_t blk) {
     return V_prev.data() + (t - 1) * lay.size() + lay.block(blk);
@@ -863,6 +876,11 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
               if (t == r && grad_c != nullptr) add_grad_c(i, blk + b, w.g(b));
               softmax_backward(N_out, w.c(b), w.g(b));
               scale_add(N_out, D_out, w.g(b), w.uh(b), part + lay.block(blk + b));
+              if (keep) {
+                acc_t* k = kept_at(t, i, blk + b);
+                std::copy(w.c(b), w.c(b) + N_out * L, k);
+                std::copy(w.g(b), w.g(b) + N_out * L, k + N_out * L);
+              }
             }
           }
         }
@@ -880,9 +898,9 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
     }
   }
 
-  // g_uh_ij = sum_t c^(t)_ij gs^(t)_j + gbeta^(t)_ij V^(t-1)_j, local per (b, i). One
-  // prediction serves every iteration: the logits of each c^(t) (t >= 2) and, where c^(t)
-  // carries gradient, gc^(t) = <gs^(t), u_hat>.
+  // g_uh_ij = sum_t c^(t)_ij gs^(t)_j + gbeta^(t)_ij V^(t-1)_j, local per (b, i). With the
+  // sweep's couplings kept, from those; else one prediction serves every iteration: the
+  // logits of each c^(t) (t >= 2) and, where c^(t) carries gradient, gc^(t) = <gs^(t), u_hat>.
   const int64_t t_dots = std::max<int64_t>(t_min, 2);
   for_each_chunk(chunks, [&](auto&& claim) {
     Source src = proto;
@@ -893,17 +911,24 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
         src.begin_grad();
         for (int64_t blk = 0; blk < lay.blocks; blk += kPair) {
           const int64_t nb = std::min(kPair, lay.blocks - blk);
-          src.predict(blk, nb, [&](int64_t e0, int64_t b, const Rows<acc_t>& rows) {
-            keep_rows(e0, rows, w.uh(b));
-          });
+          if (!keep)
+            src.predict(blk, nb, [&](int64_t e0, int64_t b, const Rows<acc_t>& rows) {
+              keep_rows(e0, rows, w.uh(b));
+            });
           for (int64_t b = 0; b < nb; ++b) {
-            for (int64_t t = t_dots; t <= r; ++t) {
+            for (int64_t t = t_dots; t <= r && !keep; ++t) {
               row_dots(N_out, D_out, w.uh(b), V_at(t, blk + b), w.c(b, t));
               if (!detach) row_dots(N_out, D_out, w.uh(b), gs_at(t, blk + b), w.g(b, t));
             }
             acc_t* g_uh = src.grad_rows(blk + b);
             std::fill(g_uh, g_uh + J * L, acc_t(0));
             for (int64_t t = t_min; t <= r; ++t) {
+              if (keep && t >= 2) {
+                const acc_t* k = kept_at(t, i, blk + b);
+                scale_add2(N_out, D_out, k, gs_at(t, blk + b), k + N_out * L, V_at(t, blk + b),
+                           g_uh);
+                continue;
+              }
               coupling_from_logits(p, t == 1, w.c(b, t));
               // V^(0) = 0; with detach c^(r) is a constant
               if (t == 1 || detach) {

@@ -1,6 +1,6 @@
 // The current GPU as the launch code sees it, for both runtimes (runtime.h on a GPU,
 // csrc/emu/cuda_emu.h in the emulation, each with its device_info()), the checks made
-// against it, and the parser of the launch code's switches (environment variables).
+// against it (the switches' parser, env_number, is ../switches.h).
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+
+#include "../switches.h"
 
 namespace capsroute {
 namespace cuda {
@@ -36,19 +38,6 @@ inline void check_device(const char* op, const DeviceInfo& gpu) {
               "and later), but ", gpu.name, " is ", gpu.major, ".", gpu.minor,
               "; run it on CPU tensors, or use capsroute.reference (the same math in plain "
               "PyTorch ops)");
-}
-
-// The whole number in the environment variable `name` (a switch, read at every call), or -1
-// where it is unset or empty; anything but a whole number >= 0 is an error saying it must be
-// `what`.
-inline int64_t env_number(const char* name, const char* what) {
-  const char* s = std::getenv(name);
-  if (s == nullptr || *s == '\0') return -1;
-  char* end = nullptr;
-  const long long v = std::strtoll(s, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && v >= 0, "capsroute: ", name, " must be ", what,
-                    ", but is '", s, "'");
-  return v;
 }
 
 // The shared memory a block may use (bytes): the device's, or less with

@@ -62,8 +62,6 @@ acc_t* aptr(const at::Tensor& t) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-using cuda::env_number;  // (the switches below)
-
 // Row tiles of 16 dims per output capsule: the kernels are compiled for D_out <= 32.
 inline int dim_tiles(const char* op, int64_t D_out) {
   TORCH_CHECK_VALUE(D_out <= 2 * cuda::kTileD, op,
@@ -449,16 +447,6 @@ void forward(const Src& src, const Dims& dims, int64_t iterations, double eps, c
                    s + (t - 1) * d.B * d.J, last ? v : nullptr);
     });
   }
-}
-
-// How much memory the backward may spend keeping the gradient passes' couplings for the last
-// pass (cuda::Sweep::kept): CAPSROUTE_COUPLING_CACHE_MB, 1024 MiB unless set; 0 keeps none
-// (least memory, the last pass recomputes them). The canonical CapsNet at B = 128 keeps
-// 24 MB, against the 94 MB that u_hat alone would take.
-inline int64_t coupling_cache_bytes() {
-  const int64_t mb =
-      env_number("CAPSROUTE_COUPLING_CACHE_MB", "a whole number of MiB, 0 or more");
-  return mb < 0 ? int64_t(1024) << 20 : std::min<int64_t>(mb, int64_t(1) << 40) << 20;
 }
 
 // Whether the recomputing last pass parks the rows of V^(t-1) and gs^(t) that it reads twice
