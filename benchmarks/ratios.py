@@ -4,8 +4,9 @@ For each configuration: the forward (under no_grad) and the forward+backward of
 `capsroute.dynamic_routing`, of the eager reference `capsroute.reference.dynamic_routing`,
 and of `torch.compile(reference.dynamic_routing)` (also mode="max-autotune" with
 --max-autotune); with --op route, the same of `capsroute.route` and `reference.route` on
-predictions u_hat made once beforehand (contiguous), their gradient taken for u_hat. The table leads with the ratios (how many times faster the fused op is),
-then the absolute times, then memory: the bytes the autograd graph saves for the backward
+predictions u_hat made once beforehand (contiguous), their gradient taken for u_hat. The
+table leads with the ratios (how many times faster the fused op is), then the absolute
+times, then memory: the bytes the autograd graph saves for the backward
 (measured with torch.autograd.graph.saved_tensors_hooks, distinct storages beyond the
 inputs) and, on CUDA, the peak memory a forward+backward allocates beyond its inputs.
 Last, each target of the issues that the rows bear on (issue 2's on the CPU, issue 3's on

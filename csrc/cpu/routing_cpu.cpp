@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <new>
 #include <type_traits>
 #include <vector>
@@ -811,9 +812,10 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
   const int64_t kept_elems = (r - 1) * N_in * lay.blocks * kept_step;
   const bool keep = !detach && r >= 2 &&
                     kept_elems * int64_t(sizeof(acc_t)) <= coupling_cache_bytes();
-  Buffer<acc_t> kept(keep ? kept_elems : 0);
+  // (Not zero-filled, as a Buffer would be: the sweep writes every entry before it is read.)
+  const std::unique_ptr<acc_t[]> kept(keep ? new acc_t[kept_elems] : nullptr);
   auto kept_at = [&](int64_t t, int64_t i, int64_t blk) {
-    return kept.data() + (((t - 2) * N_in + i) * lay.blocks + blk) * kept_step;
+    return kept.get() + (((t - 2) * N_in + i) * lay.blocks + blk) * kept_step;
   };
   // V^(t-1) and gs^(t) of a batch block.
   auto V_at = [&](int64_t t, int64_t blk) {
