@@ -14,7 +14,7 @@ CUDA: ratios, bf16 against float32, memory), met or not by this run's own figure
 
     python benchmarks/ratios.py                       # the preset of the detected device
     python benchmarks/ratios.py --suite cpu           # B=32 float32, the canonical CPU row
-    python benchmarks/ratios.py --suite gpu           # B=32/128/512 fp32, B=128 bf16, a scale shape, route
+    python benchmarks/ratios.py --suite gpu           # B=32/128/512 fp32, B=128 bf16, scale, route
     python benchmarks/ratios.py --op route --batch 64 # capsroute.route on given predictions
     python benchmarks/ratios.py --device cpu --batch 64 --dtype float64 --no-compile
     python benchmarks/ratios.py --json results.json   # also dump the rows

@@ -23,10 +23,10 @@ inline int64_t env_number(const char* name, const char* what) {
 }
 
 // How much memory a backward may spend keeping what its sweep computes for its last pass
-// (the couplings c^(t) and the logits' gradients of iterations 2..r): CAPSROUTE_COUPLING_CACHE_MB,
-// 1024 MiB unless set; 0 keeps none (least memory: the last pass recomputes them, the same
-// numbers). The MNIST layer at B = 128 keeps 24 MB, against the 94 MB that u_hat alone would
-// take.
+// (the couplings c^(t) and the logits' gradients of iterations 2..r):
+// CAPSROUTE_COUPLING_CACHE_MB, 1024 MiB unless set; 0 keeps none (least memory: the last pass
+// recomputes them; on the CPU the same bits, on CUDA the same to rounding). The MNIST layer at
+// B = 128 keeps 24 MB, against the 94 MB that u_hat alone would take.
 inline int64_t coupling_cache_bytes() {
   const int64_t mb =
       env_number("CAPSROUTE_COUPLING_CACHE_MB", "a whole number of MiB, 0 or more");

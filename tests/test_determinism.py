@@ -110,7 +110,8 @@ def test_cpu_kept_couplings_give_the_recomputed_bits(op, dtype, iterations, monk
     """The CPU backward keeps its sweep's couplings and logits' gradients (iterations 2..r)
     for its last pass, within CAPSROUTE_COUPLING_CACHE_MB (1024 MiB unless set), instead of
     recomputing them there from the predictions; with 0, or a cap the call does not fit (1 MiB;
-    here 2.2 MB per kept iteration in float32), it recomputes. All give the same bits. A value that is not a number of MiB is refused, as on CUDA."""
+    here 2.2 MB per kept iteration in float32), it recomputes. All give the same bits. A value
+    that is not a number of MiB is refused, as on CUDA."""
     shape = Shape(40, 700, 10, 8, 16)
     inputs, g_v, g_c = _problem(op, dtype, "cpu", key=("kept",), shape=shape)
     kept = _run(op, inputs, g_v, g_c, iterations)

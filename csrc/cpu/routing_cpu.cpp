@@ -913,15 +913,17 @@ void routing_backward(const Problem& p, const Source& proto, bool detach, const 
         src.begin_grad();
         for (int64_t blk = 0; blk < lay.blocks; blk += kPair) {
           const int64_t nb = std::min(kPair, lay.blocks - blk);
-          if (!keep)
+          if (!keep) {
             src.predict(blk, nb, [&](int64_t e0, int64_t b, const Rows<acc_t>& rows) {
               keep_rows(e0, rows, w.uh(b));
             });
+            for (int64_t b = 0; b < nb; ++b)
+              for (int64_t t = t_dots; t <= r; ++t) {
+                row_dots(N_out, D_out, w.uh(b), V_at(t, blk + b), w.c(b, t));
+                if (!detach) row_dots(N_out, D_out, w.uh(b), gs_at(t, blk + b), w.g(b, t));
+              }
+          }
           for (int64_t b = 0; b < nb; ++b) {
-            for (int64_t t = t_dots; t <= r && !keep; ++t) {
-              row_dots(N_out, D_out, w.uh(b), V_at(t, blk + b), w.c(b, t));
-              if (!detach) row_dots(N_out, D_out, w.uh(b), gs_at(t, blk + b), w.g(b, t));
-            }
             acc_t* g_uh = src.grad_rows(blk + b);
             std::fill(g_uh, g_uh + J * L, acc_t(0));
             for (int64_t t = t_min; t <= r; ++t) {
