@@ -316,6 +316,12 @@ def _route_backward(ctx, grad_v, grad_c, grad_s):
 # metadata object. capsroute.dynamic_routing on tiny CPU tensors: building its graph 42 -> 26
 # us, forward+backward through torch.autograd.grad 125 -> 102 us (benchmarks/RESULTS.md). The
 # private torch._C calls are the ones torch.library's own kernel makes.
+#
+# The functions (functional.py) reach the same autograd.Function without the dispatcher where
+# nothing on the way needs it (`_plain`): a call through torch.ops goes from Python into the
+# dispatcher, back out into the Python Autograd kernel, in again below autograd, and its
+# outputs back the same way. Skipping the first trip out and back saves ~10 us of host time a
+# call on the CPU machine (benchmarks/RESULTS.md, twenty-seventh session).
 
 _LIB = torch.library.Library("capsroute", "IMPL")
 
@@ -328,16 +334,37 @@ def _tangents(args) -> bool:
     )
 
 
-def _register_autograd(name: str, setup, backward, reference_fn, n_inputs: int) -> None:
-    """The Autograd kernel of op `name`: with grad, `setup(ctx, args, outputs)` saves what
-    `backward(ctx, grad_v, grad_c, grad_s)` needs; under forward-mode AD the outputs come
+def _plain(args) -> bool:
+    """Whether a call with these arguments needs nothing of the dispatcher's keys above
+    autograd or of the Autograd kernel's special cases: no torch.compile or torch.jit tracing,
+    no torch.func transform (vmap, grad, jvp), no forward-mode AD, and no __torch_function__
+    (a tensor subclass or a TorchFunctionMode). Dispatch modes and the backends' keys still see
+    the op: it goes through the dispatcher below autograd."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
+        or fwAD._current_level >= 0
+        or torch._C._has_torch_function(args)
+    )
+
+
+def _register_autograd(name: str, setup, backward, reference_fn, n_inputs: int):
+    """Registers the Autograd kernel of op `name`: with grad, `setup(ctx, args, outputs)` saves
+    what `backward(ctx, grad_v, grad_c, grad_s)` needs; under forward-mode AD the outputs come
     from `reference_fn` (the kernels have no tangent rule), whose first `n_inputs` arguments
-    are the op's first tensors, then the op's bias and options."""
+    are the op's first tensors, then the op's bias and options.
+
+    Returns call(*args): the op's outputs on its arguments, as torch.ops.capsroute.<name>
+    gives them, by the same autograd.Function without the trip through the dispatcher where
+    the call is `_plain`."""
     op = getattr(ops, name).default
     below = torch._C._after_autograd_keyset
 
     def redispatch(keyset, args):
         with torch._C._AutoDispatchBelowAutograd():
+            if keyset is None:  # from call(): the dispatcher works the keys out below autograd
+                return op(*args)
             return op.redispatch(keyset & below, *args)
 
     class Function(torch.autograd.Function):
@@ -351,6 +378,9 @@ def _register_autograd(name: str, setup, backward, reference_fn, n_inputs: int) 
         def backward(ctx, *grads):
             return (None, *backward(ctx, *grads))
 
+    def with_grad(args) -> bool:
+        return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+
     def kernel(keyset, *args):
         if _tangents(args):
             # s, which carries no derivative, from the kernels (which check the inputs first);
@@ -360,13 +390,21 @@ def _register_autograd(name: str, setup, backward, reference_fn, n_inputs: int) 
             return_coupling = args[-1]
             v, c = out if return_coupling else (out, args[0].new_empty(0))
             return v, c, s
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        if with_grad(args):
             return Function.apply(keyset, *args)
         return redispatch(keyset, args)
 
+    def call(*args):
+        if not _plain(args):
+            return op(*args)
+        if with_grad(args):
+            return Function.apply(None, *args)
+        return redispatch(None, args)
+
     _LIB.impl(name, kernel, "Autograd", with_keyset=True)
+    return call
 
 
-_register_autograd("dynamic_routing", _dynamic_routing_setup, _dynamic_routing_backward,
-                   reference.dynamic_routing, 2)
-_register_autograd("route", _route_setup, _route_backward, reference.route, 1)
+dynamic_routing = _register_autograd("dynamic_routing", _dynamic_routing_setup,
+                                     _dynamic_routing_backward, reference.dynamic_routing, 2)
+route = _register_autograd("route", _route_setup, _route_backward, reference.route, 1)

@@ -106,8 +106,8 @@ def dynamic_routing(
         _ops.check_dynamic_routing(u, weight, bias, iterations, eps)
         return _ops.run_reference(reference.dynamic_routing, (u, weight), bias, iterations,
                                   leaky, detach, eps, return_coupling)
-    v, c, _ = _ops.ops.dynamic_routing(u, weight, bias, iterations, leaky, detach, eps,
-                                       return_coupling)
+    v, c, _ = _ops.dynamic_routing(u, weight, bias, iterations, leaky, detach, eps,
+                                   return_coupling)
     return (v, c) if return_coupling else v
 
 
@@ -151,8 +151,8 @@ def route(
         _ops.check_route(u_hat, bias, iterations, eps)
         return _ops.run_reference(reference.route, (u_hat,), bias, iterations, leaky, detach,
                                   eps, return_coupling)
-    v, c, _ = _ops.ops.route(_contiguous_to_save(u_hat), bias, iterations, leaky, detach, eps,
-                             return_coupling)
+    v, c, _ = _ops.route(_contiguous_to_save(u_hat), bias, iterations, leaky, detach, eps,
+                         return_coupling)
     return (v, c) if return_coupling else v
 
 

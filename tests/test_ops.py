@@ -542,6 +542,37 @@ def test_plain_calls_run_the_kernels(op, device, monkeypatch):
     torch.func.vmap(lambda x: fn(x, *inputs[1:])[0])(inputs[0].detach()[None])
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_functions_and_raw_ops_agree(op, device):
+    """capsroute's functions reach the ops' autograd.Function without the dispatcher's trip
+    through the Python Autograd kernel where nothing needs it (capsroute/_ops.py, _plain), and
+    through torch.ops otherwise. Both ways give the same bits, with grad and without; a
+    torch.jit.trace, which records what goes through the dispatcher, records the op itself (a
+    trace of the autograd.Function would differ from call to call and fail its check) and its
+    gradients are the function's."""
+    inputs, fn, _ = _inputs_and_fns(op, device, bias=True, return_coupling=True)
+    raw = _raw_op(op, return_coupling=True)
+    outs = fn(*inputs)
+    raw_outs = raw(*inputs)
+    r = [randn(t.shape, make_generator("agree", op, k), device=device) for k, t in
+         enumerate(outs)]
+    grads = torch.autograd.grad(outs, inputs, r)
+    raw_grads = torch.autograd.grad(raw_outs, inputs, r)
+    with torch.no_grad():
+        no_grad = fn(*inputs)
+    for a, b in zip((*outs, *grads, *no_grad), (*raw_outs, *raw_grads, *outs)):
+        assert torch.equal(a, b)
+
+    traced = torch.jit.trace(fn, inputs)
+    assert f"capsroute::{op}" in {node.kind() for node in traced.graph.nodes()}
+    traced_outs = traced(*inputs)
+    for a, b in zip((*traced_outs, *torch.autograd.grad(traced_outs, inputs, r)),
+                    (*outs, *grads)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("op", OPS)
