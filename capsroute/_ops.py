@@ -4,6 +4,8 @@ In this order: load the compiled library (which defines the schemas and the CPU/
 kernels), register a fake kernel for every op (shapes only, with the checks the C++ side
 makes, so torch.compile can trace the ops), then register autograd so that each forward
 op's backward is itself an op, and forward-mode AD through the ops runs the reference.
+`dynamic_routing` and `route` here are the ops as the functions call them (see
+_register_autograd).
 """
 from __future__ import annotations
 
@@ -320,8 +322,9 @@ def _route_backward(ctx, grad_v, grad_c, grad_s):
 # The functions (functional.py) reach the same autograd.Function without the dispatcher where
 # nothing on the way needs it (`_plain`): a call through torch.ops goes from Python into the
 # dispatcher, back out into the Python Autograd kernel, in again below autograd, and its
-# outputs back the same way. Skipping the first trip out and back saves ~10 us of host time a
-# call on the CPU machine (benchmarks/RESULTS.md, twenty-seventh session).
+# outputs back the same way. Skipping the first trip out and back saved 5-7 us of host time a
+# forward and 7-14 us a forward+backward on the CPU machine (benchmarks/RESULTS.md,
+# twenty-seventh session).
 
 _LIB = torch.library.Library("capsroute", "IMPL")
 
