@@ -7,6 +7,7 @@ gradients from it, bit for bit, before it times anything. benchmarks/ratios.py s
 the issues' targets its table meets."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -121,9 +122,7 @@ def test_ratios_times_route_on_given_predictions(tmp_path, capsys):
                         "--out-caps", "4", "--no-compile", "--repeats", "1", "--warmup", "0",
                         "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
-    import json
-
-    data = json.load(open(out_json))
+    data = json.loads(out_json.read_text())
     (row,) = data["rows"]
     assert row["config"] == "route B=3 N_in=6 D_in=8 N_out=4 D_out=16 fp32"
     assert row["rel_err"] < 1e-5
